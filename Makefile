@@ -1,0 +1,44 @@
+# make test / make demo set everything up on a fresh machine, then run.
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+STAMP    := $(VENV)/.hmoe-installed
+APT_PKGS := dataset-fashion-mnist wordnet-base wordnet-sense-index
+PYTEST_ARGS ?=
+
+.PHONY: setup system-packages test test-fast demo clean help
+
+help:
+	@echo "make test       set up (.venv, Debian data packages) and run the whole test suite"
+	@echo "make test-fast  the same without tests marked slow"
+	@echo "make demo       set up, then train HMoE and flat softmax on real Fashion-MNIST"
+
+setup: system-packages $(STAMP)
+
+# Real data and WordNet from Debian when we can install them; elsewhere the
+# libraries' own downloads are the fallback (the loaders say where they looked).
+system-packages:
+	@if dpkg -s $(APT_PKGS) >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian packages: $(APT_PKGS)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS) >/dev/null; \
+	else \
+	  echo "note: cannot apt-get install $(APT_PKGS) (not root or no apt-get);"; \
+	  echo "      Fashion-MNIST will be downloaded by torchvision and WordNet by nltk if needed."; \
+	fi
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[all]'
+	@touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+demo: setup
+	$(VENV)/bin/hmoe demo --out runs/demo
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Device side: path-only ONNX inference, local serving, memory-capped local training."""

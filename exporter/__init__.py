@@ -1,0 +1,1 @@
+"""Experts to ONNX bundles for devices."""

@@ -1,0 +1,94 @@
+"""Shipped taxonomies, looked up by name: ``load_taxonomy('fashion-mnist')``."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+
+from hierarchy.tree import Hierarchy, HierarchyError
+
+FASHION_MNIST_LABELS = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+FASHION_MNIST_TREE = {
+    "root": ["Clothes", "Goods"],
+    "Clothes": ["Tops", "Bottoms", "Dresses", "Outers"],
+    "Tops": ["T-shirt/top", "Pullover", "Shirt"],
+    "Bottoms": ["Trouser"],
+    "Dresses": ["Dress"],
+    "Outers": ["Coat"],
+    "Goods": ["Accessories", "Shoes"],
+    "Accessories": ["Bag"],
+    "Shoes": ["Sandal", "Sneaker", "Ankle boot"],
+}
+TINY_IMAGENET_JSON = "tiny_imagenet_tree.json"
+
+
+def _data_path(name: str) -> Path:
+    return Path(str(resources.files("hierarchy") / "data" / name))
+
+
+def fashion_mnist() -> Hierarchy:
+    edges = [(p, c) for p, kids in FASHION_MNIST_TREE.items() for c in kids]
+    return Hierarchy.from_edges(edges, leaf_names=FASHION_MNIST_LABELS, source="fashion-mnist")
+
+
+def cifar100_superclass_rows() -> list[tuple[str, str]]:
+    with _data_path("cifar100_superclasses.csv").open(newline="") as f:
+        rows = list(csv.reader(f))
+    return [(r[0], r[1]) for r in rows[1:] if r]
+
+
+def cifar100() -> Hierarchy:
+    """root -> 20 superclasses -> 5 classes; leaves in CIFAR-100's (alphabetical) label order."""
+    rows = cifar100_superclass_rows()
+    edges = [("root", sup) for sup in dict.fromkeys(r[0] for r in rows)] + rows
+    return Hierarchy.from_edges(edges, leaf_names=sorted(r[1] for r in rows), source="cifar100")
+
+
+def tiny_imagenet_wnids() -> list[str]:
+    return _data_path("tiny-imagenet-200_wnids.txt").read_text().split()
+
+
+def tiny_imagenet() -> Hierarchy:
+    """The tree built from WordNet (see hierarchy.wordnet), shipped as package data."""
+    return Hierarchy.from_json(_data_path(TINY_IMAGENET_JSON))
+
+
+def build_tiny_imagenet() -> Hierarchy:
+    """Rebuild the Tiny ImageNet tree from WordNet (needs nltk and WordNet offline)."""
+    from hierarchy.wordnet import build_tiny_imagenet as build
+    return build(tiny_imagenet_wnids())
+
+
+TAXONOMIES: dict[str, Callable[[], Hierarchy]] = {
+    "fashion-mnist": fashion_mnist,
+    "cifar100": cifar100,
+    "tiny-imagenet": tiny_imagenet,
+}
+BUILDERS: dict[str, Callable[[], Hierarchy]] = {**TAXONOMIES, "tiny-imagenet": build_tiny_imagenet}
+
+
+def _lookup(name: str, table: dict[str, Callable[[], Hierarchy]]) -> Hierarchy:
+    if name.startswith("csv:"):
+        return Hierarchy.from_csv(name[4:])
+    if name.startswith("json:"):
+        return Hierarchy.from_json(name[5:])
+    try:
+        return table[name]()
+    except KeyError:
+        raise HierarchyError(f"unknown taxonomy {name!r}; expected one of "
+                             f"{', '.join(TAXONOMIES)}, csv:PATH or json:PATH") from None
+
+
+def load_taxonomy(name: str) -> Hierarchy:
+    """A shipped taxonomy by name, or ``csv:PATH`` / ``json:PATH``."""
+    return _lookup(name, TAXONOMIES)
+
+
+def build_taxonomy(name: str) -> Hierarchy:
+    """Like ``load_taxonomy`` but regenerates trees that are built from sources (WordNet)."""
+    return _lookup(name, BUILDERS)

@@ -1,0 +1,1 @@
+"""Server side: networks, data sets, federated simulation, evaluation, costs, coordinator."""
