@@ -4,12 +4,13 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 
 def hmoe(*args: str) -> subprocess.CompletedProcess:
-    exe = shutil.which("hmoe") or ""
+    exe = shutil.which("hmoe", path=str(Path(sys.executable).parent)) or ""
     cmd = [exe, *args] if exe else [sys.executable, "-m", "trainer.cli", *args]
     return subprocess.run(cmd, capture_output=True, text=True)
 

@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hmoe", description="hmoe-edge server side: hierarchies, "
                                      "federated training, evaluation, export, coordinator.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, add in COMMANDS.items():
+    import trainer.cli as registry  # the canonical module, also when this file runs as __main__
+    for name, add in registry.COMMANDS.items():
         p = sub.add_parser(name, help=(add.__doc__ or "").strip().splitlines()[0] if add.__doc__ else None)
         add(p)
     return parser
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except (HierarchyError, FileNotFoundError, KeyError, ValueError, RuntimeError) as exc:
+    except (HierarchyError, FileNotFoundError, FileExistsError, KeyError, ValueError, RuntimeError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"hmoe {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -1,0 +1,122 @@
+"""Pure pieces of the trainer: FedAvg, partitions, schedules, networks, checkpoints."""
+
+import numpy as np
+import pytest
+
+from hierarchy import load_taxonomy
+from trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from trainer.fedavg import fedavg
+from trainer.nets import NetConfig, analytic_bytes, build_net, num_params
+from trainer.partition import partition
+from trainer.schedules import ScheduleContext, get_schedule
+from trainer.strategy import Strategy, make_tasks
+
+
+def test_fedavg_hand_made():
+    a = {"w": np.array([1.0, 2.0], dtype=np.float32), "b": np.array([[0.0]], dtype=np.float32)}
+    b = {"w": np.array([3.0, 6.0], dtype=np.float32), "b": np.array([[4.0]], dtype=np.float32)}
+    out = fedavg([(a, 1), (b, 3)])
+    np.testing.assert_allclose(out["w"], [2.5, 5.0])
+    np.testing.assert_allclose(out["b"], [[3.0]])
+    assert out["w"].dtype == np.float32
+    np.testing.assert_allclose(fedavg([(a, 5)])["w"], a["w"])
+    with pytest.raises(ValueError, match="at least one"):
+        fedavg([])
+    with pytest.raises(ValueError, match="disagree on tensor names"):
+        fedavg([(a, 1), ({"w": a["w"]}, 1)])
+    with pytest.raises(ValueError, match="positive total"):
+        fedavg([(a, 0)])
+
+
+def test_partitions_cover_every_sample_once_and_are_seeded():
+    labels = np.random.default_rng(0).integers(0, 10, 2000)
+    for name in ("iid", "dirichlet"):
+        parts = partition(name, labels, 20, seed=3, alpha=0.3)
+        allidx = np.concatenate(parts)
+        assert sorted(allidx.tolist()) == list(range(2000)) and all(len(p) for p in parts)
+        again = partition(name, labels, 20, seed=3, alpha=0.3)
+        assert all((p == q).all() for p, q in zip(parts, again))
+    iid_parts = partition("iid", labels, 20, 3)
+    dir_parts = partition("dirichlet", labels, 20, 3, alpha=0.1)
+    def label_entropy(p):
+        c = np.bincount(labels[p], minlength=10) / len(p)
+        return -(c[c > 0] * np.log(c[c > 0])).sum()
+    assert np.mean([label_entropy(p) for p in dir_parts]) < np.mean([label_entropy(p) for p in iid_parts]) - 0.5
+    with pytest.raises(ValueError, match="unknown partition"):
+        partition("zipf", labels, 3, 0)
+
+
+def test_schedules():
+    ctx = ScheduleContext(["root", "a", "b"], {"root": 1.0, "a": 0.5, "b": 0.5}, {"root": 0.01, "a": 0.3, "b": 0.1})
+    assert [get_schedule("round-robin")(r, ctx) for r in range(4)] == ["root", "a", "b", "root"]
+    counts = [get_schedule("proportional")(r, ctx) for r in range(40)]
+    assert counts.count("root") == 20 and counts.count("a") == 10 and counts.count("b") == 10
+    assert get_schedule("worst-validation")(0, ctx) == "a"
+    with pytest.raises(ValueError, match="unknown schedule"):
+        get_schedule("random")
+
+
+def test_strategy_is_deterministic_and_drops_clients():
+    tree = load_taxonomy("fashion-mnist")
+    tasks = make_tasks(tree, "hmoe", (1, 28, 28), 4)
+    s = Strategy(tree, tasks, "round-robin", seed=1, num_clients=10, clients_per_round=4, dropout=0.5)
+    assert s.sample_clients(3) == s.sample_clients(3) and len(s.sample_clients(3)) == 4
+    drops = [s.drops_out(r, c) for r in range(50) for c in range(10)]
+    assert 0.3 < np.mean(drops) < 0.7
+    labels = np.arange(10)
+    idx, target = s.client_data("Shoes", labels, np.arange(10))
+    assert idx.tolist() == [5, 7, 9] and target.tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (3, 64, 64)])
+def test_net_adapts_to_input_shape(shape):
+    import torch
+    cfg = NetConfig(shape, 7, width=8).resolved()
+    net = build_net(cfg)
+    assert net(torch.zeros(2, *shape)).shape == (2, 7)
+    a = analytic_bytes(cfg, 32)
+    assert a["params"] == num_params(net) * 4 and a["activations"] > 0
+
+
+def test_wider_net_costs_more():
+    small = analytic_bytes(NetConfig((1, 28, 28), 10, 16), 32)["total"]
+    big = analytic_bytes(NetConfig((1, 28, 28), 10, 32), 32)["total"]
+    assert big > 1.8 * small
+
+
+def test_checkpoint_round_trip_and_corruption(tmp_path):
+    from trainer.client import to_numpy
+    cfg = NetConfig((1, 28, 28), 3, 4).resolved()
+    w = to_numpy(build_net(cfg))
+    path = tmp_path / "e.safetensors"
+    save_checkpoint(path, w, cfg, {"node": "Tops", "round": 4})
+    w2, cfg2, meta = load_checkpoint(path)
+    assert cfg2 == cfg and meta == {"node": "Tops", "round": 4}
+    assert all(np.array_equal(w[k], w2[k]) for k in w)
+    data = bytearray(path.read_bytes())
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="trunc.safetensors"):
+        load_checkpoint(tmp_path / "trunc.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="junk.safetensors"):
+        load_checkpoint(tmp_path / "junk.safetensors")
+    other = NetConfig((1, 28, 28), 5, 4).resolved()
+    save_checkpoint(tmp_path / "mismatch.safetensors", w, other)
+    with pytest.raises(CheckpointError, match="do not match the stored config"):
+        load_checkpoint(tmp_path / "mismatch.safetensors")
+    with pytest.raises(CheckpointError, match="missing"):
+        load_checkpoint(tmp_path / "nope.safetensors")
+
+
+def test_micro_batches_give_the_same_update():
+    from trainer.client import LocalConfig, Normalizer, local_update, to_numpy
+    cfg = NetConfig((1, 28, 28), 3, 4).resolved()
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (64, 1, 28, 28), dtype=np.uint8)
+    y = rng.integers(0, 3, 64)
+    w0 = to_numpy(build_net(cfg))
+    norm = Normalizer((0.5,), (0.25,))
+    full, _ = local_update(cfg, w0, x, y, LocalConfig(batch_size=32), norm, seed=1)
+    micro, _ = local_update(cfg, w0, x, y, LocalConfig(batch_size=32), norm, seed=1, micro_batch=8)
+    for k in full:
+        np.testing.assert_allclose(full[k], micro[k], atol=1e-5)

@@ -1,0 +1,69 @@
+"""Checkpoints: safetensors weights with the network config in the file's metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from trainer.fedavg import Weights
+from trainer.nets import NetConfig
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not match what was expected."""
+
+
+def save_checkpoint(path: str | os.PathLike, weights: Weights, cfg: NetConfig, meta: dict | None = None) -> None:
+    """Write atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"config": cfg.to_json(), "meta": json.dumps(meta or {})}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors checkpoint ({exc})") from None
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[Weights, NetConfig, dict]:
+    """Weights, the config to rebuild the network, and the stored metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint missing")
+    meta = read_metadata(path)
+    if "config" not in meta:
+        raise CheckpointError(f"{path}: no network config in the checkpoint metadata")
+    try:
+        weights = load_file(str(path))
+        cfg = NetConfig.from_json(meta["config"])
+        extra = json.loads(meta.get("meta", "{}"))
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path}: corrupt checkpoint ({exc})") from None
+    from trainer.nets import build_net
+    expected = {k: tuple(v.shape) for k, v in build_net(cfg).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in weights.items()}
+    if got != expected:
+        diff = sorted(set(got.items()) ^ set(expected.items()))[:3]
+        raise CheckpointError(f"{path}: weights do not match the stored config (differences: {diff})")
+    return weights, cfg, extra

@@ -1,0 +1,99 @@
+"""One client's local update of one network (expert or flat), independent of any loop."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from trainer.fedavg import Weights
+from trainer.nets import NetConfig, build_net
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    """Hyper-parameters of a client's local update; sent to devices with each assignment."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    optimizer: str = "sgd"       # sgd | adam
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Normalizer:
+    """uint8 images -> float32 normalised tensors, per channel."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean) / self.std
+
+
+def to_numpy(net: nn.Module) -> Weights:
+    return {k: v.detach().cpu().numpy().copy() for k, v in net.state_dict().items()}
+
+
+def load_numpy(net: nn.Module, weights: Weights) -> None:
+    state = {k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()}
+    net.load_state_dict(state, strict=True)
+
+
+def make_optimizer(params, cfg: LocalConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected sgd or adam")
+
+
+def local_update(net_cfg: NetConfig, weights: Weights | None, x: np.ndarray, y: np.ndarray,
+                 cfg: LocalConfig, normalize: Normalizer, seed: int,
+                 device: str = "cpu", micro_batch: int | None = None) -> tuple[Weights, dict]:
+    """Train from ``weights`` on uint8 images ``x`` with child/leaf targets ``y``.
+
+    ``micro_batch`` splits every batch into smaller chunks whose gradients are
+    accumulated (loss scaled by chunk share), so the update equals the full batch's
+    while peak memory follows the micro-batch.
+    """
+    if len(x) == 0:
+        raise ValueError("local_update needs at least one sample")
+    torch.manual_seed(seed)
+    net = build_net(net_cfg).to(device)
+    if weights is not None:
+        load_numpy(net, weights)
+    opt = make_optimizer(net.parameters(), cfg)
+    gen = torch.Generator().manual_seed(seed)
+    xt = torch.from_numpy(np.ascontiguousarray(x))
+    yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    n = len(xt)
+    mb = micro_batch or cfg.batch_size
+    losses: list[float] = []
+    start = time.perf_counter()
+    net.train()
+    for _ in range(cfg.epochs):
+        order = torch.randperm(n, generator=gen)
+        for lo in range(0, n, cfg.batch_size):
+            batch = order[lo:lo + cfg.batch_size]
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for clo in range(0, len(batch), mb):
+                chunk = batch[clo:clo + mb]
+                xb = normalize(xt[chunk]).to(device)
+                loss = nn.functional.cross_entropy(net(xb), yt[chunk].to(device), reduction="sum") / len(batch)
+                loss.backward()
+                total += float(loss.detach())
+            opt.step()
+            losses.append(total)
+    elapsed = time.perf_counter() - start
+    return to_numpy(net.cpu()), {"num_samples": n, "train_loss": float(np.mean(losses)),
+                                 "train_seconds": elapsed}

@@ -1,0 +1,165 @@
+"""`hmoe train`, `hmoe eval`, `hmoe demo`: thin wrappers over the trainer library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from trainer.cli import command
+from trainer.client import LocalConfig
+from trainer.partition import PARTITIONS
+from trainer.schedules import SCHEDULES
+from trainer.simulation import RunConfig, load_run_config, prepare, start_run
+
+# The demo's federated defaults (see README): 20 clients, Dirichlet(0.5) non-IID, 5 clients
+# a round, one local epoch; flat softmax at width 32; HMoE experts at width 16.
+DEMO = RunConfig()
+
+
+def _kinds(model: str) -> list[str]:
+    return ["hmoe", "flat"] if model == "both" else [model]
+
+
+def _add_run_flags(p: argparse.ArgumentParser, defaults: RunConfig) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=defaults.dataset,
+                   help="fashion-mnist | cifar100 | tiny-imagenet | synthetic:C,H,W:TAXONOMY:N")
+    g.add_argument("--data-root", default=defaults.data_root, help="folder holding the data sets (default: $HMOE_DATA or ./data)")
+    g.add_argument("--train-limit", type=int, default=0, help="train on a seeded subsample of N images (0: all)")
+    g.add_argument("--test-limit", type=int, default=0, help="evaluate on a seeded subsample of N images (0: all)")
+    g = p.add_argument_group("federation")
+    g.add_argument("--clients", type=int, default=defaults.clients, help="number of clients K")
+    g.add_argument("--clients-per-round", type=int, default=defaults.clients_per_round, help="clients sampled per round M")
+    g.add_argument("--partition", choices=sorted(PARTITIONS), default=defaults.partition)
+    g.add_argument("--alpha", type=float, default=defaults.alpha, help="Dirichlet concentration (non-IID-ness)")
+    g.add_argument("--dropout", type=float, default=defaults.dropout, help="chance that a sampled client drops out")
+    g.add_argument("--hmoe-rounds", type=int, default=defaults.hmoe_rounds, help="HMoE rounds (each trains one expert)")
+    g.add_argument("--flat-rounds", type=int, default=defaults.flat_rounds, help="flat-softmax rounds")
+    g.add_argument("--schedule", choices=sorted(SCHEDULES), default=defaults.schedule, help="which expert a round trains")
+    g.add_argument("--seed", type=int, default=defaults.seed)
+    g = p.add_argument_group("networks and local training")
+    g.add_argument("--expert-width", type=int, default=defaults.expert_width, help="channels of an expert's first conv")
+    g.add_argument("--flat-width", type=int, default=defaults.flat_width, help="channels of the flat model's first conv")
+    g.add_argument("--local-epochs", type=int, default=defaults.local.epochs)
+    g.add_argument("--batch-size", type=int, default=defaults.local.batch_size)
+    g.add_argument("--lr", type=float, default=defaults.local.lr)
+    g.add_argument("--momentum", type=float, default=defaults.local.momentum)
+    g.add_argument("--optimizer", choices=["sgd", "adam"], default=defaults.local.optimizer)
+    g.add_argument("--device", default=defaults.device, help="cpu | cuda (when available)")
+    p.add_argument("--cost-clients", type=int, default=3,
+                   help="clients whose local update is measured per expert, each in its own process (0: skip)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    local = LocalConfig(epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr,
+                        momentum=args.momentum, optimizer=args.optimizer)
+    for name, value in (("--local-epochs", args.local_epochs), ("--batch-size", args.batch_size),
+                        ("--clients", args.clients), ("--expert-width", args.expert_width),
+                        ("--flat-width", args.flat_width)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1; got {value}")
+    if args.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+    return RunConfig(dataset=args.dataset, data_root=args.data_root, clients=args.clients,
+                     clients_per_round=args.clients_per_round, partition=args.partition, alpha=args.alpha,
+                     dropout=args.dropout, seed=args.seed, train_limit=args.train_limit,
+                     test_limit=args.test_limit, hmoe_rounds=args.hmoe_rounds,
+                     flat_rounds=args.flat_rounds, schedule=args.schedule, expert_width=args.expert_width,
+                     flat_width=args.flat_width, local=local, device=args.device)
+
+
+def train_run(out: Path, cfg: RunConfig, kinds: list[str], resume: bool, cost_clients: int,
+              progress: bool = True) -> dict:
+    """Train (or continue) the given model families, then evaluate, measure cost, report."""
+    from trainer.report import build_report, prepared_feds
+    cfg = start_run(out, cfg, resume)
+    prep = prepare(cfg)
+    prep.data.tree.to_json(out / "hierarchy.json")
+    feds = prepared_feds(out, cfg, prep, kinds)
+    for fed in feds.values():
+        fed.run(progress=progress)
+    previous = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else None
+    if progress:
+        print("evaluating on the test split" + (", measuring per-round client cost" if cost_clients else ""))
+    return build_report(out, cfg, feds, cost_clients, previous)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from trainer.report import summary, table1
+    report = train_run(Path(args.out), _config(args), _kinds(args.model), args.resume, args.cost_clients,
+                       not args.no_progress)
+    print(table1(summary(report)))
+    print(f"\nrun directory: {args.out} (report.json, plots/)")
+    return 0
+
+
+@command("train")
+def _add_train(p: argparse.ArgumentParser) -> None:
+    """Federated training of HMoE and/or the flat-softmax baseline."""
+    p.add_argument("--model", choices=["hmoe", "flat", "both"], default="both")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last completed round")
+    _add_run_flags(p, RunConfig())
+    p.set_defaults(run=_train)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from trainer.report import prepared_feds
+    run = Path(args.run_dir)
+    cfg = load_run_config(run)
+    kinds = [k for k in ("hmoe", "flat") if (run / f"state-{k}.json").exists()]
+    if not kinds:
+        raise FileNotFoundError(f"{run}: no trained model (no state-hmoe.json or state-flat.json)")
+    prep = prepare(cfg)
+    feds = prepared_feds(run, cfg, prep, kinds)
+    rows = []
+    for kind, fed in feds.items():
+        specs = args.decode if kind == "hmoe" else args.flat_rule
+        for spec in specs:
+            r = fed.evaluate(prep.data.test_x, prep.data.test_y, spec)
+            rows.append({"model": kind, "decode": spec, **r})
+    print(f"{'model':<6}{'decode':<15}{'info F1':>9}{'precision':>11}{'recall':>9}{'leaf acc':>10}{'experts/input':>15}")
+    for r in rows:
+        print(f"{r['model']:<6}{r['decode']:<15}{r['info_f1']:>9.4f}{r['info_precision']:>11.4f}"
+              f"{r['info_recall']:>9.4f}{r['leaf_accuracy']:>10.4f}{r.get('experts_per_input', float('nan')):>15.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+@command("eval")
+def _add_eval(p: argparse.ArgumentParser) -> None:
+    """Re-evaluate a run on the test split with other decoders."""
+    p.add_argument("--run", dest="run_dir", required=True, help="run directory written by hmoe train")
+    p.add_argument("--decode", nargs="+", default=["greedy", "beam:2", "threshold:0.5"],
+                   help="HMoE decoders: greedy, beam:K, threshold:T")
+    p.add_argument("--flat-rule", nargs="+", default=["leaf", "majority"], help="flat rules: leaf, majority")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.set_defaults(run=_eval)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from trainer.report import summary, table1
+    out = Path(args.out)
+    cfg = replace(DEMO, data_root=args.data_root) if args.data_root else DEMO
+    report = train_run(out, cfg, ["hmoe", "flat"], resume=True, cost_clients=3, progress=not args.no_progress)
+    s = summary(report)
+    from hierarchy.tree import write_text_atomic
+    write_text_atomic(out / "summary.json", json.dumps(s, indent=1) + "\n")
+    print("\n" + table1(s))
+    print(f"\nwrote {out / 'summary.json'}, {out / 'report.json'} and plots in {out / 'plots'}")
+    return 0
+
+
+@command("demo")
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    """Train HMoE and flat softmax on real Fashion-MNIST and print the paper's Table 1."""
+    p.add_argument("--out", default="runs/demo", help="run directory (resumed if it exists)")
+    p.add_argument("--data-root", default=None, help="folder holding the data sets")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=_demo)

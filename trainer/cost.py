@@ -1,0 +1,78 @@
+"""Per-round client cost (DESIGN.md): wall time and peak resident-memory growth of one
+client's local update, each measured in a fresh process of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from trainer.client import LocalConfig
+from trainer.fedavg import Weights
+from trainer.nets import NetConfig, analytic_bytes
+
+MB = 1024 * 1024
+
+
+def measure_update(net: NetConfig, weights: Weights, x: np.ndarray, y: np.ndarray, local: LocalConfig,
+                   mean: tuple[float, ...], std: tuple[float, ...], seed: int, device: str = "cpu",
+                   threads: int | None = None, timeout: float = 1800) -> dict:
+    """Run one local update in a new Python process (trainer.cost_worker) and return
+    its wall time (ms) and peak RSS growth over the idle process (MB)."""
+    from safetensors.numpy import save_file
+    with tempfile.TemporaryDirectory(prefix="hmoe-cost-") as tmp:
+        tmp_path = Path(tmp)
+        np.save(tmp_path / "x.npy", np.ascontiguousarray(x))
+        np.save(tmp_path / "y.npy", np.asarray(y, dtype=np.int64))
+        save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(tmp_path / "w.safetensors"))
+        spec = {"net": json.loads(net.to_json()), "local": local.to_dict(), "mean": list(mean), "std": list(std),
+                "seed": seed, "device": device, "threads": threads}
+        (tmp_path / "spec.json").write_text(json.dumps(spec))
+        proc = subprocess.run([sys.executable, "-m", "trainer.cost_worker", tmp], capture_output=True,
+                              text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        if proc.returncode != 0:
+            raise RuntimeError(f"cost worker failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        return json.loads((tmp_path / "result.json").read_text())
+
+
+def summarize_costs(per_task: dict[str, dict]) -> dict:
+    """The source paper's Table 1 rows: flat, HMoE largest and smallest expert, with % of flat.
+    'Largest' takes the maximum over experts of each figure separately (the worst case a
+    device must be ready for); 'smallest' the minimum."""
+    experts = {k: v for k, v in per_task.items() if k != "flat"}
+    out: dict[str, dict] = {"per_task": per_task}
+    if "flat" in per_task:
+        out["flat"] = {m: per_task["flat"][m] for m in ("time_ms", "mem_mb", "analytic_mb")}
+    if experts:
+        for name, pick in (("hmoe_max", max), ("hmoe_min", min)):
+            row = {}
+            for m in ("time_ms", "mem_mb", "analytic_mb"):
+                key = pick(experts, key=lambda k: experts[k][m])
+                row[m], row[f"{m}_expert"] = experts[key][m], key
+                if "flat" in out and out["flat"][m]:
+                    row[f"{m}_pct_of_flat"] = 100.0 * experts[key][m] / out["flat"][m]
+            out[name] = row
+    return out
+
+
+def task_cost(net: NetConfig, weights: Weights, clients: list[tuple[np.ndarray, np.ndarray]], local: LocalConfig,
+              mean: tuple[float, ...], std: tuple[float, ...], seed: int, device: str = "cpu") -> dict:
+    """Median over the given clients' local updates, beside the analytic count."""
+    runs = [measure_update(net, weights, x, y, local, mean, std, seed + i, device) for i, (x, y) in enumerate(clients)]
+    slots = 2 if local.optimizer == "adam" else (1 if local.momentum else 0)
+    analytic = analytic_bytes(net, local.batch_size, slots)
+    return {
+        "time_ms": float(np.median([r["time_ms"] for r in runs])),
+        "mem_mb": float(np.median([r["mem_mb"] for r in runs])),
+        "mem_mb_max": float(np.max([r["mem_mb"] for r in runs])),
+        "analytic_mb": analytic["total"] / MB,
+        "analytic": {k: v / MB for k, v in analytic.items()},
+        "samples": [int(len(y)) for _, y in clients],
+        "params": analytic["params"] // 4,
+        "runs": runs,
+    }

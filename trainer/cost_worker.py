@@ -1,0 +1,120 @@
+"""Child process of trainer.cost: one local update, timed, with its peak memory growth.
+
+Usage: python -m trainer.cost_worker DIR   (DIR holds spec.json, x.npy, y.npy, w.safetensors)
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+import threading
+from pathlib import Path
+
+MB = 1024 * 1024
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak() -> bool:
+    """Linux: writing 5 to clear_refs resets VmHWM to the current RSS."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class Sampler:
+    """psutil RSS sampling, for systems without a resettable VmHWM."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        import psutil
+        self.proc, self.interval, self.peak = psutil.Process(), interval, 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self.stop.wait(self.interval)
+
+    def __enter__(self) -> "Sampler":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+
+def warm_up(net, local, normalize, device: str) -> None:
+    """One step of a one-channel network of the same input shape: torch's one-time
+    start-up (autograd engine, conv kernels, allocator pools) happens once per process
+    on a device, not once per round, so it belongs to the idle baseline."""
+    import numpy as np
+
+    from trainer.client import local_update
+    from trainer.nets import NetConfig
+    tiny = NetConfig(net.in_shape, 2, width=1, depth=net.depth, hidden=2)
+    x = np.zeros((2, *net.in_shape), dtype=np.uint8)
+    local_update(tiny, None, x, np.array([0, 1]), local, normalize, seed=0, device=device)
+
+
+def main(folder: str) -> int:
+    import numpy as np
+    import psutil
+    import torch
+    from safetensors.numpy import load_file
+
+    from trainer.client import LocalConfig, Normalizer, local_update
+    from trainer.nets import NetConfig
+
+    d = Path(folder)
+    spec = json.loads((d / "spec.json").read_text())
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    net = NetConfig.from_json(json.dumps(spec["net"]))
+    local = LocalConfig(**spec["local"])
+    x, y = np.load(d / "x.npy"), np.load(d / "y.npy")
+    weights = load_file(str(d / "w.safetensors"))
+    normalize = Normalizer(tuple(spec["mean"]), tuple(spec["std"]))
+    device = spec.get("device", "cpu")
+    warm_up(net, local, normalize, device)
+    gc.collect()
+    result: dict = {"device": device, "samples": int(len(y))}
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        _, metrics = local_update(net, weights, x, y, local, normalize, spec["seed"], device)
+        result.update(mem_mb=(torch.cuda.max_memory_allocated() - base) / MB, method="torch.cuda.max_memory_allocated")
+    else:
+        baseline = psutil.Process().memory_info().rss
+        if reset_peak() and _status_kb("VmHWM") is not None:
+            _, metrics = local_update(net, weights, x, y, local, normalize, spec["seed"], device)
+            peak, method = _status_kb("VmHWM") * 1024, "VmHWM after clear_refs"
+        else:
+            with Sampler() as s:
+                _, metrics = local_update(net, weights, x, y, local, normalize, spec["seed"], device)
+            peak, method = s.peak, "psutil RSS sampling"
+        result.update(mem_mb=max(0, peak - baseline) / MB, baseline_mb=baseline / MB, peak_mb=peak / MB,
+                      method=method)
+    result["time_ms"] = metrics["train_seconds"] * 1000.0
+    (d / "result.json").write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,64 @@
+"""Evaluation on held-out data: information metrics, leaf accuracy, per-expert accuracy."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from hierarchy import Hierarchy, decode, leaf_rule, majority_rule, summarize
+from trainer.client import Normalizer
+from trainer.nets import ConvNet
+
+FLAT_RULES = {"leaf": leaf_rule, "majority": majority_rule}
+
+
+@torch.no_grad()
+def predict_probs(net: ConvNet, x: np.ndarray, normalize: Normalizer, batch: int = 1024,
+                  device: str = "cpu") -> np.ndarray:
+    """Softmax outputs for uint8 images ``x``."""
+    net.eval()
+    out = []
+    for lo in range(0, len(x), batch):
+        xb = normalize(torch.from_numpy(np.ascontiguousarray(x[lo:lo + batch]))).to(device)
+        out.append(torch.softmax(net(xb).float(), dim=1).cpu().numpy())
+    if not out:
+        return np.zeros((0, net.cfg.num_outputs), dtype=np.float32)
+    return np.concatenate(out)
+
+
+def _scores(tree: Hierarchy, y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    gt = tree.leaves[y]
+    s = summarize(tree, gt, pred)
+    s["leaf_accuracy"] = float(np.mean(pred == gt)) if len(gt) else float("nan")
+    return s
+
+
+def evaluate_hmoe(tree: Hierarchy, nets: dict[int, ConvNet], x: np.ndarray, y: np.ndarray,
+                  normalize: Normalizer, decoder: str = "greedy", device: str = "cpu") -> dict[str, float]:
+    """Decode with ``decoder`` (greedy | beam:K | threshold:T); only visited experts run."""
+    def expert_fn(expert: int, idx: np.ndarray) -> np.ndarray:
+        return predict_probs(nets[expert], x[idx], normalize, device=device)
+
+    d = decode(tree, expert_fn, len(x), decoder)
+    out = _scores(tree, y, d.nodes)
+    out["experts_per_input"] = float(d.experts_evaluated.mean()) if len(x) else 0.0
+    return out
+
+
+def evaluate_flat(tree: Hierarchy, net: ConvNet, x: np.ndarray, y: np.ndarray, normalize: Normalizer,
+                  rule: str = "leaf", device: str = "cpu") -> dict[str, float]:
+    try:
+        fn = FLAT_RULES[rule]
+    except KeyError:
+        raise ValueError(f"unknown flat rule {rule!r}; expected one of {', '.join(FLAT_RULES)}") from None
+    return _scores(tree, y, fn(tree, predict_probs(net, x, normalize, device=device)))
+
+
+def expert_accuracy(tree: Hierarchy, expert: int, net: ConvNet, x: np.ndarray, y: np.ndarray,
+                    normalize: Normalizer, device: str = "cpu") -> tuple[float, int]:
+    """Accuracy of one expert on the samples whose true leaf lies under it (LCPN targets)."""
+    mask, target = tree.lcpn(expert, y)
+    if not mask.any():
+        return float("nan"), 0
+    probs = predict_probs(net, x[mask], normalize, device=device)
+    return float(np.mean(probs.argmax(axis=1) == target)), int(mask.sum())
