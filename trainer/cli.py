@@ -51,13 +51,11 @@ def _add_hierarchy(p: argparse.ArgumentParser) -> None:
 def _load_optional_commands() -> None:
     """Commands whose modules need torch register themselves on import."""
     import importlib
-    for module in ("trainer.commands",):
+    for module in ("trainer.commands", "exporter.commands"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith(("trainer", "exporter")):
-                continue
-            if exc.name not in ("torch", "torchvision"):
+            if exc.name not in ("torch", "torchvision", "onnx", "onnxscript", "safetensors"):
                 raise
 
 

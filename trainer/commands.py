@@ -47,6 +47,10 @@ def _add_run_flags(p: argparse.ArgumentParser, defaults: RunConfig) -> None:
     g.add_argument("--lr", type=float, default=defaults.local.lr)
     g.add_argument("--momentum", type=float, default=defaults.local.momentum)
     g.add_argument("--optimizer", choices=["sgd", "adam"], default=defaults.local.optimizer)
+    g.add_argument("--balanced-epochs", action=argparse.BooleanOptionalAction, default=defaults.balanced_epochs,
+                   help="HMoE: local epochs = floor(1 / expert's data share), so each round does about the root's work")
+    g.add_argument("--lr-decay", choices=["cosine", "none"], default=defaults.lr_decay,
+                   help="client learning rate over the rounds (cosine: down to lr/10)")
     g.add_argument("--device", default=defaults.device, help="cpu | cuda (when available)")
     p.add_argument("--cost-clients", type=int, default=3,
                    help="clients whose local update is measured per expert, each in its own process (0: skip)")
@@ -70,7 +74,8 @@ def _config(args: argparse.Namespace) -> RunConfig:
                      dropout=args.dropout, seed=args.seed, train_limit=args.train_limit,
                      test_limit=args.test_limit, hmoe_rounds=args.hmoe_rounds,
                      flat_rounds=args.flat_rounds, schedule=args.schedule, expert_width=args.expert_width,
-                     flat_width=args.flat_width, local=local, device=args.device)
+                     flat_width=args.flat_width, local=local, lr_decay=args.lr_decay,
+                     balanced_epochs=args.balanced_epochs, device=args.device)
 
 
 def train_run(out: Path, cfg: RunConfig, kinds: list[str], resume: bool, cost_clients: int,

@@ -75,7 +75,8 @@ def measure_family_cost(fed: Federation, num_clients: int = 3) -> dict[str, dict
         for c in chosen:
             idx, target = s.client_data(key, d.train_y, fed.prep.parts[c])
             clients.append((d.train_x[idx], target))
-        out[key] = task_cost(task.net, fed.weights[key], clients, fed.cfg.local, d.mean, d.std,
+        local = fed.local_config(key, fed.cfg.rounds(fed.kind) - 1)
+        out[key] = task_cost(task.net, fed.weights[key], clients, local, d.mean, d.std,
                              stable_seed(fed.cfg.seed, "cost-run", key), fed.cfg.device)
         out[key]["clients"] = chosen
     return out

@@ -9,6 +9,7 @@ is deleted, so a run killed at any moment continues from its last completed roun
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -51,6 +52,9 @@ class RunConfig:
     flat_width: int = 32
     depth: int = 0
     local: LocalConfig = field(default_factory=LocalConfig)
+    balanced_epochs: bool = False # HMoE: local epochs = floor(1 / share of data under the expert), so
+                                  # every expert's round does about the work of the root's
+    lr_decay: str = "cosine"      # cosine: client lr falls from lr to lr/10 over the run; none: constant
     device: str = "cpu"
 
     def to_dict(self) -> dict:
@@ -64,6 +68,15 @@ class RunConfig:
 
     def rounds(self, kind: str) -> int:
         return self.hmoe_rounds if kind == "hmoe" else self.flat_rounds
+
+    def local_for_round(self, kind: str, rnd: int) -> LocalConfig:
+        """The client hyper-parameters of round ``rnd`` (learning-rate decay applied)."""
+        if self.lr_decay == "none":
+            return self.local
+        if self.lr_decay != "cosine":
+            raise ValueError(f"unknown lr decay {self.lr_decay!r}; expected cosine or none")
+        frac = rnd / max(1, self.rounds(kind) - 1)
+        return replace(self.local, lr=self.local.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))))
 
     def width(self, kind: str) -> int:
         return self.expert_width if kind == "hmoe" else self.flat_width
@@ -187,12 +200,21 @@ class Federation:
                              self.cfg.device)
 
     # ---------------------------------------------------------------- rounds
+    def local_config(self, key: str, rnd: int) -> LocalConfig:
+        """Client hyper-parameters for training ``key`` in round ``rnd``."""
+        local = self.cfg.local_for_round(self.kind, rnd)
+        if self.kind == "hmoe" and self.cfg.balanced_epochs:
+            share = self.strategy.context.shares[key]
+            local = replace(local, epochs=local.epochs * max(1, int(1.0 / max(share, 1e-9))))
+        return local
+
     def step(self, rnd: int) -> dict:
         """Run round ``rnd``: choose the task, train sampled clients, aggregate, commit."""
         d, s = self.prep.data, self.strategy
         key = s.choose_task(rnd)
         task = self.tasks[key]
         results, skipped, dropped, seconds, losses = [], [], [], [], []
+        local = self.local_config(key, rnd)
         for client in s.sample_clients(rnd):
             if s.drops_out(rnd, client):
                 dropped.append(client)
@@ -201,14 +223,14 @@ class Federation:
             if not len(idx):
                 skipped.append(client)
                 continue
-            new, metrics = local_update(task.net, self.weights[key], d.train_x[idx], target, self.cfg.local,
+            new, metrics = local_update(task.net, self.weights[key], d.train_x[idx], target, local,
                                         self.prep.normalize, s.client_seed(rnd, client), self.cfg.device)
             results.append((new, metrics["num_samples"]))
             seconds.append(metrics["train_seconds"])
             losses.append(metrics["train_loss"])
         new = s.aggregate(results) if results else None
         entry = {"round": rnd, "task": key, "clients": len(results), "samples": sum(n for _, n in results),
-                 "skipped": skipped, "dropped": dropped, "client_seconds": float(np.sum(seconds)),
+                 "skipped": skipped, "dropped": dropped, "client_seconds": float(np.sum(seconds)), "lr": local.lr,
                  "train_loss": float(np.mean(losses)) if losses else None}
         if new is not None:
             self.weights[key] = new

@@ -1,0 +1,170 @@
+"""The narrow edge engine: float32 arrays in, node indices and probabilities out.
+
+Experts are opened only when decoding visits them (sha256 checked on first load),
+and kept in an LRU cache bounded by a memory budget. No torch, no HTTP, no images.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.bundle import Bundle, BundleError, ModelEntry, load_bundle
+from hierarchy import Decoded, decode, leaf_rule
+
+
+class InputError(ValueError):
+    """An input batch has the wrong shape, dtype or values."""
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@dataclass
+class Prediction:
+    leaf: str
+    node: str
+    path: list[str]
+    step_probs: list[float]
+    prob: float
+    experts_evaluated: int
+
+    def to_dict(self) -> dict:
+        return {"leaf": self.leaf, "node": self.node, "path": self.path, "step_probs": self.step_probs,
+                "prob": self.prob, "experts_evaluated": self.experts_evaluated}
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    loaded: list[str] = field(default_factory=list)
+
+
+def session_options(threads: int = 1):
+    """onnxruntime options for small resident memory."""
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.enable_cpu_mem_arena = False
+    opts.enable_mem_pattern = False
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return opts
+
+
+class Engine:
+    def __init__(self, bundle: Bundle | str | os.PathLike, memory_budget_mb: float | None = None,
+                 threads: int = 1, variant: str = "fp32") -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self.tree = self.bundle.tree
+        self.budget = memory_budget_mb * 2**20 if memory_budget_mb else None
+        self.threads = threads
+        self.entries = self._entries(variant)
+        self.cache: OrderedDict[str, object] = OrderedDict()
+        self.stats = CacheStats()
+        shape = self.bundle.input["shape"]
+        self.input_shape = tuple(int(s) for s in shape)
+
+    def _entries(self, variant: str) -> dict[str, ModelEntry]:
+        if variant == "fp32":
+            out = dict(self.bundle.experts)
+            if self.bundle.flat:
+                out["flat"] = self.bundle.flat
+            return out
+        if variant == "int8":
+            q = self.bundle.manifest.get("int8")
+            if not q:
+                raise BundleError(f"{self.bundle.root}: no int8 models in this bundle; export with --quantize int8")
+            out = {d["node"]: ModelEntry.from_dict(d, "int8.experts") for d in q["experts"]}
+            if q.get("flat"):
+                out["flat"] = ModelEntry.from_dict(q["flat"], "int8.flat")
+            return out
+        raise ValueError(f"unknown variant {variant!r}; expected fp32 or int8")
+
+    # --------------------------------------------------------------- sessions
+    def _model_bytes(self, key: str) -> int:
+        return self.entries[key].bytes
+
+    def session(self, key: str):
+        """The onnxruntime session of expert ``key`` (node name) or 'flat', loading it on first use."""
+        if key in self.cache:
+            self.stats.hits += 1
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        if key not in self.entries:
+            raise KeyError(f"unknown expert {key!r}; this bundle has {', '.join(self.entries)}")
+        import onnxruntime as ort
+        self.stats.misses += 1
+        path = self.bundle.check_file(self.entries[key])
+        if self.budget is not None:
+            need = self._model_bytes(key)
+            while self.cache and sum(self._model_bytes(k) for k in self.cache) + need > self.budget:
+                self.cache.popitem(last=False)
+                self.stats.evictions += 1
+        sess = ort.InferenceSession(str(path), session_options(self.threads), providers=["CPUExecutionProvider"])
+        self.cache[key] = sess
+        self.stats.loaded.append(key)
+        return sess
+
+    def preload(self) -> None:
+        for key in self.entries:
+            self.session(key)
+
+    def run(self, key: str, x: np.ndarray) -> np.ndarray:
+        sess = self.session(key)
+        return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+    # ---------------------------------------------------------------- inputs
+    def check_input(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        if x.ndim == 3:
+            x = x[None]
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
+            raise InputError(f"input of shape {tuple(x.shape)}; expected (N, {', '.join(map(str, self.input_shape))})")
+        if not np.issubdtype(x.dtype, np.floating):
+            raise InputError(f"input dtype {x.dtype}; expected float32, normalised as the manifest says")
+        if not np.all(np.isfinite(x)):
+            raise InputError("input holds NaN or infinite values")
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    # ------------------------------------------------------------- predicting
+    def decode(self, x: np.ndarray, decoder: str = "greedy") -> Decoded:
+        x = self.check_input(x)
+
+        def expert_fn(node: int, idx: np.ndarray) -> np.ndarray:
+            return softmax(self.run(self.tree.names[node], x[idx]))
+
+        return decode(self.tree, expert_fn, len(x), decoder)
+
+    def predict(self, x: np.ndarray, decoder: str = "greedy") -> list[Prediction]:
+        d = self.decode(x, decoder)
+        names = self.tree.names
+        out = []
+        for i in range(len(d.nodes)):
+            node = int(d.nodes[i])
+            out.append(Prediction(leaf=names[node] if self.tree.num_children[node] == 0 else "",
+                                  node=names[node], path=[names[v] for v in d.paths[i]],
+                                  step_probs=[float(p) for p in d.step_probs[i]], prob=float(d.prob[i]),
+                                  experts_evaluated=int(d.experts_evaluated[i])))
+        return out
+
+    def flat_nodes(self, x: np.ndarray) -> np.ndarray:
+        if "flat" not in self.entries:
+            raise BundleError(f"{self.bundle.root}: no flat model in this bundle")
+        x = self.check_input(x)
+        return leaf_rule(self.tree, softmax(self.run("flat", x)))
+
+    @property
+    def loaded(self) -> list[str]:
+        return list(self.cache)

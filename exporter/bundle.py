@@ -1,0 +1,187 @@
+"""A run directory -> a bundle for devices: ONNX per expert, manifest, validation, atomic."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.bundle import FORMAT_VERSION, MANIFEST, sha256_file
+from exporter.onnx_export import ExportSpec, ValidationError, export_net, max_logit_diff
+from hierarchy import Hierarchy, HierarchyError
+from trainer.checkpoint import CheckpointError, load_checkpoint
+from trainer.datasets import Dataset
+from trainer.nets import build_net, num_params
+from trainer.simulation import load_run_config, limit
+from trainer.strategy import make_tasks
+
+
+class ExportError(ValueError):
+    """The run cannot be exported (missing, corrupt, unknown subtree node, ...)."""
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    rows: list[dict] = field(default_factory=list)   # one per exported file
+    report: dict = field(default_factory=dict)
+
+
+def _load_run(run: Path) -> tuple:
+    if not run.is_dir():
+        raise ExportError(f"{run}: no such run directory")
+    try:
+        cfg = load_run_config(run)
+        tree = Hierarchy.from_json(run / "hierarchy.json")
+    except (FileNotFoundError, HierarchyError, ValueError, TypeError) as exc:
+        raise ExportError(f"{run}: not a complete run directory ({exc})") from None
+    return cfg, tree
+
+
+def _load_nets(run: Path, tree: Hierarchy, shape: tuple[int, int, int], cfg) -> tuple[dict, object]:
+    """Expert networks by node name (and the flat one, if trained) from their checkpoints."""
+    from trainer.client import load_numpy
+    experts = {}
+    for key, task in make_tasks(tree, "hmoe", shape, cfg.expert_width, cfg.depth).items():
+        path = run / "experts" / f"{task.file_stem}.safetensors"
+        try:
+            weights, net_cfg, meta = load_checkpoint(path)
+        except CheckpointError as exc:
+            raise ExportError(str(exc)) from None
+        if net_cfg.num_outputs != tree.num_children[task.node] or meta.get("node") != key:
+            raise ExportError(f"{path}: checkpoint is for node {meta.get('node')!r} with {net_cfg.num_outputs} "
+                              f"outputs; expected {key!r} with {tree.num_children[task.node]}")
+        net = build_net(net_cfg)
+        load_numpy(net, weights)
+        experts[key] = net.eval()
+    flat = None
+    if (run / "flat.safetensors").exists():
+        try:
+            weights, net_cfg, _ = load_checkpoint(run / "flat.safetensors")
+        except CheckpointError as exc:
+            raise ExportError(str(exc)) from None
+        if net_cfg.num_outputs != tree.num_leaves:
+            raise ExportError(f"{run / 'flat.safetensors'}: {net_cfg.num_outputs} outputs for {tree.num_leaves} leaves")
+        flat = build_net(net_cfg)
+        load_numpy(flat, weights)
+        flat.eval()
+    return experts, flat
+
+
+def _normalized(data: Dataset, x: np.ndarray) -> np.ndarray:
+    mean = np.asarray(data.mean, dtype=np.float32).reshape(1, -1, 1, 1) * 255
+    std = np.asarray(data.std, dtype=np.float32).reshape(1, -1, 1, 1) * 255
+    return ((x.astype(np.float32) - mean) / std).astype(np.float32)
+
+
+def validate_model(name: str, path: Path, net, real: np.ndarray, spec: ExportSpec, seed: int = 0) -> dict:
+    """onnxruntime vs torch on random and on real inputs: max |logit diff| <= atol, and the
+    same argmax wherever torch's own top-two margin is at least atol (near-ties counted)."""
+    rng = np.random.default_rng(seed)
+    rand = rng.standard_normal((64, *net.cfg.in_shape)).astype(np.float32)
+    diff_rand, _, _ = max_logit_diff(path, net, rand, spec)
+    diff_real, ort_logits, torch_logits = max_logit_diff(path, net, real, spec)
+    worst = max(diff_rand, diff_real)
+    if worst > spec.atol:
+        raise ValidationError(name, worst, spec.atol)
+    top2 = np.sort(torch_logits, axis=1)[:, -2:] if torch_logits.shape[1] > 1 else None
+    margin = top2[:, 1] - top2[:, 0] if top2 is not None else np.full(len(torch_logits), np.inf)
+    disagree = ort_logits.argmax(1) != torch_logits.argmax(1)
+    near_tie = margin < spec.atol
+    if (disagree & ~near_tie).any():
+        raise ValidationError(name, worst, spec.atol,
+                              f"; {int((disagree & ~near_tie).sum())} real images change their decision")
+    return {"max_diff_random": diff_rand, "max_diff_real": diff_real, "real_images": int(len(real)),
+            "decision_changes_at_near_ties": int((disagree & near_tie).sum()), "near_ties": int(near_tie.sum())}
+
+
+def _entry(node: str, children: list[str], path: Path, net, spec: ExportSpec) -> dict:
+    return {"node": node, "children": children, "file": path.name, "sha256": sha256_file(path),
+            "params": num_params(net), "bytes": path.stat().st_size, "opset": spec.opset,
+            "net": json.loads(net.cfg.to_json())}
+
+
+def export_run(run: str | os.PathLike, out: str | os.PathLike, subtree: str | None = None,
+               quantize: str | None = None, data: Dataset | None = None, spec: ExportSpec = ExportSpec(),
+               validate_images: int = 0, progress: bool = True) -> ExportResult:
+    """Export a run to a bundle directory ``out``; nothing is left at ``out`` unless every
+    file validated. ``validate_images`` 0 uses the whole test split."""
+    from trainer.datasets import load_dataset
+    run, out = Path(run), Path(out)
+    cfg, tree = _load_run(run)
+    data = data or limit(load_dataset(cfg.dataset, cfg.data_root), cfg.train_limit, cfg.test_limit, cfg.seed)
+    experts, flat = _load_nets(run, tree, data.shape, cfg)
+    bundle_tree = tree
+    if subtree is not None:
+        if subtree not in tree._index:
+            raise ExportError(f"unknown --subtree node {subtree!r}; expected one of the experts: "
+                              f"{', '.join(tree.names[e] for e in tree.experts)}")
+        bundle_tree = tree.subtree(tree.index(subtree))
+        experts = {bundle_tree.names[e]: experts[bundle_tree.names[e]] for e in bundle_tree.experts}
+        flat = None
+        if not experts:
+            raise ExportError(f"--subtree {subtree!r} has no expert (it has fewer than two leaves below it)")
+    real = _normalized(data, data.test_x[: validate_images or len(data.test_x)])
+    if out.exists():
+        raise ExportError(f"{out} already exists; choose a new --out or remove it first")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    result = ExportResult(out)
+    try:
+        models = [(k, [bundle_tree.names[c] for c in bundle_tree.children(bundle_tree.index(k))], net)
+                  for k, net in experts.items()]
+        if flat is not None:
+            models.append(("flat", [tree.names[i] for i in tree.leaves], flat))
+        manifest_experts, manifest_flat = [], None
+        for i, (node, children, net) in enumerate(models):
+            is_flat = node == "flat" and flat is not None and net is flat
+            fname = "flat.onnx" if is_flat else f"expert-{i:03d}.onnx"
+            t = time.perf_counter()
+            path = export_net(net, tmp / fname, spec, {"hmoe.node": node, "hmoe.children": json.dumps(children),
+                                                      "hmoe.kind": "flat" if is_flat else "expert"})
+            check = validate_model(node, path, net, real, spec)
+            entry = _entry(node, children, path, net, spec)
+            result.rows.append({"model": node, "children": len(children), "params": entry["params"],
+                                "bytes": entry["bytes"], "seconds": time.perf_counter() - t, **check})
+            if progress:
+                r = result.rows[-1]
+                print(f"  exported {node:<20} {r['params']:>9} params {r['bytes']:>10} bytes "
+                      f"max diff {max(r['max_diff_random'], r['max_diff_real']):.2e}")
+            if is_flat:
+                manifest_flat = entry
+            else:
+                manifest_experts.append(entry)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "created_by": "hmoe-edge exporter",
+            "hierarchy": bundle_tree.to_dict(),
+            "input": {"shape": list(data.shape), "mean": list(data.mean), "std": list(data.std),
+                      "color": data.color, "resize": list(data.shape[1:]), "dtype": "float32", "layout": "NCHW",
+                      "preprocess": "decode, convert to color mode, resize to HxW, x/255, (x - mean) / std"},
+            "experts": manifest_experts,
+            "flat": manifest_flat,
+            "subtree_of": subtree,
+            "quantization": None,
+            "source": {"run": str(run.resolve()), "dataset": cfg.dataset},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        result.report = {"models": result.rows, "subtree": subtree, "opset": spec.opset, "atol": spec.atol,
+                         "total_bytes": sum(r["bytes"] for r in result.rows)}
+        if quantize:
+            from exporter.quantize import quantize_bundle
+            result.report["int8"] = quantize_bundle(tmp, data, experts, flat, quantize)
+        (tmp / "export_report.json").write_text(json.dumps(result.report, indent=1) + "\n")
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
