@@ -62,6 +62,13 @@ class Bundle:
     def input(self) -> dict:
         return self.manifest["input"]
 
+    def manifest_entry(self, node: str) -> dict:
+        """The raw manifest dict of expert ``node``."""
+        for d in self.manifest["experts"]:
+            if d["node"] == node:
+                return d
+        raise KeyError(f"unknown expert {node!r}; this bundle's experts are {', '.join(self.experts)}")
+
     def path(self, entry: ModelEntry) -> Path:
         return self.root / entry.file
 
@@ -92,6 +99,11 @@ class Bundle:
                 self.check_file(entry)
             except BundleError as exc:
                 problems.append(str(exc))
+        for d in [*self.manifest["experts"], *([self.manifest["flat"]] if self.manifest.get("flat") else [])]:
+            w = d.get("weights")
+            if w and (not (self.root / w["file"]).is_file() or sha256_file(self.root / w["file"]) != w["sha256"]):
+                problems.append(f"{self.root / w['file']}: trainable weights of {d['node']!r} are missing or "
+                                "their sha256 differs from the manifest")
         return problems
 
 

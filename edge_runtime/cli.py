@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+import numpy as np
 
 from edge_runtime.bundle import BundleError, load_bundle
 
@@ -23,6 +26,106 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from edge_runtime.engine import Engine
+    from edge_runtime.images import ImageError, decode_image
+    engine = Engine(args.bundle, memory_budget_mb=args.memory_budget_mb, threads=args.threads)
+    failed = 0
+    for name in args.images:
+        try:
+            x = decode_image(Path(name).read_bytes(), engine.bundle.input)
+        except (OSError, ImageError) as exc:
+            print(f"hmoe-edge predict: {name}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        pred = engine.predict(x[None], args.decode)[0]
+        if args.json:
+            print(json.dumps({"image": name, **pred.to_dict()}))
+        else:
+            steps = " > ".join(f"{n} ({p:.2f})" for n, p in zip(pred.path[1:], pred.step_probs[1:]))
+            print(f"{name}: {pred.node}  [{pred.path[0]} > {steps}]  p={pred.prob:.3f}")
+    return 1 if failed else 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from edge_runtime.app import create_app
+    app = create_app(args.bundle, memory_budget_mb=args.memory_budget_mb, token=args.token,
+                     max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels, threads=args.threads,
+                     decoder=args.decode)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    try:
+        from edge_runtime.local_train import load_local_data, train_expert, write_update
+        from trainer.client import LocalConfig
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"local training needs the training extra ({exc.name} is missing): "
+                         "pip install 'hmoe-edge[train]'") from None
+    bundle = load_bundle(args.bundle)
+    x, labels = load_local_data(args.data, bundle)
+    local = LocalConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+    weights, report = train_expert(bundle, args.expert, x, labels, args.memory_cap_mb, local, args.seed)
+    path = write_update(args.out, weights, report)
+    print(f"trained {args.expert} on {report['samples']} samples in {report['seconds']:.1f} s; loss "
+          f"{report['loss_before']:.4f} -> {report['loss_after']:.4f}")
+    if "peak_growth_mb" in report:
+        print(f"memory: cap {args.memory_cap_mb:g} MB, micro-batch {report['micro_batch']} of "
+              f"{report['effective_batch']}, peak growth {report['peak_growth_mb']:.1f} MB")
+    print(f"update written to {path} and {path.with_suffix('.json')}")
+    return 0 if report.get("within_cap", True) else 3
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from edge_runtime import bench
+    bundle = load_bundle(args.bundle)
+    out: dict = {"bundle": str(args.bundle), "machine": bench.machine()}
+    x = labels = None
+    if args.data:
+        from edge_runtime.local_train import load_local_data
+        x, labels = load_local_data(args.data, bundle)
+        mean = np.asarray(bundle.input["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
+        std = np.asarray(bundle.input["std"], dtype=np.float32).reshape(1, -1, 1, 1)
+        images = ((x[: args.images].astype(np.float32) / 255 - mean) / std).astype(np.float32)
+    else:
+        images = bench.random_images(args.bundle, args.images)
+    out["inference"] = bench.inference(args.bundle, images, threads=args.threads)
+    print(f"{'mode':<8}{'median ms':>11}{'p95 ms':>9}{'added MB':>10}{'resident MB':>13}")
+    for mode, r in out["inference"].items():
+        if isinstance(r, dict):
+            print(f"{mode:<8}{r['latency_ms_median']:>11.2f}{r['latency_ms_p95']:>9.2f}{r['added_mb']:>10.1f}"
+                  f"{r['resident_mb']:>13.1f}")
+    try:
+        import torch  # noqa: F401
+    except ModuleNotFoundError:
+        print("\ntraining part skipped: torch is not installed (pip install 'hmoe-edge[train]')")
+    else:
+        from trainer.report import table1
+        out["training"] = bench.training(args.bundle, x, labels, samples=args.samples)
+        print("\n" + table1({"cost": out["training"]}))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def _engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", required=True, help="bundle directory (manifest.json + ONNX files)")
+    p.add_argument("--memory-budget-mb", type=float, default=None,
+                   help="bound on the ONNX bytes of experts kept loaded (least recently used evicted first)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    p.add_argument("--decode", default="greedy", help="greedy | beam:K | threshold:T")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hmoe-edge", description="hmoe-edge device side: verify bundles, "
                                      "predict, serve, train one expert locally, sync with a coordinator.")
@@ -30,6 +133,41 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every file of a bundle against its manifest (size, sha256)")
     p.add_argument("bundle", help="bundle directory (manifest.json + ONNX files)")
     p.set_defaults(run=_verify)
+    p = sub.add_parser("predict", help="classify image files (PNG or JPEG)")
+    _engine_flags(p)
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--json", action="store_true", help="one JSON object per image")
+    p.set_defaults(run=_predict)
+    p = sub.add_parser("serve", help="serve POST /predict, GET /health, GET /experts over local HTTP")
+    _engine_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this device only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--token", default=os.environ.get("HMOE_EDGE_TOKEN"),
+                   help="require 'Authorization: Bearer TOKEN' (default: $HMOE_EDGE_TOKEN, or none)")
+    p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="largest accepted upload")
+    p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest accepted image (width x height)")
+    p.add_argument("--log-level", default="warning")
+    p.set_defaults(run=_serve)
+    p = sub.add_parser("train", help="train one expert on local labelled images under a memory cap")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--expert", required=True, help="expert node name (see the bundle's manifest)")
+    p.add_argument("--data", required=True, help="folder with one sub-folder per leaf class, or an .npz")
+    p.add_argument("--memory-cap-mb", type=float, default=None,
+                   help="keep peak memory growth under this (micro-batches + gradient accumulation)")
+    p.add_argument("--out", required=True, help="update path: writes OUT.safetensors and OUT.json")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=32, help="effective batch (unchanged by the cap)")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_train)
+    p = sub.add_parser("bench", help="can this board join? latency, memory, one training round per expert")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--data", help="local labelled data (class folders or .npz); random data when absent")
+    p.add_argument("--images", type=int, default=200, help="images for the latency measurement")
+    p.add_argument("--samples", type=int, default=512, help="random training samples when --data is absent")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", help="write all figures to this JSON file")
+    p.set_defaults(run=_bench)
     return parser
 
 
@@ -37,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except (BundleError, FileNotFoundError, KeyError, ValueError) as exc:
+    except (BundleError, OSError, KeyError, ValueError) as exc:
         print(f"hmoe-edge {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

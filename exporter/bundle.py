@@ -102,9 +102,16 @@ def validate_model(name: str, path: Path, net, real: np.ndarray, spec: ExportSpe
 
 
 def _entry(node: str, children: list[str], path: Path, net, spec: ExportSpec) -> dict:
+    """The manifest entry; the weights also travel as safetensors so a device can train."""
+    from safetensors.numpy import save_file
+
+    from trainer.client import to_numpy
+    weights = path.with_suffix(".safetensors")
+    save_file(to_numpy(net), str(weights))
     return {"node": node, "children": children, "file": path.name, "sha256": sha256_file(path),
             "params": num_params(net), "bytes": path.stat().st_size, "opset": spec.opset,
-            "net": json.loads(net.cfg.to_json())}
+            "net": json.loads(net.cfg.to_json()),
+            "weights": {"file": weights.name, "sha256": sha256_file(weights), "bytes": weights.stat().st_size}}
 
 
 def export_run(run: str | os.PathLike, out: str | os.PathLike, subtree: str | None = None,

@@ -53,3 +53,37 @@ def tiny_imagenet_root(tmp_path_factory) -> Path:
         lines.append(f"{name}\t{w}\t0\t0\t63\t63")
     (folder / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
     return root
+
+
+CFG_KW = dict(dataset="synthetic:1,28,28:fashion-mnist:400", clients=4, clients_per_round=2, hmoe_rounds=5,
+              flat_rounds=1, expert_width=4, flat_width=4)
+
+
+def _cfg():
+    from trainer.client import LocalConfig
+    from trainer.simulation import RunConfig
+    return RunConfig(local=LocalConfig(batch_size=16), **CFG_KW)
+
+
+CFG = _cfg()
+
+
+@pytest.fixture(scope="session")
+def run_dir(tmp_path_factory) -> Path:
+    """A small trained run (HMoE and flat) on synthetic Fashion-MNIST-shaped data."""
+    from trainer.simulation import Federation, prepare, start_run
+    run = tmp_path_factory.mktemp("run") / "r"
+    start_run(run, CFG, resume=False)
+    prep = prepare(CFG)
+    prep.data.tree.to_json(run / "hierarchy.json")
+    for kind in ("hmoe", "flat"):
+        Federation(run, kind, CFG, prep).run(progress=False)
+    return run
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(run_dir, tmp_path_factory) -> Path:
+    from exporter.bundle import export_run
+    out = tmp_path_factory.mktemp("b") / "bundle"
+    export_run(run_dir, out, progress=False)
+    return out

@@ -13,30 +13,8 @@ from edge_runtime.bundle import BundleError, load_bundle
 from edge_runtime.engine import Engine
 from exporter.bundle import ExportError, export_run
 from hierarchy import info_f1
-from trainer.client import LocalConfig
-from trainer.simulation import Federation, RunConfig, prepare, start_run
-
-CFG = RunConfig(dataset="synthetic:1,28,28:fashion-mnist:400", clients=4, clients_per_round=2, hmoe_rounds=5,
-                flat_rounds=1, expert_width=4, flat_width=4, local=LocalConfig(batch_size=16))
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("run") / "r"
-    start_run(run, CFG, resume=False)
-    prep = prepare(CFG)
-    prep.data.tree.to_json(run / "hierarchy.json")
-    for kind in ("hmoe", "flat"):
-        Federation(run, kind, CFG, prep).run(progress=False)
-    return run
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(run_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("b") / "bundle"
-    export_run(run_dir, out, progress=False)
-    return out
-
+from tests.conftest import CFG
+from trainer.simulation import Federation, prepare
 
 def hmoe_edge(*args: str) -> subprocess.CompletedProcess:
     exe = shutil.which("hmoe-edge", path=str(Path(sys.executable).parent))

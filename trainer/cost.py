@@ -60,10 +60,13 @@ def summarize_costs(per_task: dict[str, dict]) -> dict:
     return out
 
 
-def task_cost(net: NetConfig, weights: Weights, clients: list[tuple[np.ndarray, np.ndarray]], local: LocalConfig,
+def task_cost(net: NetConfig, weights: Weights, clients: list[tuple[np.ndarray, np.ndarray, LocalConfig]],
               mean: tuple[float, ...], std: tuple[float, ...], seed: int, device: str = "cpu") -> dict:
-    """Median over the given clients' local updates, beside the analytic count."""
-    runs = [measure_update(net, weights, x, y, local, mean, std, seed + i, device) for i, (x, y) in enumerate(clients)]
+    """Median over the given clients' local updates (images, targets, hyper-parameters),
+    beside the analytic count."""
+    runs = [measure_update(net, weights, x, y, local, mean, std, seed + i, device)
+            for i, (x, y, local) in enumerate(clients)]
+    local = clients[0][2]
     slots = 2 if local.optimizer == "adam" else (1 if local.momentum else 0)
     analytic = analytic_bytes(net, local.batch_size, slots)
     return {
@@ -72,7 +75,8 @@ def task_cost(net: NetConfig, weights: Weights, clients: list[tuple[np.ndarray, 
         "mem_mb_max": float(np.max([r["mem_mb"] for r in runs])),
         "analytic_mb": analytic["total"] / MB,
         "analytic": {k: v / MB for k, v in analytic.items()},
-        "samples": [int(len(y)) for _, y in clients],
+        "samples": [int(len(y)) for _, y, _ in clients],
+        "epochs": [local.epochs for _, _, local in clients],
         "params": analytic["params"] // 4,
         "runs": runs,
     }

@@ -63,22 +63,36 @@ def evaluate_family(fed: Federation, decoders: list[str] | None = None) -> dict:
     return out
 
 
+def cost_clients(fed: Federation, num_clients: int) -> list[int]:
+    """The clients whose rounds are measured: the same ones for every expert and for the
+    flat model (a paired comparison on the same devices' data), drawn from those holding
+    samples under every expert of the tree."""
+    d, tree = fed.prep.data, fed.tree
+    masks = [tree.lcpn(int(e), d.train_y)[0] for e in tree.experts]
+    have_all = [c for c, part in enumerate(fed.prep.parts) if all(m[part].any() for m in masks)]
+    pool = have_all if len(have_all) >= num_clients else list(range(len(fed.prep.parts)))
+    rng = np.random.default_rng(stable_seed(fed.cfg.seed, "cost-clients"))
+    return sorted(rng.choice(pool, min(num_clients, len(pool)), replace=False).tolist())
+
+
 def measure_family_cost(fed: Federation, num_clients: int = 3) -> dict[str, dict]:
-    """Per task: the local update of ``num_clients`` sampled clients, each in its own process."""
+    """Per task: the local update of each cost client, each in its own process."""
     d, s = fed.prep.data, fed.strategy
+    chosen = cost_clients(fed, num_clients)
+    last = fed.cfg.rounds(fed.kind) - 1
     out = {}
     for key, task in fed.tasks.items():
-        have = [c for c in range(fed.cfg.clients) if len(s.client_data(key, d.train_y, fed.prep.parts[c])[0])]
-        rng = np.random.default_rng(stable_seed(fed.cfg.seed, "cost", key))
-        chosen = sorted(rng.choice(have, min(num_clients, len(have)), replace=False).tolist())
         clients = []
         for c in chosen:
             idx, target = s.client_data(key, d.train_y, fed.prep.parts[c])
-            clients.append((d.train_x[idx], target))
-        local = fed.local_config(key, fed.cfg.rounds(fed.kind) - 1)
-        out[key] = task_cost(task.net, fed.weights[key], clients, local, d.mean, d.std,
+            if len(idx):
+                local = fed.local_config(key, last, len(fed.prep.parts[c]), len(idx))
+                clients.append((d.train_x[idx], target, local))
+        if not clients:
+            continue
+        out[key] = task_cost(task.net, fed.weights[key], clients, d.mean, d.std,
                              stable_seed(fed.cfg.seed, "cost-run", key), fed.cfg.device)
-        out[key]["clients"] = chosen
+        out[key]["clients"] = [c for c in chosen if len(s.client_data(key, d.train_y, fed.prep.parts[c])[0])]
     return out
 
 

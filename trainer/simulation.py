@@ -45,15 +45,15 @@ class RunConfig:
     train_limit: int = 0          # use a seeded subsample of this many training images (0: all)
     test_limit: int = 0           # likewise for the test split
     seed: int = 0
-    hmoe_rounds: int = 40
-    flat_rounds: int = 20
+    hmoe_rounds: int = 100
+    flat_rounds: int = 40
     schedule: str = "round-robin"
     expert_width: int = 16
     flat_width: int = 32
     depth: int = 0
     local: LocalConfig = field(default_factory=LocalConfig)
-    balanced_epochs: bool = False # HMoE: local epochs = floor(1 / share of data under the expert), so
-                                  # every expert's round does about the work of the root's
+    balanced_epochs: bool = True  # HMoE: a client runs floor(its samples / its samples under the
+                                  # expert) epochs, so no expert's round costs more than the root's
     lr_decay: str = "cosine"      # cosine: client lr falls from lr to lr/10 over the run; none: constant
     device: str = "cpu"
 
@@ -200,12 +200,14 @@ class Federation:
                              self.cfg.device)
 
     # ---------------------------------------------------------------- rounds
-    def local_config(self, key: str, rnd: int) -> LocalConfig:
-        """Client hyper-parameters for training ``key`` in round ``rnd``."""
+    def local_config(self, key: str, rnd: int, client_samples: int = 0, task_samples: int = 0) -> LocalConfig:
+        """Client hyper-parameters for training ``key`` in round ``rnd`` on a client holding
+        ``client_samples`` samples, ``task_samples`` of them under the task. With balanced
+        epochs an expert runs floor(client_samples / task_samples) epochs, so no expert's
+        round costs that client more than the root expert's round."""
         local = self.cfg.local_for_round(self.kind, rnd)
-        if self.kind == "hmoe" and self.cfg.balanced_epochs:
-            share = self.strategy.context.shares[key]
-            local = replace(local, epochs=local.epochs * max(1, int(1.0 / max(share, 1e-9))))
+        if self.kind == "hmoe" and self.cfg.balanced_epochs and task_samples > 0:
+            local = replace(local, epochs=local.epochs * max(1, client_samples // task_samples))
         return local
 
     def step(self, rnd: int) -> dict:
@@ -214,7 +216,6 @@ class Federation:
         key = s.choose_task(rnd)
         task = self.tasks[key]
         results, skipped, dropped, seconds, losses = [], [], [], [], []
-        local = self.local_config(key, rnd)
         for client in s.sample_clients(rnd):
             if s.drops_out(rnd, client):
                 dropped.append(client)
@@ -223,6 +224,7 @@ class Federation:
             if not len(idx):
                 skipped.append(client)
                 continue
+            local = self.local_config(key, rnd, len(self.prep.parts[client]), len(idx))
             new, metrics = local_update(task.net, self.weights[key], d.train_x[idx], target, local,
                                         self.prep.normalize, s.client_seed(rnd, client), self.cfg.device)
             results.append((new, metrics["num_samples"]))
@@ -230,7 +232,8 @@ class Federation:
             losses.append(metrics["train_loss"])
         new = s.aggregate(results) if results else None
         entry = {"round": rnd, "task": key, "clients": len(results), "samples": sum(n for _, n in results),
-                 "skipped": skipped, "dropped": dropped, "client_seconds": float(np.sum(seconds)), "lr": local.lr,
+                 "skipped": skipped, "dropped": dropped, "client_seconds": float(np.sum(seconds)),
+                 "lr": self.cfg.local_for_round(self.kind, rnd).lr,
                  "train_loss": float(np.mean(losses)) if losses else None}
         if new is not None:
             self.weights[key] = new
@@ -249,10 +252,12 @@ class Federation:
         start = self.state["completed_rounds"]
         bar = tqdm(range(start, total), desc=f"{self.kind} rounds", initial=start, total=total,
                    disable=not progress, dynamic_ncols=True)
+        last = next((e["val_info_f1"] for e in reversed(self.state["log"]) if "val_info_f1" in e), None)
         for rnd in bar:
             entry = self.step(rnd)
+            last = entry.get("val_info_f1", last)
             bar.set_postfix(task=entry["task"], clients=entry["clients"],
-                            val_f1=f"{entry.get('val_info_f1', float('nan')):.3f}")
+                            val_f1="-" if last is None else f"{last:.3f}")
         return self.state["log"]
 
 

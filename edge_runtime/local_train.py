@@ -1,0 +1,245 @@
+"""Memory-capped local training of one expert on a device (the only torch user in edge_runtime).
+
+The network definition and the local update are the trainer's own (imported lazily
+here, never on the inference path), so a device's update is bit-for-bit what the
+simulation would compute for the same data, seed and effective batch.
+
+Memory: "growth" is the peak resident-set growth of the process over its idle state,
+where idle means torch already warmed up by one step of a one-channel network (the
+same definition as the per-round cost benchmark). The cap is met by choosing the
+micro-batch: probes at two micro-batch sizes give a linear model of growth, the
+largest micro-batch predicted to fit is used, and gradients are accumulated so the
+effective batch, and so the result, does not change.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.bundle import Bundle, BundleError, load_bundle, sha256_file
+
+SAFETY = 0.8   # aim the prediction at this fraction of the cap
+
+
+class TrainError(ValueError):
+    """Local training cannot run as asked (unknown expert, bad data, cap too small...)."""
+
+
+# ------------------------------------------------------------------ local data
+def _slug(name: str) -> str:
+    return name.replace("/", "_")
+
+
+def load_local_data(path: str | os.PathLike, bundle: Bundle) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (N, C, H, W) images and leaf labels (in the bundle's leaf order) from a folder
+    with one sub-folder per leaf class (named as the leaf, '/' written '_'), or an .npz
+    with ``images`` and ``labels`` (leaf names or label indices)."""
+    from edge_runtime.images import ImageError, decode_image
+    path = Path(path)
+    tree = bundle.tree
+    leaf_names = [tree.names[i] for i in tree.leaves]
+    by_slug = {_slug(n): k for k, n in enumerate(leaf_names)} | {n: k for k, n in enumerate(leaf_names)}
+    c, h, w = bundle.input["shape"]
+    raw = {"shape": [c, h, w], "mean": [0.0] * c, "std": [1 / 255] * c, "color": bundle.input.get("color")}
+    if path.is_dir():
+        xs, ys = [], []
+        classes = sorted(p for p in path.iterdir() if p.is_dir())
+        unknown = [p.name for p in classes if p.name not in by_slug]
+        if unknown:
+            raise TrainError(f"{path}: class folders {unknown[:5]} are not leaves of the hierarchy; expected "
+                             f"folders named after leaves, e.g. {', '.join(_slug(n) for n in leaf_names[:4])}")
+        for folder in classes:
+            for f in sorted(folder.iterdir()):
+                if not f.is_file():
+                    continue
+                try:
+                    xs.append(decode_image(f.read_bytes(), raw).round().clip(0, 255).astype(np.uint8))
+                except ImageError as exc:
+                    raise TrainError(f"{f}: {exc}") from None
+                ys.append(by_slug[folder.name])
+        if not xs:
+            raise TrainError(f"{path}: no images found in class folders")
+        return np.stack(xs), np.asarray(ys, dtype=np.int64)
+    if path.suffix == ".npz" and path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                images, labels = z["images"], z["labels"]
+        except (KeyError, ValueError, OSError) as exc:
+            raise TrainError(f"{path}: expected an .npz with arrays 'images' and 'labels' ({exc})") from None
+        if images.ndim == 3:
+            images = images[:, None]
+        elif images.ndim == 4 and images.shape[-1] == c and images.shape[1] != c:
+            images = images.transpose(0, 3, 1, 2)
+        if images.shape[1:] != (c, h, w):
+            raise TrainError(f"{path}: images of shape {images.shape[1:]}; the bundle expects {(c, h, w)}")
+        if images.dtype != np.uint8:
+            raise TrainError(f"{path}: images of dtype {images.dtype}; expected uint8 pixels")
+        if labels.dtype.kind in "US":
+            unknown = sorted({str(v) for v in labels} - set(by_slug))
+            if unknown:
+                raise TrainError(f"{path}: labels {unknown[:5]} are not leaves of the hierarchy")
+            labels = np.array([by_slug[str(v)] for v in labels], dtype=np.int64)
+        labels = labels.astype(np.int64)
+        if len(labels) != len(images) or (len(labels) and (labels.min() < 0 or labels.max() >= len(leaf_names))):
+            raise TrainError(f"{path}: {len(images)} images, {len(labels)} labels, labels must lie in "
+                             f"[0, {len(leaf_names)})")
+        return np.ascontiguousarray(images), labels
+    raise TrainError(f"{path}: expected a folder of class folders or an .npz file")
+
+
+# -------------------------------------------------------------------- memory
+def _vm_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+class PeakMeter:
+    """Peak RSS growth over a baseline, via VmHWM reset (Linux)."""
+
+    def __init__(self) -> None:
+        gc.collect()
+        self.baseline = _vm_kb("VmRSS") * 1024
+
+    def reset(self) -> None:
+        Path("/proc/self/clear_refs").write_text("5")
+
+    def growth_mb(self) -> float:
+        return max(0, _vm_kb("VmHWM") * 1024 - self.baseline) / 2**20
+
+
+@dataclass
+class Plan:
+    micro_batch: int
+    predicted_mb: float
+    probes: dict[int, float]
+
+
+def plan_micro_batch(net_cfg, local, normalize, x: np.ndarray, y: np.ndarray, cap_mb: float,
+                     meter: PeakMeter) -> Plan:
+    """Probe two micro-batch sizes, fit growth = a + b * m, pick the largest m that fits."""
+    from trainer.client import local_update
+    sizes = sorted({1, min(8, local.batch_size)})
+    probes = {}
+    for m in sizes:
+        meter.reset()
+        n = min(len(x), m)
+        local_update(net_cfg, None, x[:n], y[:n], _one_step(local, m), normalize, seed=0, micro_batch=m)
+        probes[m] = meter.growth_mb()
+    if len(sizes) == 1:
+        a, b = probes[1], 0.0
+    else:
+        b = max(0.0, (probes[sizes[1]] - probes[sizes[0]]) / (sizes[1] - sizes[0]))
+        a = probes[sizes[0]] - b * sizes[0]
+    if a + b > cap_mb * SAFETY:
+        raise TrainError(f"memory cap {cap_mb:g} MB is too small: even a micro-batch of 1 needs about "
+                         f"{a + b:.1f} MB of growth for this expert (probes: "
+                         f"{', '.join(f'{k}: {v:.1f} MB' for k, v in probes.items())})")
+    m = local.batch_size if b == 0 else int((cap_mb * SAFETY - a) / b)
+    m = max(1, min(local.batch_size, m))
+    return Plan(m, a + b * m, probes)
+
+
+def _one_step(local, batch: int):
+    from dataclasses import replace
+    return replace(local, epochs=1, batch_size=batch)
+
+
+def warm_up(net_cfg, local, normalize) -> None:
+    from trainer.client import local_update
+    from trainer.nets import NetConfig
+    tiny = NetConfig(tuple(net_cfg.in_shape), 2, width=1, depth=net_cfg.depth, hidden=2)
+    local_update(tiny, None, np.zeros((2, *net_cfg.in_shape), dtype=np.uint8), np.array([0, 1]),
+                 _one_step(local, 2), normalize, seed=0)
+
+
+# ------------------------------------------------------------------- training
+def expert_weights(bundle: Bundle, expert: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+    entry = bundle.manifest_entry(expert)
+    w = entry.get("weights")
+    if not w:
+        raise BundleError(f"{bundle.root}: expert {expert!r} carries no trainable weights; re-export the bundle")
+    path = bundle.root / w["file"]
+    if not path.is_file() or sha256_file(path) != w["sha256"]:
+        raise BundleError(f"{path}: missing or its sha256 differs from the manifest")
+    return load_file(str(path))
+
+
+def train_expert(bundle: Bundle | str | os.PathLike, expert: str, x: np.ndarray, labels: np.ndarray,
+                 memory_cap_mb: float | None, local=None, seed: int = 0,
+                 weights: dict[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """Train ``expert`` on uint8 images ``x`` with leaf ``labels``; returns new weights and a report."""
+    from trainer.client import LocalConfig, Normalizer, local_update
+    from trainer.nets import NetConfig
+    bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+    tree = bundle.tree
+    if expert not in bundle.experts:
+        raise TrainError(f"unknown expert {expert!r}; this bundle's experts are {', '.join(bundle.experts)}")
+    local = local or LocalConfig()
+    mask, target = tree.lcpn(tree.index(expert), labels)
+    if not mask.any():
+        raise TrainError(f"none of the {len(labels)} local samples lies under {expert!r}; nothing to train")
+    xs = np.ascontiguousarray(x[mask])
+    net_cfg = NetConfig.from_json(json.dumps(bundle.experts[expert].net))
+    weights = weights if weights is not None else expert_weights(bundle, expert)
+    normalize = Normalizer(tuple(bundle.input["mean"]), tuple(bundle.input["std"]))
+    report: dict = {"expert": expert, "samples": int(mask.sum()), "memory_cap_mb": memory_cap_mb,
+                    "effective_batch": local.batch_size, "seed": seed}
+    plan = None
+    if memory_cap_mb is not None:
+        warm_up(net_cfg, local, normalize)
+        meter = PeakMeter()
+        plan = plan_micro_batch(net_cfg, local, normalize, xs, target, memory_cap_mb, meter)
+        report.update(micro_batch=plan.micro_batch, predicted_growth_mb=plan.predicted_mb, probes_mb=plan.probes)
+        meter.reset()
+    loss_before = _loss(net_cfg, weights, xs, target, normalize)
+    t = time.perf_counter()
+    new, metrics = local_update(net_cfg, weights, xs, target, local, normalize, seed,
+                                micro_batch=plan.micro_batch if plan else None)
+    report["seconds"] = time.perf_counter() - t
+    if plan is not None:
+        report["peak_growth_mb"] = meter.growth_mb()
+        report["within_cap"] = report["peak_growth_mb"] <= memory_cap_mb
+    report.update(loss_before=loss_before, loss_after=_loss(net_cfg, new, xs, target, normalize),
+                  train_loss=metrics["train_loss"])
+    return new, report
+
+
+def _loss(net_cfg, weights, x, y, normalize, batch: int = 256) -> float:
+    import torch
+
+    from trainer.client import load_numpy
+    from trainer.nets import build_net
+    net = build_net(net_cfg)
+    load_numpy(net, weights)
+    net.eval()
+    total = 0.0
+    with torch.no_grad():
+        for lo in range(0, len(x), batch):
+            xb = normalize(torch.from_numpy(x[lo:lo + batch]))
+            total += float(torch.nn.functional.cross_entropy(net(xb), torch.from_numpy(y[lo:lo + batch]),
+                                                             reduction="sum"))
+    return total / max(1, len(x))
+
+
+def write_update(out: str | os.PathLike, weights: dict[str, np.ndarray], report: dict) -> Path:
+    """``OUT.safetensors`` with the weights and ``OUT.json`` with the report."""
+    from safetensors.numpy import save_file
+    out = Path(out)
+    base = out.with_suffix("") if out.suffix in (".safetensors", ".json") else out
+    base.parent.mkdir(parents=True, exist_ok=True)
+    tmp = base.with_name(base.name + ".safetensors.tmp")
+    save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(tmp),
+              metadata={"expert": report["expert"], "samples": str(report["samples"])})
+    os.replace(tmp, base.with_name(base.name + ".safetensors"))
+    base.with_name(base.name + ".json").write_text(json.dumps(report, indent=1) + "\n")
+    return base.with_name(base.name + ".safetensors")

@@ -1,0 +1,174 @@
+"""The edge runtime over real HTTP: hmoe-edge serve on 127.0.0.1, real requests, bad input."""
+
+import io
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from edge_runtime.engine import Engine, InputError
+
+TOKEN = "s3cret"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png(size=(28, 28), mode="L", seed=0) -> bytes:
+    rng = np.random.default_rng(seed)
+    shape = size[::-1] + ((3,) if mode == "RGB" else ())
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def jpeg(size=(40, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 10, 10)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def edge_exe() -> str:
+    return shutil.which("hmoe-edge", path=str(Path(sys.executable).parent))
+
+
+@pytest.fixture(scope="module")
+def server(bundle_dir):
+    port = free_port()
+    proc = subprocess.Popen([edge_exe(), "serve", "--bundle", str(bundle_dir), "--port", str(port),
+                             "--token", TOKEN, "--max-body-bytes", "200000", "--max-pixels", "65536"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(150):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        raise RuntimeError(proc.stderr.read().decode())
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def test_predict_raw_and_multipart(server):
+    r = httpx.post(server + "/predict", content=png(), headers={**AUTH, "Content-Type": "image/png"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["path"][0] == "root" and body["leaf"] == body["path"][-1]
+    assert len(body["step_probs"]) == len(body["path"]) and 1 <= body["experts_evaluated"] <= 3
+    r = httpx.post(server + "/predict", files={"file": ("x.jpg", jpeg(), "image/jpeg")}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    r = httpx.post(server + "/predict?decode=beam:2", content=png(mode="RGB"), headers=AUTH)
+    assert r.status_code == 200 and r.json()["decode"] == "beam:2"
+
+
+def test_only_path_experts_are_loaded(bundle_dir):
+    engine = Engine(bundle_dir)
+    pred = engine.predict(np.zeros((1, 1, 28, 28), dtype=np.float32))[0]
+    on_path = [n for n in pred.path if n in engine.bundle.experts]
+    assert sorted(engine.loaded) == sorted(on_path)
+
+
+def test_experts_endpoint(server):
+    r = httpx.get(server + "/experts", headers=AUTH)
+    assert r.status_code == 200
+    body = r.json()
+    assert "root" in body["loaded"] and body["resident_mb"] > 0 and body["misses"] >= 1
+
+
+@pytest.mark.parametrize("name, kwargs, status, words", [
+    ("no token", dict(content=png(), headers={}), 401, "bearer"),
+    ("wrong token", dict(content=png(), headers={"Authorization": "Bearer nope"}), 403, "wrong token"),
+    ("empty body", dict(content=b"", headers=AUTH), 400, "empty body"),
+    ("not an image", dict(content=b"hello, I am text" * 10, headers=AUTH), 415, "PNG or JPEG"),
+    ("truncated png", dict(content=png(seed=3)[:60], headers=AUTH), 422, "corrupt or truncated"),
+    ("gif", dict(content=None, headers=AUTH), 415, "GIF"),
+    ("too many pixels", dict(content=png(size=(300, 300)), headers=AUTH), 413, "pixels"),
+    ("body too large", dict(content=b"\x89PNG" + b"0" * 300000, headers=AUTH), 413, "limit"),
+    ("bad decoder", dict(content=png(), headers=AUTH, params={"decode": "beam:0"}), 422, "unknown decoder"),
+    ("multipart without file", dict(files={"other": ("a", b"x")}, headers=AUTH), 400, "'file'"),
+    ("float image", dict(content=None, headers=AUTH), 422, "channel layout"),
+])
+def test_bad_input_gets_a_clear_4xx_and_server_keeps_serving(server, name, kwargs, status, words):
+    if name == "gif":
+        buf = io.BytesIO()
+        Image.new("L", (10, 10)).save(buf, "GIF")
+        kwargs["content"] = buf.getvalue()
+    if name == "float image":
+        buf = io.BytesIO()
+        Image.fromarray(np.zeros((8, 8), dtype=np.float32), "F").save(buf, "TIFF")
+        kwargs["content"] = buf.getvalue()
+        status, words = 415, "PNG or JPEG"
+    r = httpx.post(server + "/predict", **kwargs)
+    assert r.status_code == status, (name, r.status_code, r.text)
+    assert words.lower() in r.json()["detail"].lower()
+    assert httpx.post(server + "/predict", content=png(), headers=AUTH).status_code == 200
+
+
+def test_engine_rejects_wrong_shapes_and_nans(bundle_dir):
+    engine = Engine(bundle_dir)
+    with pytest.raises(InputError, match=r"expected \(N, 1, 28, 28\)"):
+        engine.predict(np.zeros((1, 3, 28, 28), dtype=np.float32))
+    with pytest.raises(InputError, match="NaN"):
+        engine.predict(np.full((1, 1, 28, 28), np.nan, dtype=np.float32))
+    with pytest.raises(InputError, match="dtype"):
+        engine.predict(np.zeros((1, 1, 28, 28), dtype=np.uint8))
+    with pytest.raises(KeyError, match="unknown expert 'Hats'"):
+        engine.session("Hats")
+
+
+def test_memory_budget_evicts_least_recently_used(bundle_dir):
+    engine = Engine(bundle_dir)
+    one = max(e.bytes for e in engine.bundle.experts.values())
+    small = Engine(bundle_dir, memory_budget_mb=1.5 * one / 2**20)
+    for node in ("root", "Clothes", "Tops"):
+        small.session(node)
+    assert small.loaded == ["Tops"] and small.stats.evictions == 2
+    small.session("Tops")
+    assert small.stats.hits == 1
+
+
+def test_cli_predict(bundle_dir, tmp_path):
+    good = tmp_path / "a.png"
+    good.write_bytes(png())
+    bad = tmp_path / "b.png"
+    bad.write_bytes(b"garbage")
+    r = subprocess.run([edge_exe(), "predict", "--bundle", str(bundle_dir), str(good), "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[0])["image"] == str(good)
+    r = subprocess.run([edge_exe(), "predict", "--bundle", str(bundle_dir), str(good), str(bad)],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "b.png" in r.stderr and "a.png" in r.stdout
+
+
+def test_inference_path_never_loads_torch(bundle_dir):
+    code = (
+        "import sys, numpy as np\n"
+        "from edge_runtime.app import create_app\n"
+        "from edge_runtime.engine import Engine\n"
+        "import edge_runtime.cli\n"
+        f"app = create_app({str(bundle_dir)!r})\n"
+        f"Engine({str(bundle_dir)!r}).predict(np.zeros((1, 1, 28, 28), dtype=np.float32))\n"
+        "bad = [m for m in ('torch', 'trainer', 'exporter') if m in sys.modules]\n"
+        "print(bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
