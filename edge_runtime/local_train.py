@@ -7,9 +7,9 @@ simulation would compute for the same data, seed and effective batch.
 Memory: "growth" is the peak resident-set growth of the process over its idle state,
 where idle means torch already warmed up by one step of a one-channel network (the
 same definition as the per-round cost benchmark). The cap is met by choosing the
-micro-batch: probes at two micro-batch sizes give a linear model of growth, the
-largest micro-batch predicted to fit is used, and gradients are accumulated so the
-effective batch, and so the result, does not change.
+micro-batch: one training step is measured at micro-batches 1, 2, 4, ..., the
+largest micro-batch whose measured step stayed under the cap is used, and gradients
+are accumulated so the effective batch, and so the result, does not change.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 
 from edge_runtime.bundle import Bundle, BundleError, load_bundle, sha256_file
 
-SAFETY = 0.8   # aim the prediction at this fraction of the cap
+SAFETY = 0.85  # a probe must stay under this fraction of the cap
 
 
 class TrainError(ValueError):
@@ -125,27 +125,54 @@ class Plan:
 
 def plan_micro_batch(net_cfg, local, normalize, x: np.ndarray, y: np.ndarray, cap_mb: float,
                      meter: PeakMeter) -> Plan:
-    """Probe two micro-batch sizes, fit growth = a + b * m, pick the largest m that fits."""
+    """Measure one training step at micro-batches 1, 2, 4, ... up to the batch size (growth
+    over the idle baseline, so memory the allocator kept from earlier probes counts too);
+    use the largest that stayed under SAFETY x cap."""
     from trainer.client import local_update
-    sizes = sorted({1, min(8, local.batch_size)})
-    probes = {}
+    sizes = []
+    m = 1
+    while m < local.batch_size:
+        sizes.append(m)
+        m *= 2
+    sizes.append(local.batch_size)
+    probes: dict[int, float] = {}
+    chosen = None
+    prev = None
     for m in sizes:
+        if prev is not None and len(probes) >= 2:
+            # extrapolate from the last two probes; never probe a size predicted to break the cap
+            (m1, g1), (m2, g2) = list(probes.items())[-2:]
+            if g2 + (g2 - g1) / (m2 - m1) * (m - m2) > cap_mb * SAFETY:
+                break
+        prev = m
         meter.reset()
         n = min(len(x), m)
         local_update(net_cfg, None, x[:n], y[:n], _one_step(local, m), normalize, seed=0, micro_batch=m)
         probes[m] = meter.growth_mb()
-    if len(sizes) == 1:
-        a, b = probes[1], 0.0
-    else:
-        b = max(0.0, (probes[sizes[1]] - probes[sizes[0]]) / (sizes[1] - sizes[0]))
-        a = probes[sizes[0]] - b * sizes[0]
-    if a + b > cap_mb * SAFETY:
-        raise TrainError(f"memory cap {cap_mb:g} MB is too small: even a micro-batch of 1 needs about "
-                         f"{a + b:.1f} MB of growth for this expert (probes: "
-                         f"{', '.join(f'{k}: {v:.1f} MB' for k, v in probes.items())})")
-    m = local.batch_size if b == 0 else int((cap_mb * SAFETY - a) / b)
-    m = max(1, min(local.batch_size, m))
-    return Plan(m, a + b * m, probes)
+        if probes[m] > cap_mb * SAFETY:
+            break
+        chosen = m
+        if n < m:  # fewer samples than the micro-batch: larger ones cost the same
+            chosen = local.batch_size
+            break
+    if chosen is None:
+        raise TrainError(f"memory cap {cap_mb:g} MB is too small: one sample at a time already grows memory "
+                         f"by {probes[1]:.1f} MB for this expert (we keep {SAFETY:.0%} of the cap as the "
+                         "limit); raise --memory-cap-mb")
+    return Plan(chosen, probes.get(chosen, 0.0), probes)
+
+
+def release_freed_memory() -> None:
+    """glibc: serve large blocks with mmap at a fixed threshold (no dynamic raise), so memory
+    freed by one step goes back to the system instead of staying resident; a no-op elsewhere."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 256 * 1024)   # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 512 * 1024)   # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def _one_step(local, batch: int):
@@ -196,10 +223,11 @@ def train_expert(bundle: Bundle | str | os.PathLike, expert: str, x: np.ndarray,
                     "effective_batch": local.batch_size, "seed": seed}
     plan = None
     if memory_cap_mb is not None:
+        release_freed_memory()
         warm_up(net_cfg, local, normalize)
         meter = PeakMeter()
         plan = plan_micro_batch(net_cfg, local, normalize, xs, target, memory_cap_mb, meter)
-        report.update(micro_batch=plan.micro_batch, predicted_growth_mb=plan.predicted_mb, probes_mb=plan.probes)
+        report.update(micro_batch=plan.micro_batch, probe_growth_mb=plan.predicted_mb, probes_mb=plan.probes)
         meter.reset()
     loss_before = _loss(net_cfg, weights, xs, target, normalize)
     t = time.perf_counter()

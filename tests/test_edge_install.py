@@ -1,0 +1,55 @@
+"""A fresh virtual environment with only the edge extra (no torch) runs predict and serve."""
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_edge_extra_without_torch(bundle_dir, tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    py = venv / "bin" / "python"
+    r = subprocess.run([str(py), "-m", "pip", "install", "-q", f"{REPO}[edge]"], capture_output=True, text=True,
+                       env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([str(py), "-c", "import importlib.util as u; print(u.find_spec('torch') is None)"],
+                       capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "True", "the edge extra must not pull in torch"
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(image)
+    exe = venv / "bin" / "hmoe-edge"
+    r = subprocess.run([str(exe), "predict", "--bundle", str(bundle_dir), str(image), "--json"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert '"path": ["root"' in r.stdout
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(exe), "serve", "--bundle", str(bundle_dir), "--port", str(port)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        import httpx
+        for _ in range(100):
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        buf = io.BytesIO()
+        Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(buf, "PNG")
+        r = httpx.post(f"http://127.0.0.1:{port}/predict", content=buf.getvalue())
+        assert r.status_code == 200 and r.json()["path"][0] == "root"
+    finally:
+        proc.terminate()
+        proc.wait(10)
