@@ -222,6 +222,7 @@ def train_expert(bundle: Bundle | str | os.PathLike, expert: str, x: np.ndarray,
     report: dict = {"expert": expert, "samples": int(mask.sum()), "memory_cap_mb": memory_cap_mb,
                     "effective_batch": local.batch_size, "seed": seed}
     plan = None
+    loss_before = _loss(net_cfg, weights, xs, target, normalize)
     if memory_cap_mb is not None:
         release_freed_memory()
         warm_up(net_cfg, local, normalize)
@@ -229,7 +230,6 @@ def train_expert(bundle: Bundle | str | os.PathLike, expert: str, x: np.ndarray,
         plan = plan_micro_batch(net_cfg, local, normalize, xs, target, memory_cap_mb, meter)
         report.update(micro_batch=plan.micro_batch, probe_growth_mb=plan.predicted_mb, probes_mb=plan.probes)
         meter.reset()
-    loss_before = _loss(net_cfg, weights, xs, target, normalize)
     t = time.perf_counter()
     new, metrics = local_update(net_cfg, weights, xs, target, local, normalize, seed,
                                 micro_batch=plan.micro_batch if plan else None)
@@ -242,7 +242,7 @@ def train_expert(bundle: Bundle | str | os.PathLike, expert: str, x: np.ndarray,
     return new, report
 
 
-def _loss(net_cfg, weights, x, y, normalize, batch: int = 256) -> float:
+def _loss(net_cfg, weights, x, y, normalize, batch: int = 32) -> float:
     import torch
 
     from trainer.client import load_numpy
