@@ -50,6 +50,7 @@ def inference(bundle: str | os.PathLike, images: np.ndarray, modes=MODES, thread
             out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
     if "path" in out and "all" in out and out["all"]["added_mb"] > 0:
         out["path_over_all_added"] = out["path"]["added_mb"] / out["all"]["added_mb"]
+        out["path_over_all_added_warm"] = out["path"]["added_mb_warm"] / max(out["all"]["added_mb_warm"], 1e-9)
     return out
 
 
