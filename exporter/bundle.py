@@ -74,7 +74,8 @@ def _load_nets(run: Path, tree: Hierarchy, shape: tuple[int, int, int], cfg) -> 
     return experts, flat
 
 
-def _normalized(data: Dataset, x: np.ndarray) -> np.ndarray:
+def normalized(data: Dataset, x: np.ndarray) -> np.ndarray:
+    """uint8 images -> float32 inputs normalised with the data set's mean and std."""
     mean = np.asarray(data.mean, dtype=np.float32).reshape(1, -1, 1, 1) * 255
     std = np.asarray(data.std, dtype=np.float32).reshape(1, -1, 1, 1) * 255
     return ((x.astype(np.float32) - mean) / std).astype(np.float32)
@@ -134,7 +135,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, subtree: str | No
         flat = None
         if not experts:
             raise ExportError(f"--subtree {subtree!r} has no expert (it has fewer than two leaves below it)")
-    real = _normalized(data, data.test_x[: validate_images or len(data.test_x)])
+    real = normalized(data, data.test_x[: validate_images or len(data.test_x)])
     if out.exists():
         raise ExportError(f"{out} already exists; choose a new --out or remove it first")
     out.parent.mkdir(parents=True, exist_ok=True)

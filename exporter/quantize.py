@@ -10,6 +10,7 @@ import numpy as np
 
 from edge_runtime.bundle import MANIFEST, load_bundle, sha256_file
 from edge_runtime.engine import Engine
+from exporter.bundle import normalized as _normalized
 from hierarchy import info_f1
 from trainer.datasets import Dataset
 
@@ -27,12 +28,6 @@ class _Reader:
 
     def rewind(self) -> None:  # not needed by MinMax calibration
         pass
-
-
-def _normalized(data: Dataset, x: np.ndarray) -> np.ndarray:
-    mean = np.asarray(data.mean, dtype=np.float32).reshape(1, -1, 1, 1) * 255
-    std = np.asarray(data.std, dtype=np.float32).reshape(1, -1, 1, 1) * 255
-    return ((x.astype(np.float32) - mean) / std).astype(np.float32)
 
 
 def _calibration(data: Dataset, tree, node: str | None, n: int, seed: int = 0) -> np.ndarray:
