@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -68,8 +69,14 @@ def quantize_bundle(folder: Path, data: Dataset, experts: dict, flat, mode: str)
         dst = folder / entry["file"].replace(".onnx", ".int8.onnx")
         node = None if kind == "flat" else entry["node"]
         calib = _calibration(data, tree, node, CALIBRATION_IMAGES)
-        quantize_static(str(src), str(dst), _Reader(calib), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True)
+        root_logger = logging.getLogger()
+        level = root_logger.level
+        root_logger.setLevel(logging.ERROR)  # onnxruntime advises pre-processing on every call
+        try:
+            quantize_static(str(src), str(dst), _Reader(calib), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True)
+        finally:
+            root_logger.setLevel(level)
         q = {**entry, "file": dst.name, "sha256": sha256_file(dst), "bytes": dst.stat().st_size}
         if kind == "flat":
             q_flat = q
