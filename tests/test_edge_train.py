@@ -97,3 +97,17 @@ def test_folder_data_and_bad_classes(bundle_dir, tmp_path):
         train_expert(b, "Bottoms", x, y, None)
     with pytest.raises(TrainError, match="none of the 6 local samples"):
         train_expert(b, "Tops", x[y != 0], y[y != 0], None)
+
+
+@pytest.mark.slow
+def test_bench_writes_table_and_json(bundle_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    r = edge("bench", "--bundle", str(bundle_dir), "--images", "20", "--samples", "64", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "HMoE, largest expert" in r.stdout and "path" in r.stdout
+    data = json.loads(out.read_text())
+    assert data["machine"]["cores"] >= 1 and set(data["inference"]) >= {"path", "all", "flat"}
+    assert data["inference"]["path"]["loaded_after_one"][0] == "root"
+    assert not data["inference"]["path"]["torch_loaded"]
+    train = data["training"]
+    assert train["flat"]["time_ms"] > 0 and train["hmoe_max"]["mem_mb"] >= train["hmoe_min"]["mem_mb"]
