@@ -118,6 +118,17 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sync(args: argparse.Namespace) -> int:
+    from edge_runtime.sync import SyncError, sync
+    try:
+        done = sync(args.server, args.token, args.data, args.memory_cap_mb, args.rounds, args.state,
+                    poll=args.poll, name=args.name)
+    except SyncError as exc:
+        raise ValueError(str(exc)) from None
+    print(f"took part in {done} rounds")
+    return 0
+
+
 def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, help="bundle directory (manifest.json + ONNX files)")
     p.add_argument("--memory-budget-mb", type=float, default=None,
@@ -168,6 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="write all figures to this JSON file")
     p.set_defaults(run=_bench)
+    p = sub.add_parser("sync", help="take part in federated rounds run by a coordinator")
+    p.add_argument("--server", required=True, help="coordinator URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--token", required=True, help="the fleet's enrolment secret (the device token is kept in --state)")
+    p.add_argument("--data", required=True, help="local labelled data (class folders or .npz)")
+    p.add_argument("--memory-cap-mb", type=float, default=None)
+    p.add_argument("--rounds", type=int, default=None, help="rounds to take part in (default: until stopped)")
+    p.add_argument("--state", default=None, help="state file (default: next to --data)")
+    p.add_argument("--poll", type=float, default=1.0, help="seconds between assignment polls while waiting")
+    p.add_argument("--name", default="", help="a name for this device in the coordinator")
+    p.set_defaults(run=_sync)
     return parser
 
 

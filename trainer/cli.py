@@ -51,7 +51,7 @@ def _add_hierarchy(p: argparse.ArgumentParser) -> None:
 def _load_optional_commands() -> None:
     """Commands whose modules need torch register themselves on import."""
     import importlib
-    for module in ("trainer.commands", "exporter.commands"):
+    for module in ("trainer.commands", "trainer.coordinator_cmd", "exporter.commands"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:

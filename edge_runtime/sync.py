@@ -1,0 +1,138 @@
+"""Device sync: enrol once, then per round get the assignment, fetch the expert's weights,
+train it under the memory cap on local data, and push the update.
+
+Restart-safe: the device's id and token, and the last round it finished, live in a
+state file; the idempotency key of an update is (device, round), so an update sent
+just before a crash and sent again after the restart is counted once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from edge_runtime.bundle import Bundle, ModelEntry
+from hierarchy import Hierarchy
+
+
+class SyncError(RuntimeError):
+    """The server refused us in a way retrying will not fix."""
+
+
+class Client:
+    """HTTP with retries and exponential backoff on connection errors and 5xx."""
+
+    def __init__(self, server: str, retries: int = 8, backoff: float = 0.5, timeout: float = 30.0) -> None:
+        self.http = httpx.Client(base_url=server.rstrip("/"), timeout=timeout)
+        self.retries, self.backoff, self.token = retries, backoff, None
+
+    def request(self, method: str, url: str, **kwargs) -> httpx.Response:
+        headers = dict(kwargs.pop("headers", {}))
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                r = self.http.request(method, url, headers=headers, **kwargs)
+                if r.status_code < 500:
+                    return r
+            except httpx.TransportError:
+                if attempt == self.retries:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+        return r
+
+
+def _state(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _save_state(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, path)
+
+
+def bundle_from_manifest(manifest: dict) -> Bundle:
+    tree = Hierarchy.from_dict(manifest["hierarchy"])
+    experts = {d["node"]: ModelEntry.from_dict(d, "coordinator manifest") for d in manifest["experts"]}
+    return Bundle(Path("."), manifest, tree, experts, None)
+
+
+def sync(server: str, secret: str, data: str | os.PathLike, memory_cap_mb: float | None, rounds: int | None = None,
+         state_file: str | os.PathLike | None = None, poll: float = 1.0, name: str = "",
+         log=print) -> int:
+    """Take part in ``rounds`` rounds (None: until stopped). Returns the rounds completed."""
+    from safetensors.numpy import load, save
+
+    from edge_runtime.local_train import load_local_data, train_expert
+    from trainer.client import LocalConfig
+    state_path = Path(state_file or Path(data).with_name(Path(data).name + ".hmoe-device.json"))
+    state = _state(state_path)
+    client = Client(server)
+    if "token" not in state:
+        r = client.request("POST", "/enroll", json={"secret": secret, "name": name})
+        if r.status_code != 200:
+            raise SyncError(f"enrolment refused ({r.status_code}): {r.text}")
+        state.update(r.json())
+        _save_state(state_path, state)
+        log(f"enrolled as device {state['device_id']}")
+    client.token = state["token"]
+    r = client.request("GET", "/manifest")
+    if r.status_code != 200:
+        raise SyncError(f"manifest refused ({r.status_code}): {r.text}")
+    bundle = bundle_from_manifest(r.json())
+    x, labels = load_local_data(data, bundle)
+    done = 0
+    while rounds is None or done < rounds:
+        r = client.request("GET", "/assignment")
+        if r.status_code != 200:
+            raise SyncError(f"assignment refused ({r.status_code}): {r.text}")
+        a = r.json()
+        if a["round"] <= state.get("last_round", -1):
+            time.sleep(poll)
+            continue
+        expert = a["expert"]
+        mask, _ = bundle.tree.lcpn(bundle.tree.index(expert), labels)
+        if not mask.any():
+            log(f"round {a['round']}: no local samples under {expert}; skipping")
+            state["last_round"] = a["round"]
+            _save_state(state_path, state)
+            continue
+        r = client.request("GET", f"/weights/{expert}")
+        if r.status_code != 200:
+            raise SyncError(f"weights refused ({r.status_code}): {r.text}")
+        base = int(r.headers["X-Weights-Version"])
+        weights = load(r.content)
+        hp = a["hyperparameters"]
+        local = LocalConfig(**hp)
+        seed = zlib.crc32(f"{state['device_id']}-{a['round']}".encode()) & 0x7FFFFFFF
+        new, report = train_expert(bundle, expert, x, labels, memory_cap_mb, local, seed, weights=weights)
+        metrics = {k: report[k] for k in ("loss_before", "loss_after", "seconds") if k in report}
+        if "peak_growth_mb" in report:
+            metrics["peak_growth_mb"] = report["peak_growth_mb"]
+        r = client.request("POST", "/update", content=save({k: np.ascontiguousarray(v) for k, v in new.items()}),
+                           headers={"X-Round": str(a["round"]), "X-Expert": expert, "X-Base-Version": str(base),
+                                    "X-Samples": str(report["samples"]), "X-Metrics": json.dumps(metrics),
+                                    "X-Idempotency-Key": f"{state['device_id']}-{a['round']}"})
+        if r.status_code == 409:
+            log(f"round {a['round']}: update refused as stale ({r.json().get('detail')}); fetching a new assignment")
+            state["last_round"] = a["round"]
+            _save_state(state_path, state)
+            continue
+        if r.status_code != 200:
+            raise SyncError(f"update refused ({r.status_code}): {r.text}")
+        state["last_round"] = a["round"]
+        _save_state(state_path, state)
+        done += 1
+        log(f"round {a['round']}: trained {expert} on {report['samples']} samples, loss "
+            f"{report['loss_before']:.4f} -> {report['loss_after']:.4f}, sent "
+            f"({'duplicate' if r.json().get('duplicate') else 'accepted'})")
+    return done

@@ -1,0 +1,228 @@
+"""The coordinator over real HTTP with real device processes: rounds, faults, bad input."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from safetensors.numpy import load, load_file, save
+
+from tests.conftest import CFG
+from trainer.simulation import Federation, prepare, start_run
+from trainer.strategy import Strategy
+
+SECRET = "fleet-secret"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_run(path: Path, cfg) -> Path:
+    start_run(path, cfg, resume=False)
+    prep = prepare(cfg)
+    prep.data.tree.to_json(path / "hierarchy.json")
+    Federation(path, "hmoe", cfg, prep)  # writes the initial expert checkpoints
+    return path
+
+
+class Server:
+    def __init__(self, run: Path, db: Path, min_updates: int, round_seconds: float = 600) -> None:
+        self.args = [str(BIN / "hmoe"), "coordinator", "--run", str(run), "--db", str(db), "--secret", SECRET,
+                     "--min-updates", str(min_updates), "--round-seconds", str(round_seconds)]
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.args + ["--port", str(self.port)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+        for _ in range(300):
+            try:
+                if httpx.get(self.url + "/status", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        self.proc.kill()
+        raise RuntimeError(self.proc.stderr.read().decode())
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+    def status(self) -> dict:
+        return httpx.get(self.url + "/status").json()
+
+
+def enrol(url: str) -> dict:
+    r = httpx.post(url + "/enroll", json={"secret": SECRET})
+    assert r.status_code == 200, r.text
+    return {"Authorization": f"Bearer {r.json()['token']}"}
+
+
+def post_update(url, auth, a, weights, samples=10, key=None, **over):
+    headers = {**auth, "X-Round": str(a["round"]), "X-Expert": a["expert"],
+               "X-Base-Version": str(a["weights_version"]), "X-Samples": str(samples),
+               "X-Idempotency-Key": key or f"k-{time.time_ns()}", "X-Metrics": "{}"}
+    headers.update({k: str(v) for k, v in over.items()})
+    body = weights if isinstance(weights, bytes) else save(weights)
+    return httpx.post(url + "/update", content=body, headers=headers)
+
+
+@pytest.fixture
+def run(tmp_path) -> Path:
+    return make_run(tmp_path / "run", CFG)
+
+
+def test_bad_input_is_refused_and_state_does_not_change(run, tmp_path):
+    server = Server(run, tmp_path / "state.sqlite", min_updates=10)
+    try:
+        url = server.url
+        auth = enrol(url)
+        a = httpx.get(url + "/assignment", headers=auth).json()
+        w = load(httpx.get(url + f"/weights/{a['expert']}", headers=auth).content)
+        before = server.status()
+        name = next(iter(w))
+        nan = {**w, name: np.full_like(w[name], np.nan)}
+        inf = {**w, name: np.full_like(w[name], np.inf)}
+        wrong_shape = {**w, name: np.zeros((1, 2), dtype=w[name].dtype)}
+        wrong_dtype = {**w, name: w[name].astype(np.float64)}
+        missing = {k: v for k, v in w.items() if k != name}
+        extra = {**w, "bonus": np.zeros(3, dtype=np.float32)}
+        cases = [
+            (dict(auth={}, weights=w), 401),
+            (dict(auth={"Authorization": "Bearer wrong"}, weights=w), 403),
+            (dict(auth=auth, weights=b"\0" * (16 * 1024 * 1024 + 10)), 413),
+            (dict(auth=auth, weights=b"definitely not safetensors"), 422),
+            (dict(auth=auth, weights=missing), 422),
+            (dict(auth=auth, weights=extra), 422),
+            (dict(auth=auth, weights=wrong_shape), 422),
+            (dict(auth=auth, weights=wrong_dtype), 422),
+            (dict(auth=auth, weights=nan), 422),
+            (dict(auth=auth, weights=inf), 422),
+            (dict(auth=auth, weights=w, samples=-5), 422),
+            (dict(auth=auth, weights=w, samples=10**12), 422),
+            (dict(auth=auth, weights=w, **{"X-Round": a["round"] - 1}), 409),
+            (dict(auth=auth, weights=w, **{"X-Expert": "Shoes" if a["expert"] != "Shoes" else "root"}), 409),
+            (dict(auth=auth, weights=w, **{"X-Base-Version": a["weights_version"] - 1}), 409),
+            (dict(auth=auth, weights=w, **{"X-Samples": "many"}), 422),
+        ]
+        for kwargs, status in cases:
+            r = post_update(url, kwargs.pop("auth"), a, kwargs.pop("weights"), **kwargs)
+            assert r.status_code == status, (kwargs, r.status_code, r.text)
+            assert server.status() == before
+        assert httpx.post(url + "/enroll", json={"secret": "guess"}).status_code == 403
+        assert httpx.get(url + "/weights/Hats", headers=auth).status_code == 404
+        ok = post_update(url, auth, a, w, key="once")
+        again = post_update(url, auth, a, w, key="once")
+        assert ok.json() == {**again.json(), "duplicate": False} and again.json()["duplicate"]
+        assert server.status()["updates_received"] == 1
+    finally:
+        server.stop()
+
+
+def test_sigkill_mid_round_loses_nothing_and_counts_nothing_twice(run, tmp_path):
+    db = tmp_path / "state.sqlite"
+    server = Server(run, db, min_updates=2)
+    try:
+        url = server.url
+        alice, bob = enrol(url), enrol(url)
+        a = httpx.get(url + "/assignment", headers=alice).json()
+        w = load(httpx.get(url + f"/weights/{a['expert']}", headers=alice).content)
+        w_alice = {k: v + 1.0 for k, v in w.items()}
+        w_bob = {k: v - 3.0 for k, v in w.items()}
+        assert post_update(url, alice, a, w_alice, samples=30, key="alice-0").status_code == 200
+        server.kill9()
+        server.start()
+        s = server.status()
+        assert s["round"] == a["round"] and s["updates_received"] == 1
+        assert post_update(url, alice, a, w_alice, samples=30, key="alice-0").json()["duplicate"]
+        assert server.status()["updates_received"] == 1
+        assert post_update(url, bob, a, w_bob, samples=10, key="bob-0").status_code == 200
+        s = server.status()
+        assert s["round"] == a["round"] + 1 and s["rounds_aggregated"] == 1 and s["updates_total"] == 2
+        new = load(httpx.get(url + f"/weights/{a['expert']}", headers=alice).content)
+        for k in w:  # (30 * (w + 1) + 10 * (w - 3)) / 40 = w
+            np.testing.assert_allclose(new[k], w[k], atol=1e-5)
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_four_devices_over_http_match_the_simulation(tmp_path):
+    from trainer.datasets import DatasetError, load_dataset
+    try:
+        data = load_dataset("fashion-mnist", download=False)
+    except DatasetError:
+        pytest.skip("Fashion-MNIST not installed")
+    cfg = replace(CFG, dataset="fashion-mnist", expert_width=8, train_limit=0)
+    run = make_run(tmp_path / "run", cfg)
+    from trainer.partition import partition
+    rng = np.random.default_rng(0)
+    pool = rng.choice(len(data.train_y), 6000, replace=False)
+    parts = partition("dirichlet", data.train_y[pool], 4, seed=1, alpha=1.0)
+    files = []
+    for i, p in enumerate(parts):
+        f = tmp_path / f"device{i}.npz"
+        np.savez(f, images=data.train_x[pool[p]][:, 0], labels=data.train_y[pool[p]])
+        files.append(f)
+    server = Server(run, tmp_path / "state.sqlite", min_updates=4, round_seconds=120)
+    try:
+        devices = [subprocess.Popen([str(BIN / "hmoe-edge"), "sync", "--server", server.url, "--token", SECRET,
+                                     "--data", str(f), "--memory-cap-mb", "128", "--rounds", "3", "--poll", "0.2"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for f in files]
+        for d in devices:
+            out, err = d.communicate(timeout=600)
+            assert d.returncode == 0, err[-3000:]
+        deadline = time.time() + 60
+        while server.status()["rounds_aggregated"] < 3 and time.time() < deadline:
+            time.sleep(0.5)
+        s = server.status()
+        assert s["rounds_aggregated"] >= 3
+        touched = [k for k, v in s["versions"].items() if v > 0]
+        assert len(touched) >= 2
+        from trainer.coordinator import Coordinator
+        coord = Coordinator(run, tmp_path / "state.sqlite", SECRET, min_updates=4)
+        tree = coord.tree
+        strategy = Strategy(tree, coord.tasks, cfg.schedule, cfg.seed, 4, 1)
+        for rnd in range(3):
+            expert = strategy.choose_task(rnd)
+            updates = coord.round_updates(rnd)
+            assert len(updates) == 4
+            mine = strategy.aggregate(updates)
+            theirs = load_file(str(coord.weights_file(expert, 1)))
+            for k in mine:
+                np.testing.assert_array_equal(mine[k], theirs[k])
+        from trainer.client import Normalizer, load_numpy
+        from trainer.evaluate import evaluate_hmoe
+        from trainer.nets import build_net
+        x, y = data.test_x[:2000], data.test_y[:2000]
+
+        def f1(version_of):
+            nets = {}
+            for key, task in coord.tasks.items():
+                net = build_net(task.net)
+                load_numpy(net, load_file(str(coord.weights_file(key, version_of(key)))))
+                nets[task.node] = net
+            return evaluate_hmoe(tree, nets, x, y, Normalizer(data.mean, data.std))["info_f1"]
+
+        start, end = f1(lambda k: 0), f1(lambda k: coord.version(k))
+        assert end > start + 0.1, (start, end)
+    finally:
+        server.stop()

@@ -1,0 +1,45 @@
+"""`hmoe coordinator`: serve federated rounds to real devices."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+
+from trainer.cli import command
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from trainer.coordinator import Coordinator, create_app
+    secret = args.secret or os.environ.get("HMOE_ENROL_SECRET")
+    if not secret:
+        raise ValueError("an enrolment secret is required: --secret S or $HMOE_ENROL_SECRET")
+    coord = Coordinator(args.run_dir, args.db, secret, min_updates=args.min_updates, round_seconds=args.round_seconds)
+
+    def ticker() -> None:  # rounds whose deadline passed close even when nobody asks
+        while True:
+            time.sleep(min(5.0, args.round_seconds / 4))
+            coord.tick()
+
+    threading.Thread(target=ticker, daemon=True).start()
+    print(f"coordinator for {args.run_dir} on http://{args.host}:{args.port} (state in {args.db})", flush=True)
+    uvicorn.run(create_app(coord, args.max_update_bytes), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+@command("coordinator")
+def _add_coordinator(p: argparse.ArgumentParser) -> None:
+    """Serve federated rounds over HTTP (one expert per round, FedAvg, state in SQLite)."""
+    p.add_argument("--run", dest="run_dir", required=True, help="run directory (config, hierarchy, expert checkpoints)")
+    p.add_argument("--db", required=True, help="SQLite state file (created if missing, reused after a restart)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--secret", help="enrolment secret devices present (default: $HMOE_ENROL_SECRET)")
+    p.add_argument("--min-updates", type=int, default=2, help="aggregate a round once this many updates arrived")
+    p.add_argument("--round-seconds", type=float, default=600.0, help="round deadline: aggregate what arrived by then")
+    p.add_argument("--max-update-bytes", type=int, default=16 * 1024 * 1024)
+    p.add_argument("--log-level", default="warning")
+    p.set_defaults(run=_serve)
