@@ -78,6 +78,7 @@ class Coordinator:
         self.strategy = Strategy(self.tree, self.tasks, self.cfg.schedule, self.cfg.seed,
                                  max(clients_hint, 1), 1, 0.0)
         self.store = self.run_dir / "coordinator"
+        self.last_aggregation: dict | None = None
         self.lock = threading.RLock()
         self.db = sqlite3.connect(str(db), check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -136,7 +137,7 @@ class Coordinator:
             done = self.db.execute("SELECT COUNT(*) FROM rounds WHERE aggregated IS NOT NULL").fetchone()[0]
             total = self.db.execute("SELECT COUNT(*) FROM updates").fetchone()[0]
         return {**cur, "updates_received": n, "min_updates": self.min_updates, "versions": versions,
-                "rounds_aggregated": done, "updates_total": total}
+                "rounds_aggregated": done, "updates_total": total, "last_aggregation": self.last_aggregation}
 
     def assignment(self) -> dict:
         self.tick()
@@ -240,6 +241,7 @@ class Coordinator:
             if n < self.min_updates and not (time.time() >= cur["deadline"]):
                 return
             key, rnd = cur["expert"], cur["round"]
+            started = time.perf_counter()
             if n:
                 new = self.strategy.aggregate(self.round_updates(rnd))
                 version = cur["weights_version"] + 1
@@ -255,6 +257,7 @@ class Coordinator:
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
+            self.last_aggregation = {"round": rnd, "updates": n, "seconds": time.perf_counter() - started}
             if n:  # the run directory's checkpoint follows, so `hmoe export --run` exports the fleet's result
                 save_checkpoint(self.run_dir / "experts" / f"{self.tasks[key].file_stem}.safetensors", new,
                                 self.tasks[key].net, {"node": key, "round": f"fleet-{rnd}"})
