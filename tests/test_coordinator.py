@@ -226,3 +226,27 @@ def test_four_devices_over_http_match_the_simulation(tmp_path):
         assert end > start + 0.1, (start, end)
     finally:
         server.stop()
+
+
+def test_sync_restart_after_sending_counts_once(run, tmp_path):
+    """A device that crashed after its update was acknowledged but before it noted so
+    retrains after the restart and sends again under the same idempotency key."""
+    server = Server(run, tmp_path / "state.sqlite", min_updates=2)
+    try:
+        rng = np.random.default_rng(0)
+        data = tmp_path / "d.npz"
+        np.savez(data, images=rng.integers(0, 256, (64, 28, 28), dtype=np.uint8), labels=rng.integers(0, 10, 64))
+        state = tmp_path / "device.json"
+        cmd = [str(BIN / "hmoe-edge"), "sync", "--server", server.url, "--token", SECRET, "--data", str(data),
+               "--rounds", "1", "--state", str(state)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and "accepted" in r.stdout, r.stderr
+        saved = json.loads(state.read_text())
+        del saved["last_round"]
+        state.write_text(json.dumps(saved))
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and "duplicate" in r.stdout, r.stderr + r.stdout
+        s = server.status()
+        assert s["updates_received"] == 1 and s["round"] == 0
+    finally:
+        server.stop()
