@@ -104,9 +104,8 @@ def _bench(args: argparse.Namespace) -> int:
         if isinstance(r, dict):
             print(f"{mode:<8}{r['latency_ms_median']:>11.2f}{r['latency_ms_p95']:>9.2f}{r['added_mb']:>10.1f}"
                   f"{r['resident_mb']:>13.1f}")
-    try:
-        import torch  # noqa: F401
-    except ModuleNotFoundError:
+    from importlib.util import find_spec
+    if find_spec("torch") is None:
         print("\ntraining part skipped: torch is not installed (pip install 'hmoe-edge[train]')")
     else:
         from trainer.report import table1

@@ -260,14 +260,14 @@ def _loss(net_cfg, weights, x, y, normalize, batch: int = 32) -> float:
 
 
 def write_update(out: str | os.PathLike, weights: dict[str, np.ndarray], report: dict) -> Path:
-    """``OUT.safetensors`` with the weights and ``OUT.json`` with the report."""
-    from safetensors.numpy import save_file
+    """``OUT.safetensors`` with the weights and ``OUT.json`` with the report (both atomic)."""
+    from safetensors.numpy import save
+
+    from hierarchy.tree import write_bytes_atomic, write_text_atomic
     out = Path(out)
     base = out.with_suffix("") if out.suffix in (".safetensors", ".json") else out
-    base.parent.mkdir(parents=True, exist_ok=True)
-    tmp = base.with_name(base.name + ".safetensors.tmp")
-    save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(tmp),
-              metadata={"expert": report["expert"], "samples": str(report["samples"])})
-    os.replace(tmp, base.with_name(base.name + ".safetensors"))
-    base.with_name(base.name + ".json").write_text(json.dumps(report, indent=1) + "\n")
-    return base.with_name(base.name + ".safetensors")
+    path = base.with_name(base.name + ".safetensors")
+    write_bytes_atomic(path, save({k: np.ascontiguousarray(v) for k, v in weights.items()},
+                                  metadata={"expert": report["expert"], "samples": str(report["samples"])}))
+    write_text_atomic(base.with_name(base.name + ".json"), json.dumps(report, indent=1) + "\n")
+    return path

@@ -19,6 +19,7 @@ import numpy as np
 
 from edge_runtime.bundle import Bundle, ModelEntry
 from hierarchy import Hierarchy
+from hierarchy.tree import write_text_atomic
 
 
 class SyncError(RuntimeError):
@@ -55,9 +56,8 @@ def _state(path: Path) -> dict:
 
 
 def _save_state(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(state))
+    os.chmod(path, 0o600)  # it holds the device token
 
 
 def bundle_from_manifest(manifest: dict) -> Bundle:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
+
+from hierarchy.tree import write_bytes_atomic
 
 from trainer.fedavg import Weights
 from trainer.nets import NetConfig
@@ -21,20 +22,8 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path: str | os.PathLike, weights: Weights, cfg: NetConfig, meta: dict | None = None) -> None:
     """Write atomically (temporary file, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"config": cfg.to_json(), "meta": json.dumps(meta or {})}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(Path(path), save({k: np.ascontiguousarray(v) for k, v in weights.items()}, metadata=metadata))
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -15,7 +15,6 @@ import json
 import os
 import secrets
 import sqlite3
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load, load_file, save
 
 from hierarchy import Hierarchy
+from hierarchy.tree import write_bytes_atomic
 from trainer.checkpoint import load_checkpoint, save_checkpoint
 from trainer.fedavg import Weights
 from trainer.simulation import load_run_config
@@ -48,20 +48,6 @@ CREATE TABLE IF NOT EXISTS versions (expert TEXT NOT NULL, version INTEGER NOT N
 
 def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Coordinator:
@@ -103,7 +89,7 @@ class Coordinator:
             if self.db.execute("SELECT COUNT(*) FROM versions").fetchone()[0] == 0:
                 for key in self.tasks:
                     path = self.store / "weights" / f"{self.tasks[key].file_stem}-v0.safetensors"
-                    _write_atomic(path, save(self._initial(key)))
+                    write_bytes_atomic(path, save(self._initial(key)))
                     self.db.execute("INSERT INTO versions VALUES (?, 0, ?, NULL)", (key, path.name))
             if self.db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0] == 0:
                 self._open_round(0)
@@ -218,7 +204,7 @@ class Coordinator:
                 raise LookupError(f"device {device} already sent an update for round {rnd}")
         self.check_update(expert, body)
         path = self.store / "updates" / f"r{rnd:05d}-{device}-{hashlib.sha256(idem_key.encode()).hexdigest()[:12]}.safetensors"
-        _write_atomic(path, body)
+        write_bytes_atomic(path, body)
         with self.lock:
             try:
                 self.db.execute("INSERT INTO updates (round, device, expert, idem_key, samples, metrics, file, received) "
@@ -246,7 +232,7 @@ class Coordinator:
                 new = self.strategy.aggregate(self.round_updates(rnd))
                 version = cur["weights_version"] + 1
                 path = self.store / "weights" / f"{self.tasks[key].file_stem}-v{version}.safetensors"
-                _write_atomic(path, save(new))
+                write_bytes_atomic(path, save(new))
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 if n:
