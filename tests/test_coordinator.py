@@ -171,7 +171,8 @@ def test_four_devices_over_http_match_the_simulation(tmp_path):
         data = load_dataset("fashion-mnist", download=False)
     except DatasetError:
         pytest.skip("Fashion-MNIST not installed")
-    cfg = replace(CFG, dataset="fashion-mnist", expert_width=8, train_limit=0)
+    from trainer.client import LocalConfig
+    cfg = replace(CFG, dataset="fashion-mnist", expert_width=8, train_limit=0, local=LocalConfig(lr=0.02))
     run = make_run(tmp_path / "run", cfg)
     from trainer.partition import partition
     rng = np.random.default_rng(0)
@@ -223,7 +224,7 @@ def test_four_devices_over_http_match_the_simulation(tmp_path):
             return evaluate_hmoe(tree, nets, x, y, Normalizer(data.mean, data.std))["info_f1"]
 
         start, end = f1(lambda k: 0), f1(lambda k: coord.version(k))
-        assert end > start + 0.1, (start, end)
+        assert end > start + 0.05, (start, end)
     finally:
         server.stop()
 

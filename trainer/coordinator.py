@@ -65,6 +65,7 @@ class Coordinator:
                                  max(clients_hint, 1), 1, 0.0)
         self.store = self.run_dir / "coordinator"
         self.last_aggregation: dict | None = None
+        self._manifest: dict | None = None
         self.lock = threading.RLock()
         self.db = sqlite3.connect(str(db), check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -135,13 +136,19 @@ class Coordinator:
 
     def manifest(self) -> dict:
         """What a device needs to train any expert: hierarchy, input spec, network configs."""
+        if self._manifest is None:
+            self._manifest = self._build_manifest()
+        return self._manifest
+
+    def _build_manifest(self) -> dict:
         from trainer.datasets import load_dataset
+        shape = list(self._input_shape())
         try:
             data = load_dataset(self.cfg.dataset, self.cfg.data_root, download=False)
             norm = {"mean": list(data.mean), "std": list(data.std), "color": data.color}
         except FileNotFoundError:
-            norm = {"mean": [0.5], "std": [0.25], "color": "L"}
-        shape = list(self._input_shape())
+            c = shape[0]
+            norm = {"mean": [0.5] * c, "std": [0.25] * c, "color": "L" if c == 1 else "RGB"}
         return {"format_version": 1, "hierarchy": self.tree.to_dict(),
                 "input": {"shape": shape, **norm},
                 "experts": [{"node": k, "children": [self.tree.names[c] for c in self.tree.children(t.node)],
