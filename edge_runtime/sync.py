@@ -115,6 +115,11 @@ def sync(server: str, secret: str, data: str | os.PathLike, memory_cap_mb: float
         local = LocalConfig(**hp)
         seed = zlib.crc32(f"{state['device_id']}-{a['round']}".encode()) & 0x7FFFFFFF
         new, report = train_expert(bundle, expert, x, labels, memory_cap_mb, local, seed, weights=weights)
+        if not all(np.all(np.isfinite(v)) for v in new.values()):
+            log(f"round {a['round']}: local training of {expert} diverged (non-finite weights); not sending")
+            state["last_round"] = a["round"]
+            _save_state(state_path, state)
+            continue
         metrics = {k: report[k] for k in ("loss_before", "loss_after", "seconds") if k in report}
         if "peak_growth_mb" in report:
             metrics["peak_growth_mb"] = report["peak_growth_mb"]
@@ -122,8 +127,9 @@ def sync(server: str, secret: str, data: str | os.PathLike, memory_cap_mb: float
                            headers={"X-Round": str(a["round"]), "X-Expert": expert, "X-Base-Version": str(base),
                                     "X-Samples": str(report["samples"]), "X-Metrics": json.dumps(metrics),
                                     "X-Idempotency-Key": f"{state['device_id']}-{a['round']}"})
-        if r.status_code == 409:
-            log(f"round {a['round']}: update refused as stale ({r.json().get('detail')}); fetching a new assignment")
+        if r.status_code in (409, 422):
+            log(f"round {a['round']}: update refused ({r.status_code}: {r.json().get('detail')}); "
+                "going on with the next assignment")
             state["last_round"] = a["round"]
             _save_state(state_path, state)
             continue
