@@ -82,14 +82,17 @@ class Bundle:
                               "with; re-export or re-copy the bundle")
         return path
 
+    def int8_entries(self) -> dict[str, ModelEntry]:
+        """The int8 models by node name ('flat' for the flat model); empty when not quantized."""
+        q = self.manifest.get("int8") or {}
+        out = {d["node"]: ModelEntry.from_dict(d, "int8.experts") for d in q.get("experts", [])}
+        if q.get("flat"):
+            out["flat"] = ModelEntry.from_dict(q["flat"], "int8.flat")
+        return out
+
     def all_entries(self) -> list[ModelEntry]:
         """Every file the manifest lists: experts, flat, and int8 variants."""
-        out = [*self.experts.values(), *([self.flat] if self.flat else [])]
-        q = self.manifest.get("int8") or {}
-        out += [ModelEntry.from_dict(d, "int8.experts") for d in q.get("experts", [])]
-        if q.get("flat"):
-            out.append(ModelEntry.from_dict(q["flat"], "int8.flat"))
-        return out
+        return [*self.experts.values(), *([self.flat] if self.flat else []), *self.int8_entries().values()]
 
     def verify(self) -> list[str]:
         """Check every file; return the problems (empty when the bundle is intact)."""

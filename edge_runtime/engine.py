@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -83,12 +82,9 @@ class Engine:
                 out["flat"] = self.bundle.flat
             return out
         if variant == "int8":
-            q = self.bundle.manifest.get("int8")
-            if not q:
+            out = self.bundle.int8_entries()
+            if not out:
                 raise BundleError(f"{self.bundle.root}: no int8 models in this bundle; export with --quantize int8")
-            out = {d["node"]: ModelEntry.from_dict(d, "int8.experts") for d in q["experts"]}
-            if q.get("flat"):
-                out["flat"] = ModelEntry.from_dict(q["flat"], "int8.flat")
             return out
         raise ValueError(f"unknown variant {variant!r}; expected fp32 or int8")
 

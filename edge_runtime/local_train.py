@@ -137,14 +137,12 @@ def plan_micro_batch(net_cfg, local, normalize, x: np.ndarray, y: np.ndarray, ca
     sizes.append(local.batch_size)
     probes: dict[int, float] = {}
     chosen = None
-    prev = None
     for m in sizes:
-        if prev is not None and len(probes) >= 2:
+        if len(probes) >= 2:
             # extrapolate from the last two probes; never probe a size predicted to break the cap
             (m1, g1), (m2, g2) = list(probes.items())[-2:]
             if g2 + (g2 - g1) / (m2 - m1) * (m - m2) > cap_mb * SAFETY:
                 break
-        prev = m
         meter.reset()
         n = min(len(x), m)
         local_update(net_cfg, None, x[:n], y[:n], _one_step(local, m), normalize, seed=0, micro_batch=m)

@@ -1,8 +1,6 @@
 """The coordinator over real HTTP with real device processes: rounds, faults, bad input."""
 
 import json
-import os
-import shutil
 import signal
 import socket
 import subprocess

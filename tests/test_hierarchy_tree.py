@@ -117,12 +117,17 @@ def test_bad_json(tmp_path):
         Hierarchy.from_json(p)
 
 
-def test_failed_write_leaves_nothing(tmp_path):
-    from hierarchy.tree import write_text_atomic
+def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    import hierarchy.tree as mod
     target = tmp_path / "t.json"
     target.write_text("old")
-    with pytest.raises(UnicodeEncodeError):
-        write_text_atomic(target, "half \ud800 written")  # a lone surrogate cannot be encoded
+
+    def disk_full(_fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mod.os, "fsync", disk_full)  # fails after the temporary file was written
+    with pytest.raises(OSError, match="No space left"):
+        mod.write_text_atomic(target, "new contents")
     assert target.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]
 

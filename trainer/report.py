@@ -123,18 +123,12 @@ def build_report(run_dir: Path, cfg: RunConfig, feds: dict[str, Federation], cos
 def summary(report: dict) -> dict:
     """The figures `make demo` promises, plus the ratios they are judged by."""
     out: dict = {"machine": report.get("machine"), "commit": report.get("commit"), "dataset": report.get("dataset")}
-    if "hmoe" in report:
-        g = report["hmoe"]["test"]["greedy"]
-        out["hmoe"] = {"info_f1": g["info_f1"], "leaf_accuracy": g["leaf_accuracy"],
-                       "rounds": report["hmoe"]["rounds"],
-                       "total_client_seconds": report["hmoe"]["total_client_seconds"],
-                       "decoders": report["hmoe"]["test"]}
-    if "flat" in report:
-        f = report["flat"]["test"]["leaf"]
-        out["flat"] = {"info_f1": f["info_f1"], "leaf_accuracy": f["leaf_accuracy"],
-                       "rounds": report["flat"]["rounds"],
-                       "total_client_seconds": report["flat"]["total_client_seconds"],
-                       "rules": report["flat"]["test"]}
+    for kind, rule, extra in (("hmoe", "greedy", "decoders"), ("flat", "leaf", "rules")):
+        if kind in report:
+            r = report[kind]
+            out[kind] = {"info_f1": r["test"][rule]["info_f1"], "leaf_accuracy": r["test"][rule]["leaf_accuracy"],
+                         "rounds": r["rounds"], "total_client_seconds": r["total_client_seconds"],
+                         extra: r["test"]}
     cost = report.get("cost", {})
     if all(k in cost for k in ("flat", "hmoe_max", "hmoe_min")):
         out["cost"] = {k: {"time_ms": cost[k]["time_ms"], "mem_mb": cost[k]["mem_mb"],
@@ -144,12 +138,9 @@ def summary(report: dict) -> dict:
         out["ratios"] = {"info_f1_hmoe_over_flat": out["hmoe"]["info_f1"] / out["flat"]["info_f1"]}
         if "cost" in out:
             c = out["cost"]
-            out["ratios"].update({
-                "time_largest_expert_over_flat": c["hmoe_max"]["time_ms"] / c["flat"]["time_ms"],
-                "mem_largest_expert_over_flat": c["hmoe_max"]["mem_mb"] / c["flat"]["mem_mb"],
-                "time_smallest_expert_over_flat": c["hmoe_min"]["time_ms"] / c["flat"]["time_ms"],
-                "mem_smallest_expert_over_flat": c["hmoe_min"]["mem_mb"] / c["flat"]["mem_mb"],
-            })
+            for size, row in (("largest", "hmoe_max"), ("smallest", "hmoe_min")):
+                for short, metric in (("time", "time_ms"), ("mem", "mem_mb")):
+                    out["ratios"][f"{short}_{size}_expert_over_flat"] = c[row][metric] / c["flat"][metric]
     return out
 
 
