@@ -62,9 +62,59 @@ def session_options(threads: int = 1):
     return opts
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, value: int | bytes | str) -> bytes:
+    """One protobuf field: an integer (varint) or bytes/str (length-delimited)."""
+    if isinstance(value, int):
+        return _varint(number << 3) + _varint(value)
+    data = value.encode() if isinstance(value, str) else value
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+def identity_model_bytes() -> bytes:
+    """A weightless ONNX model, y = Identity(x) over float32[1], encoded by hand (the edge
+    install has no ``onnx`` package). Field numbers are those of onnx.proto."""
+    def value_info(name: str) -> bytes:
+        shape = _field(1, _field(1, 1))                       # TensorShapeProto.dim { dim_value: 1 }
+        tensor = _field(1, 1) + _field(2, shape)              # elem_type FLOAT, shape
+        return _field(1, name) + _field(2, _field(1, tensor))  # name, type { tensor_type }
+    node = _field(1, "x") + _field(2, "y") + _field(4, "Identity")
+    graph = _field(1, node) + _field(2, "warm_up") + _field(11, value_info("x")) + _field(12, value_info("y"))
+    opset = _field(1, "") + _field(2, 18)
+    return _field(1, 8) + _field(7, graph) + _field(8, opset)   # ir_version 8, graph, opset_import
+
+
+_runtime_warm = False
+
+
+def warm_up_runtime(threads: int = 1) -> None:
+    """Pay onnxruntime's once-per-process start-up now, with a model that has no weights.
+
+    The first session a process creates, whatever its model, builds the CPU kernel
+    registry and pages in ~8 MB of the library's code (about 9-10 MB resident and 4-5 ms
+    in all, measured by benchmarks/edge_inference.py). Doing it when the engine opens keeps
+    it out of the first request's latency and out of what loading an expert costs.
+    """
+    global _runtime_warm
+    if _runtime_warm:
+        return
+    import onnxruntime as ort
+    sess = ort.InferenceSession(identity_model_bytes(), session_options(threads), providers=["CPUExecutionProvider"])
+    sess.run(None, {"x": np.zeros(1, dtype=np.float32)})
+    _runtime_warm = True
+
+
 class Engine:
     def __init__(self, bundle: Bundle | str | os.PathLike, memory_budget_mb: float | None = None,
-                 threads: int = 1, variant: str = "fp32") -> None:
+                 threads: int = 1, variant: str = "fp32", warm_up: bool = True) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.tree = self.bundle.tree
         self.budget = memory_budget_mb * 2**20 if memory_budget_mb else None
@@ -74,6 +124,8 @@ class Engine:
         self.stats = CacheStats()
         shape = self.bundle.input["shape"]
         self.input_shape = tuple(int(s) for s in shape)
+        if warm_up:
+            warm_up_runtime(threads)
 
     def _entries(self, variant: str) -> dict[str, ModelEntry]:
         if variant == "fp32":
@@ -113,9 +165,11 @@ class Engine:
         self.stats.loaded.append(key)
         return sess
 
-    def preload(self) -> None:
+    def preload(self, flat: bool = False) -> None:
+        """Open every expert (and the flat model too when ``flat``)."""
         for key in self.entries:
-            self.session(key)
+            if key != "flat" or flat:
+                self.session(key)
 
     def run(self, key: str, x: np.ndarray) -> np.ndarray:
         sess = self.session(key)

@@ -86,6 +86,29 @@ def test_only_path_experts_are_loaded(bundle_dir):
     assert sorted(engine.loaded) == sorted(on_path)
 
 
+def test_warm_up_model_is_the_onnx_identity_graph():
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    from edge_runtime.engine import identity_model_bytes
+    model = onnx.load_from_string(identity_model_bytes())
+    onnx.checker.check_model(model, full_check=True)
+    value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, [1])  # noqa: E731
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "warm_up", [value("x")], [value("y")])
+    expected = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8)
+    assert model == expected
+    assert not model.graph.initializer
+
+
+def test_opening_the_engine_loads_no_model_and_preload_skips_flat(bundle_dir):
+    engine = Engine(bundle_dir)
+    assert engine.loaded == [] and engine.stats.misses == 0
+    engine.preload()
+    assert sorted(engine.loaded) == sorted(engine.bundle.experts)
+    engine.preload(flat=True)
+    assert "flat" in engine.loaded
+
+
 def test_experts_endpoint(server):
     r = httpx.get(server + "/experts", headers=AUTH)
     assert r.status_code == 200
