@@ -94,6 +94,8 @@ def local_update(net_cfg: NetConfig, weights: Weights | None, x: np.ndarray, y: 
                 total += float(loss.detach())
             opt.step()
             losses.append(total)
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
     elapsed = time.perf_counter() - start
     return to_numpy(net.cpu()), {"num_samples": n, "train_loss": float(np.mean(losses)),
                                  "train_seconds": elapsed}
