@@ -162,6 +162,39 @@ def test_sigkill_mid_round_loses_nothing_and_counts_nothing_twice(run, tmp_path)
         server.stop()
 
 
+def test_crash_between_commit_and_checkpoint_copy_is_repaired_on_restart(run, tmp_path):
+    """The process dies (os._exit) right after a new version is committed, before the run
+    directory's checkpoint is rewritten; the next start brings the checkpoint up to date."""
+    db = tmp_path / "state.sqlite"
+    crash = (
+        "import os, sys\n"
+        "from safetensors.numpy import save\n"
+        "from trainer.coordinator import Coordinator\n"
+        f"c = Coordinator({str(run)!r}, {str(db)!r}, {SECRET!r}, min_updates=1)\n"
+        "c._write_checkpoint = lambda *a, **k: os._exit(9)\n"
+        "dev = c.enroll(" + repr(SECRET) + ")['device_id']\n"
+        "cur = c.current()\n"
+        "w = {k: v + 0.5 for k, v in c._initial(cur['expert']).items()}\n"
+        "c.submit(dev, cur['round'], cur['expert'], cur['weights_version'], 10, 'k', {}, save(w))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 9, r.stderr
+    from trainer.checkpoint import load_checkpoint
+    from trainer.coordinator import Coordinator
+    coord = Coordinator(run, db, SECRET, min_updates=1)
+    try:
+        expert = coord.db.execute("SELECT expert FROM rounds WHERE round = 0").fetchone()[0]
+        assert coord.version(expert) == 1
+        committed = load_file(str(coord.weights_file(expert)))
+        weights, _, meta = load_checkpoint(coord._checkpoint_path(expert))
+        assert meta["round"] == "fleet-0"
+        for k in committed:
+            np.testing.assert_array_equal(weights[k], committed[k])
+        assert coord._repair_checkpoints() == []   # nothing left to repair
+    finally:
+        coord.db.close()
+
+
 @pytest.mark.slow
 def test_four_devices_over_http_match_the_simulation(tmp_path):
     from trainer.datasets import DatasetError, load_dataset

@@ -26,7 +26,7 @@ from safetensors.numpy import load, load_file, save
 
 from hierarchy import Hierarchy
 from hierarchy.tree import write_bytes_atomic
-from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from trainer.fedavg import Weights
 from trainer.simulation import load_run_config
 from trainer.strategy import Strategy, make_tasks
@@ -71,8 +71,8 @@ class Coordinator:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
-        self.expected = {k: {n: (tuple(a.shape), a.dtype) for n, a in self._initial(k).items()} for k in self.tasks}
         self._bootstrap()
+        self.expected = {k: {n: (tuple(a.shape), a.dtype) for n, a in self._initial(k).items()} for k in self.tasks}
 
     # ------------------------------------------------------------- set-up
     def _input_shape(self) -> tuple[int, int, int]:
@@ -94,7 +94,34 @@ class Coordinator:
                     self.db.execute("INSERT INTO versions VALUES (?, 0, ?, NULL)", (key, path.name))
             if self.db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0] == 0:
                 self._open_round(0)
+            self._repair_checkpoints()
         self.tick()
+
+    def _checkpoint_path(self, key: str) -> Path:
+        return self.run_dir / "experts" / f"{self.tasks[key].file_stem}.safetensors"
+
+    def _write_checkpoint(self, key: str, weights: Weights, rnd: int) -> None:
+        save_checkpoint(self._checkpoint_path(key), weights, self.tasks[key].net, {"node": key, "round": f"fleet-{rnd}"})
+
+    def _repair_checkpoints(self) -> list[str]:
+        """Bring the run directory's checkpoints up to the latest committed versions.
+
+        A crash after a new version's commit but before its copy to the run directory
+        leaves that copy one version behind; on start-up, copy it again."""
+        repaired = []
+        for key in self.tasks:
+            row = self.db.execute("SELECT file, round FROM versions WHERE expert = ? ORDER BY version DESC LIMIT 1",
+                                  (key,)).fetchone()
+            if row is None or row[1] is None:   # version 0: the run directory's own weights
+                continue
+            try:
+                meta = load_checkpoint(self._checkpoint_path(key))[2]
+            except CheckpointError:
+                meta = {}
+            if meta.get("round") != f"fleet-{row[1]}":
+                self._write_checkpoint(key, load_file(str(self.store / "weights" / row[0])), row[1])
+                repaired.append(key)
+        return repaired
 
     def _open_round(self, rnd: int) -> None:
         expert = self.strategy.choose_task(rnd)
@@ -252,8 +279,7 @@ class Coordinator:
                 raise
             self.last_aggregation = {"round": rnd, "updates": n, "seconds": time.perf_counter() - started}
             if n:  # the run directory's checkpoint follows, so `hmoe export --run` exports the fleet's result
-                save_checkpoint(self.run_dir / "experts" / f"{self.tasks[key].file_stem}.safetensors", new,
-                                self.tasks[key].net, {"node": key, "round": f"fleet-{rnd}"})
+                self._write_checkpoint(key, new, rnd)
 
 
 def create_app(coord: Coordinator, max_update_bytes: int = MAX_UPDATE_BYTES) -> FastAPI:
