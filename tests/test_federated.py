@@ -127,6 +127,23 @@ def test_every_client_dropping_out_keeps_the_round_alive(tmp_path):
     assert all(e["clients"] == 0 for e in fed.state["log"])
 
 
+def test_diverged_client_updates_are_left_out_and_weights_stay_finite(tmp_path, capsys):
+    cfg = RunConfig(dataset="synthetic:1,28,28:fashion-mnist:200",
+                    **{**TINY, "hmoe_rounds": 3, "local": LocalConfig(batch_size=16, lr=float("inf"))})
+    start = run_family(tmp_path / "init", "hmoe", cfg, rounds=0).weights
+    fed = run_family(tmp_path / "r", "hmoe", cfg)
+    log = fed.state["log"]
+    assert sum(len(e["diverged"]) for e in log) > 0
+    assert all(e["clients"] + len(e["diverged"]) == cfg.clients_per_round for e in log)
+    for key, w in fed.weights.items():
+        assert all(np.isfinite(v).all() for v in w.values()), key
+        if all(e["clients"] == 0 for e in log if e["task"] == key):   # nothing aggregated: initial weights stand
+            for name in w:
+                np.testing.assert_array_equal(w[name], start[key][name])
+    assert "diverged (non-finite loss or weights)" in capsys.readouterr().err
+    assert np.isfinite(fed.evaluate(fed.prep.data.test_x, fed.prep.data.test_y)["info_f1"])
+
+
 def hmoe_cli(*args: str) -> subprocess.CompletedProcess:
     exe = shutil.which("hmoe", path=str(Path(sys.executable).parent))
     cmd = [exe, *args] if exe else [sys.executable, "-m", "trainer.cli", *args]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -215,7 +216,7 @@ class Federation:
         d, s = self.prep.data, self.strategy
         key = s.choose_task(rnd)
         task = self.tasks[key]
-        results, skipped, dropped, seconds, losses = [], [], [], [], []
+        results, skipped, dropped, diverged, seconds, losses = [], [], [], [], [], []
         for client in s.sample_clients(rnd):
             if s.drops_out(rnd, client):
                 dropped.append(client)
@@ -227,12 +228,16 @@ class Federation:
             local = self.local_config(key, rnd, len(self.prep.parts[client]), len(idx))
             new, metrics = local_update(task.net, self.weights[key], d.train_x[idx], target, local,
                                         self.prep.normalize, s.client_seed(rnd, client), self.cfg.device)
+            if not np.isfinite(metrics["train_loss"]) or not all(np.isfinite(v).all() for v in new.values()):
+                diverged.append(client)   # left out, as the coordinator refuses such an update (422)
+                continue
             results.append((new, metrics["num_samples"]))
             seconds.append(metrics["train_seconds"])
             losses.append(metrics["train_loss"])
         new = s.aggregate(results) if results else None
         entry = {"round": rnd, "task": key, "clients": len(results), "samples": sum(n for _, n in results),
-                 "skipped": skipped, "dropped": dropped, "client_seconds": float(np.sum(seconds)),
+                 "skipped": skipped, "dropped": dropped, "diverged": diverged,
+                 "client_seconds": float(np.sum(seconds)),
                  "lr": self.cfg.local_for_round(self.kind, rnd).lr,
                  "train_loss": float(np.mean(losses)) if losses else None}
         if new is not None:
@@ -258,6 +263,10 @@ class Federation:
             last = entry.get("val_info_f1", last)
             bar.set_postfix(task=entry["task"], clients=entry["clients"],
                             val_f1="-" if last is None else f"{last:.3f}")
+        diverged = sum(len(e.get("diverged", [])) for e in self.state["log"][start:])
+        if diverged:
+            print(f"warning: {self.kind}: {diverged} client update(s) diverged (non-finite loss or weights) and were left "
+                  f"out of their rounds; lower --lr (now {self.cfg.local.lr:g})", file=sys.stderr)
         return self.state["log"]
 
 
