@@ -162,6 +162,8 @@ def test_cli_train_then_eval(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert set(report["cost"]["per_task"]) == {"root", "Clothes", "Tops", "Goods", "Shoes", "flat"}
     assert report["cost"]["flat"]["mem_mb"] > 0 and report["cost"]["flat"]["time_ms"] > 0
+    for task in report["cost"]["per_task"].values():   # time: the median of three repeats per client
+        assert all(len(r["times_ms"]) == 3 and r["time_ms"] == np.median(r["times_ms"]) for r in task["runs"])
     assert (out / "plots" / "metric_vs_round.png").stat().st_size > 1000
     assert (out / "plots" / "cost_per_expert.png").stat().st_size > 1000
     assert Path(out / "hierarchy.json").exists()

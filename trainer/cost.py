@@ -21,9 +21,10 @@ MB = 1024 * 1024
 
 def measure_update(net: NetConfig, weights: Weights, x: np.ndarray, y: np.ndarray, local: LocalConfig,
                    mean: tuple[float, ...], std: tuple[float, ...], seed: int, device: str = "cpu",
-                   threads: int | None = None, timeout: float = 1800) -> dict:
+                   threads: int | None = None, timeout: float = 1800, repeats: int = 3) -> dict:
     """Run one local update in a new Python process (trainer.cost_worker) and return
-    its wall time (ms) and peak RSS growth over the idle process (MB)."""
+    its peak RSS growth over the idle process (MB) and its wall time (ms, the median of
+    ``repeats`` identical updates in that process)."""
     from safetensors.numpy import save_file
     with tempfile.TemporaryDirectory(prefix="hmoe-cost-") as tmp:
         tmp_path = Path(tmp)
@@ -31,7 +32,7 @@ def measure_update(net: NetConfig, weights: Weights, x: np.ndarray, y: np.ndarra
         np.save(tmp_path / "y.npy", np.asarray(y, dtype=np.int64))
         save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(tmp_path / "w.safetensors"))
         spec = {"net": json.loads(net.to_json()), "local": local.to_dict(), "mean": list(mean), "std": list(std),
-                "seed": seed, "device": device, "threads": threads}
+                "seed": seed, "device": device, "threads": threads, "repeats": repeats}
         (tmp_path / "spec.json").write_text(json.dumps(spec))
         proc = subprocess.run([sys.executable, "-m", "trainer.cost_worker", tmp], capture_output=True,
                               text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})

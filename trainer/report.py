@@ -112,8 +112,9 @@ def build_report(run_dir: Path, cfg: RunConfig, feds: dict[str, Federation], cos
         memory = ("peak CUDA memory allocated by torch (torch.cuda.max_memory_allocated) over what was allocated "
                   "before the update" if cfg.device.startswith("cuda") else
                   "peak RSS growth (VmHWM reset via /proc/self/clear_refs) over the idle process")
-        report["cost"]["method"] = (f"wall time of the local update loop, and {memory}, after a one-step warm-up "
-                                    "of a one-channel network; each in a fresh process; median over clients")
+        report["cost"]["method"] = (f"wall time of the local update loop (median of 3 identical updates), and "
+                                    f"{memory} during the first, after a one-step warm-up of a one-channel "
+                                    "network; each client in a fresh process; median over clients")
     write_text_atomic(run_dir / "report.json", json.dumps(report, indent=1) + "\n")
     logs = {k: report[k]["log"] for k in ("hmoe", "flat") if k in report}
     plot_metric_vs_round(logs, run_dir / "plots" / "metric_vs_round.png")
