@@ -99,7 +99,7 @@ def warm_up_runtime(threads: int = 1) -> None:
     """Pay onnxruntime's once-per-process start-up now, with a model that has no weights.
 
     The first session a process creates, whatever its model, builds the CPU kernel
-    registry and pages in ~8 MB of the library's code (about 9-10 MB resident and 4-5 ms
+    registry and pages in ~8 MB of the library's code (about 9 MB resident and 4-6 ms
     in all, measured by benchmarks/edge_inference.py). Doing it when the engine opens keeps
     it out of the first request's latency and out of what loading an expert costs.
     """
