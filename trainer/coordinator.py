@@ -82,7 +82,7 @@ class Coordinator:
         raise FileNotFoundError(f"{self.run_dir}: no expert checkpoints; train or initialise the run first")
 
     def _initial(self, key: str) -> Weights:
-        weights, _, _ = load_checkpoint(self.run_dir / "experts" / f"{self.tasks[key].file_stem}.safetensors")
+        weights, _, _ = load_checkpoint(self._checkpoint_path(key))
         return weights
 
     def _bootstrap(self) -> None:

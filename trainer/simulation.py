@@ -228,11 +228,11 @@ class Federation:
             local = self.local_config(key, rnd, len(self.prep.parts[client]), len(idx))
             new, metrics = local_update(task.net, self.weights[key], d.train_x[idx], target, local,
                                         self.prep.normalize, s.client_seed(rnd, client), self.cfg.device)
+            seconds.append(metrics["train_seconds"])
             if not np.isfinite(metrics["train_loss"]) or not all(np.isfinite(v).all() for v in new.values()):
                 diverged.append(client)   # left out, as the coordinator refuses such an update (422)
                 continue
             results.append((new, metrics["num_samples"]))
-            seconds.append(metrics["train_seconds"])
             losses.append(metrics["train_loss"])
         new = s.aggregate(results) if results else None
         entry = {"round": rnd, "task": key, "clients": len(results), "samples": sum(n for _, n in results),
