@@ -120,3 +120,23 @@ def test_micro_batches_give_the_same_update():
     micro, _ = local_update(cfg, w0, x, y, LocalConfig(batch_size=32), norm, seed=1, micro_batch=8)
     for k in full:
         np.testing.assert_allclose(full[k], micro[k], atol=1e-5)
+
+
+def test_clip_norm_bounds_each_step():
+    from trainer.client import LocalConfig, Normalizer, local_update, to_numpy
+    cfg = NetConfig((1, 28, 28), 3, 4).resolved()
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (32, 1, 28, 28), dtype=np.uint8)
+    y = rng.integers(0, 3, 32)
+    w0 = to_numpy(build_net(cfg))
+    norm = Normalizer((0.5,), (0.25,))
+
+    def step_norm(clip: float) -> float:   # one batch, plain SGD: the step is lr * (clipped) gradient
+        w1, _ = local_update(cfg, w0, x, y, LocalConfig(batch_size=32, lr=1.0, momentum=0.0, clip_norm=clip),
+                             norm, seed=1)
+        return float(np.sqrt(sum(np.sum((w1[k] - w0[k]) ** 2) for k in w0)))
+
+    free = step_norm(0.0)
+    assert free > 0.02
+    assert step_norm(0.01) == pytest.approx(0.01, rel=1e-3)
+    assert step_norm(10 * free) == pytest.approx(free, rel=1e-5)

@@ -23,6 +23,7 @@ class LocalConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     optimizer: str = "sgd"       # sgd | adam
+    clip_norm: float = 0.0       # clip each batch's gradient to this L2 norm (0: no clipping)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,6 +93,8 @@ def local_update(net_cfg: NetConfig, weights: Weights | None, x: np.ndarray, y: 
                 loss = nn.functional.cross_entropy(net(xb), yt[chunk].to(device), reduction="sum") / len(batch)
                 loss.backward()
                 total += float(loss.detach())
+            if cfg.clip_norm > 0:
+                nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_norm)
             opt.step()
             losses.append(total)
     if str(device).startswith("cuda"):

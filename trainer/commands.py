@@ -48,6 +48,8 @@ def _add_run_flags(p: argparse.ArgumentParser, defaults: RunConfig) -> None:
     g.add_argument("--lr", type=float, default=defaults.local.lr)
     g.add_argument("--momentum", type=float, default=defaults.local.momentum)
     g.add_argument("--optimizer", choices=["sgd", "adam"], default=defaults.local.optimizer)
+    g.add_argument("--clip-norm", type=float, default=defaults.local.clip_norm,
+                   help="clip each batch's gradient to this L2 norm (0: off)")
     g.add_argument("--balanced-epochs", action=argparse.BooleanOptionalAction, default=defaults.balanced_epochs,
                    help="HMoE: local epochs = floor(1 / expert's data share), so each round does about the root's work")
     g.add_argument("--lr-decay", choices=["cosine", "none"], default=defaults.lr_decay,
@@ -60,7 +62,7 @@ def _add_run_flags(p: argparse.ArgumentParser, defaults: RunConfig) -> None:
 
 def _config(args: argparse.Namespace) -> RunConfig:
     local = LocalConfig(epochs=args.local_epochs, batch_size=args.batch_size, lr=args.lr,
-                        momentum=args.momentum, optimizer=args.optimizer)
+                        momentum=args.momentum, optimizer=args.optimizer, clip_norm=args.clip_norm)
     for name, value in (("--local-epochs", args.local_epochs), ("--batch-size", args.batch_size),
                         ("--clients", args.clients), ("--expert-width", args.expert_width),
                         ("--flat-width", args.flat_width)):
