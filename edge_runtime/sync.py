@@ -112,6 +112,10 @@ def sync(server: str, secret: str, data: str | os.PathLike, memory_cap_mb: float
         base = int(r.headers["X-Weights-Version"])
         weights = load(r.content)
         hp = a["hyperparameters"]
+        unknown = sorted(set(hp) - set(LocalConfig.__dataclass_fields__))
+        if unknown:
+            raise SyncError(f"the coordinator sent hyper-parameters this device does not know ({', '.join(unknown)}); "
+                            "install the coordinator's release of hmoe-edge on this device")
         local = LocalConfig(**hp)
         seed = zlib.crc32(f"{state['device_id']}-{a['round']}".encode()) & 0x7FFFFFFF
         new, report = train_expert(bundle, expert, x, labels, memory_cap_mb, local, seed, weights=weights)

@@ -282,3 +282,36 @@ def test_sync_restart_after_sending_counts_once(run, tmp_path):
         assert s["updates_received"] == 1 and s["round"] == 0
     finally:
         server.stop()
+
+
+def test_sync_refuses_hyperparameters_it_does_not_know(run, tmp_path):
+    """A coordinator of a newer release sends a hyper-parameter this device lacks: a clear error, no training."""
+    import threading
+
+    import uvicorn
+
+    from edge_runtime.sync import SyncError, sync
+    from trainer.coordinator import Coordinator, create_app
+    coord = Coordinator(run, tmp_path / "state.sqlite", SECRET, min_updates=2)
+    plain = coord.assignment
+    coord.assignment = lambda: (lambda a: {**a, "hyperparameters": {**a["hyperparameters"], "future_knob": 1}})(plain())
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(coord), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        for _ in range(100):
+            if server.started:
+                break
+            time.sleep(0.05)
+        rng = np.random.default_rng(0)
+        data = tmp_path / "d.npz"
+        np.savez(data, images=rng.integers(0, 256, (16, 28, 28), dtype=np.uint8), labels=rng.integers(0, 10, 16))
+        with pytest.raises(SyncError, match="future_knob"):
+            sync(f"http://127.0.0.1:{port}", SECRET, data, None, rounds=1, state_file=tmp_path / "dev.json",
+                 log=lambda *_: None)
+        assert coord.status()["updates_total"] == 0
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        coord.db.close()
