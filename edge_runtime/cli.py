@@ -104,6 +104,8 @@ def _bench(args: argparse.Namespace) -> int:
         if isinstance(r, dict):
             print(f"{mode:<8}{r['latency_ms_median']:>11.2f}{r['latency_ms_p95']:>9.2f}{r['added_mb']:>10.1f}"
                   f"{r['resident_mb']:>13.1f}")
+    print("added MB: resident memory the loaded models add over the engine open and idle "
+          "(onnxruntime started, no model loaded)")
     from importlib.util import find_spec
     if find_spec("torch") is None:
         print("\ntraining part skipped: torch is not installed (pip install 'hmoe-edge[train]')")
