@@ -108,14 +108,18 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
         load_checkpoint(tmp_path / "nope.safetensors")
 
 
-def test_micro_batches_give_the_same_update():
-    from trainer.client import LocalConfig, Normalizer, local_update, to_numpy
+def tiny_problem(n: int):
+    """A 3-way problem on random 28x28 images: network config, images, targets, initial weights, normaliser."""
+    from trainer.client import Normalizer, to_numpy
     cfg = NetConfig((1, 28, 28), 3, 4).resolved()
     rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (64, 1, 28, 28), dtype=np.uint8)
-    y = rng.integers(0, 3, 64)
-    w0 = to_numpy(build_net(cfg))
-    norm = Normalizer((0.5,), (0.25,))
+    x = rng.integers(0, 256, (n, 1, 28, 28), dtype=np.uint8)
+    return cfg, x, rng.integers(0, 3, n), to_numpy(build_net(cfg)), Normalizer((0.5,), (0.25,))
+
+
+def test_micro_batches_give_the_same_update():
+    from trainer.client import LocalConfig, local_update
+    cfg, x, y, w0, norm = tiny_problem(64)
     full, _ = local_update(cfg, w0, x, y, LocalConfig(batch_size=32), norm, seed=1)
     micro, _ = local_update(cfg, w0, x, y, LocalConfig(batch_size=32), norm, seed=1, micro_batch=8)
     for k in full:
@@ -123,13 +127,8 @@ def test_micro_batches_give_the_same_update():
 
 
 def test_clip_norm_bounds_each_step():
-    from trainer.client import LocalConfig, Normalizer, local_update, to_numpy
-    cfg = NetConfig((1, 28, 28), 3, 4).resolved()
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (32, 1, 28, 28), dtype=np.uint8)
-    y = rng.integers(0, 3, 32)
-    w0 = to_numpy(build_net(cfg))
-    norm = Normalizer((0.5,), (0.25,))
+    from trainer.client import LocalConfig, local_update
+    cfg, x, y, w0, norm = tiny_problem(32)
 
     def step_norm(clip: float) -> float:   # one batch, plain SGD: the step is lr * (clipped) gradient
         w1, _ = local_update(cfg, w0, x, y, LocalConfig(batch_size=32, lr=1.0, momentum=0.0, clip_norm=clip),
