@@ -34,11 +34,10 @@ def free_port() -> int:
 
 
 def make_run(path: Path, width: int) -> None:
-    from trainer.simulation import Federation, RunConfig, prepare, start_run
+    from trainer.run import RunConfig
+    from trainer.simulation import Federation, open_run
     cfg = RunConfig(dataset="synthetic:1,28,28:fashion-mnist:200", clients=4, clients_per_round=2, expert_width=width)
-    start_run(path, cfg, resume=False)
-    prep = prepare(cfg)
-    prep.data.tree.to_json(path / "hierarchy.json")
+    _, prep = open_run(path, cfg, resume=False)
     Federation(path, "hmoe", cfg, prep)
 
 

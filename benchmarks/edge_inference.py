@@ -25,16 +25,15 @@ from edge_runtime import bench
 
 def cifar_shaped_bundle(work: Path, width: int) -> Path:
     from exporter.bundle import export_run
-    from trainer.simulation import Federation, RunConfig, prepare, start_run
+    from trainer.run import RunConfig
+    from trainer.simulation import Federation, open_run
     out = work / f"cifar_bundle_w{width}"
     if (out / "manifest.json").exists():
         return out
     cfg = RunConfig(dataset="synthetic:3,32,32:cifar100:4000", clients=4, clients_per_round=2, hmoe_rounds=1,
                     flat_rounds=1, expert_width=width, flat_width=2 * width)
     run = work / f"cifar_run_w{width}"
-    start_run(run, cfg, resume=True)
-    prep = prepare(cfg)
-    prep.data.tree.to_json(run / "hierarchy.json")
+    cfg, prep = open_run(run, cfg, resume=True)
     for kind in ("hmoe", "flat"):
         Federation(run, kind, cfg, prep).run(progress=False)
     export_run(run, out, progress=False, validate_images=100)

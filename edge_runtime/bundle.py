@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hierarchy import Hierarchy, HierarchyError
+from hierarchy.errors import HmoeError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 
-class BundleError(ValueError):
+class BundleError(HmoeError, ValueError):
     """A bundle is missing, malformed, or a file does not match its manifest."""
 
 

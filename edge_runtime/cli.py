@@ -8,7 +8,8 @@ import sys
 
 import numpy as np
 
-from edge_runtime.bundle import BundleError, load_bundle
+from edge_runtime.bundle import load_bundle
+from hierarchy.errors import HmoeError, UsageError
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -66,8 +67,8 @@ def _train(args: argparse.Namespace) -> int:
         from edge_runtime.local_train import load_local_data, train_expert, write_update
         from trainer.client import LocalConfig
     except ModuleNotFoundError as exc:
-        raise ValueError(f"local training needs the training extra ({exc.name} is missing): "
-                         "pip install 'hmoe-edge[train]'") from None
+        raise UsageError(f"local training needs the training extra ({exc.name} is missing): "
+                         "pip install 'hmoe-edge[device]'") from None
     bundle = load_bundle(args.bundle)
     x, labels = load_local_data(args.data, bundle)
     local = LocalConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
@@ -108,7 +109,7 @@ def _bench(args: argparse.Namespace) -> int:
           "(onnxruntime started, no model loaded)")
     from importlib.util import find_spec
     if find_spec("torch") is None:
-        print("\ntraining part skipped: torch is not installed (pip install 'hmoe-edge[train]')")
+        print("\ntraining part skipped: torch is not installed (pip install 'hmoe-edge[device]')")
     else:
         from trainer.report import table1
         out["training"] = bench.training(args.bundle, x, labels, samples=args.samples)
@@ -120,12 +121,9 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _sync(args: argparse.Namespace) -> int:
-    from edge_runtime.sync import SyncError, sync
-    try:
-        done = sync(args.server, args.token, args.data, args.memory_cap_mb, args.rounds, args.state,
-                    poll=args.poll, name=args.name)
-    except SyncError as exc:
-        raise ValueError(str(exc)) from None
+    from edge_runtime.sync import sync
+    done = sync(args.server, args.token, args.data, args.memory_cap_mb, args.rounds, args.state,
+                poll=args.poll, name=args.name, until_round=args.until_round)
     print(f"took part in {done} rounds")
     return 0
 
@@ -186,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="local labelled data (class folders or .npz)")
     p.add_argument("--memory-cap-mb", type=float, default=None)
     p.add_argument("--rounds", type=int, default=None, help="rounds to take part in (default: until stopped)")
+    p.add_argument("--until-round", type=int, default=None,
+                   help="stop once the coordinator's open round reaches this number (default: never)")
     p.add_argument("--state", default=None, help="state file (default: next to --data)")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between assignment polls while waiting")
     p.add_argument("--name", default="", help="a name for this device in the coordinator")
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except (BundleError, OSError, KeyError, ValueError) as exc:
+    except (HmoeError, OSError) as exc:   # a user's error or the system's: one line; a bug keeps its traceback
         print(f"hmoe-edge {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

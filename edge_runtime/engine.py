@@ -14,9 +14,10 @@ import numpy as np
 
 from edge_runtime.bundle import Bundle, BundleError, ModelEntry, load_bundle
 from hierarchy import Decoded, decode, leaf_rule
+from hierarchy.errors import HmoeError, UnknownNameError, UsageError
 
 
-class InputError(ValueError):
+class InputError(HmoeError, ValueError):
     """An input batch has the wrong shape, dtype or values."""
 
 
@@ -138,7 +139,7 @@ class Engine:
             if not out:
                 raise BundleError(f"{self.bundle.root}: no int8 models in this bundle; export with --quantize int8")
             return out
-        raise ValueError(f"unknown variant {variant!r}; expected fp32 or int8")
+        raise UsageError(f"unknown variant {variant!r}; expected fp32 or int8")
 
     # --------------------------------------------------------------- sessions
     def _model_bytes(self, key: str) -> int:
@@ -151,7 +152,7 @@ class Engine:
             self.cache.move_to_end(key)
             return self.cache[key]
         if key not in self.entries:
-            raise KeyError(f"unknown expert {key!r}; this bundle has {', '.join(self.entries)}")
+            raise UnknownNameError(f"unknown expert {key!r}; this bundle has {', '.join(self.entries)}")
         import onnxruntime as ort
         self.stats.misses += 1
         path = self.bundle.check_file(self.entries[key])

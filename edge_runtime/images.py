@@ -7,13 +7,15 @@ import warnings
 
 import numpy as np
 
+from hierarchy.errors import HmoeError
+
 MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_PIXELS = 4096 * 4096
 FORMATS = ("PNG", "JPEG")
 MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "I;16", "I")
 
 
-class ImageError(ValueError):
+class ImageError(HmoeError, ValueError):
     """Bytes that are not an acceptable image; ``status`` is the HTTP status to answer with."""
 
     def __init__(self, message: str, status: int = 422) -> None:

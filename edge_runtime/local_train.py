@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.bundle import Bundle, BundleError, load_bundle, sha256_file
+from hierarchy.errors import HmoeError
 
 SAFETY = 0.85  # a probe must stay under this fraction of the cap
 
 
-class TrainError(ValueError):
+class TrainError(HmoeError, ValueError):
     """Local training cannot run as asked (unknown expert, bad data, cap too small...)."""
 
 

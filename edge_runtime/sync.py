@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import zlib
 from pathlib import Path
 
 import httpx
@@ -19,10 +18,11 @@ import numpy as np
 
 from edge_runtime.bundle import Bundle, ModelEntry
 from hierarchy import Hierarchy
+from hierarchy.errors import HmoeError
 from hierarchy.tree import write_text_atomic
 
 
-class SyncError(RuntimeError):
+class SyncError(HmoeError, RuntimeError):
     """The server refused us in a way retrying will not fix."""
 
 
@@ -68,12 +68,16 @@ def bundle_from_manifest(manifest: dict) -> Bundle:
 
 def sync(server: str, secret: str, data: str | os.PathLike, memory_cap_mb: float | None, rounds: int | None = None,
          state_file: str | os.PathLike | None = None, poll: float = 1.0, name: str = "",
-         log=print) -> int:
-    """Take part in ``rounds`` rounds (None: until stopped). Returns the rounds completed."""
+         log=print, until_round: int | None = None) -> int:
+    """Take part in ``rounds`` rounds (None: until stopped, or until the coordinator's open round
+    reaches ``until_round``). Returns the rounds this device sent an update for.
+
+    The device decides nothing: it tells the coordinator its samples per label, and trains with
+    the hyper-parameters and seed the run's strategy gives it, which the update carries back."""
     from safetensors.numpy import load, save
 
     from edge_runtime.local_train import load_local_data, train_expert
-    from trainer.client import LocalConfig
+    from trainer.config import LocalConfig
     state_path = Path(state_file or Path(data).with_name(Path(data).name + ".hmoe-device.json"))
     state = _state(state_path)
     client = Client(server)
@@ -90,21 +94,27 @@ def sync(server: str, secret: str, data: str | os.PathLike, memory_cap_mb: float
         raise SyncError(f"manifest refused ({r.status_code}): {r.text}")
     bundle = bundle_from_manifest(r.json())
     x, labels = load_local_data(data, bundle)
+    counts = ",".join(str(int(c)) for c in np.bincount(labels, minlength=bundle.tree.num_leaves))
+
+    def finish(rnd: int) -> None:
+        state["last_round"] = rnd
+        _save_state(state_path, state)
+
     done = 0
     while rounds is None or done < rounds:
-        r = client.request("GET", "/assignment")
+        r = client.request("GET", "/assignment", params={"counts": counts})
         if r.status_code != 200:
             raise SyncError(f"assignment refused ({r.status_code}): {r.text}")
         a = r.json()
+        if until_round is not None and a["round"] >= until_round:
+            break
         if a["round"] <= state.get("last_round", -1):
             time.sleep(poll)
             continue
-        expert = a["expert"]
-        mask, _ = bundle.tree.lcpn(bundle.tree.index(expert), labels)
-        if not mask.any():
-            log(f"round {a['round']}: no local samples under {expert}; skipping")
-            state["last_round"] = a["round"]
-            _save_state(state_path, state)
+        expert, rnd = a["expert"], a["round"]
+        if not a.get("samples"):   # the coordinator has excused us: nothing under this expert here
+            log(f"round {rnd}: no local samples under {expert}; skipping")
+            finish(rnd)
             continue
         r = client.request("GET", f"/weights/{expert}")
         if r.status_code != 200:
@@ -112,37 +122,32 @@ def sync(server: str, secret: str, data: str | os.PathLike, memory_cap_mb: float
         base = int(r.headers["X-Weights-Version"])
         weights = load(r.content)
         hp = a["hyperparameters"]
-        unknown = sorted(set(hp) - set(LocalConfig.__dataclass_fields__))
-        if unknown:
-            raise SyncError(f"the coordinator sent hyper-parameters this device does not know ({', '.join(unknown)}); "
-                            "install the coordinator's release of hmoe-edge on this device")
-        local = LocalConfig(**hp)
-        seed = zlib.crc32(f"{state['device_id']}-{a['round']}".encode()) & 0x7FFFFFFF
-        new, report = train_expert(bundle, expert, x, labels, memory_cap_mb, local, seed, weights=weights)
+        try:
+            local = LocalConfig.from_dict(hp)
+        except ValueError as exc:
+            raise SyncError(f"the coordinator sent {exc} this device does not know; install the coordinator's "
+                            "release of hmoe-edge on this device") from None
+        new, report = train_expert(bundle, expert, x, labels, memory_cap_mb, local, int(a["seed"]), weights=weights)
         if not all(np.all(np.isfinite(v)) for v in new.values()):
-            log(f"round {a['round']}: local training of {expert} diverged (non-finite weights); not sending")
-            state["last_round"] = a["round"]
-            _save_state(state_path, state)
+            log(f"round {rnd}: local training of {expert} diverged (non-finite weights); declining the round")
+            client.request("POST", "/decline", params={"round": rnd, "reason": "local training diverged"})
+            finish(rnd)
             continue
-        metrics = {k: report[k] for k in ("loss_before", "loss_after", "seconds") if k in report}
-        if "peak_growth_mb" in report:
-            metrics["peak_growth_mb"] = report["peak_growth_mb"]
+        metrics = {k: report[k] for k in ("loss_before", "loss_after", "seconds", "peak_growth_mb") if k in report}
         r = client.request("POST", "/update", content=save({k: np.ascontiguousarray(v) for k, v in new.items()}),
-                           headers={"X-Round": str(a["round"]), "X-Expert": expert, "X-Base-Version": str(base),
-                                    "X-Samples": str(report["samples"]), "X-Metrics": json.dumps(metrics),
-                                    "X-Idempotency-Key": f"{state['device_id']}-{a['round']}"})
-        if r.status_code in (409, 422):
-            log(f"round {a['round']}: update refused ({r.status_code}: {r.json().get('detail')}); "
-                "going on with the next assignment")
-            state["last_round"] = a["round"]
-            _save_state(state_path, state)
+                           headers={"X-Round": str(rnd), "X-Expert": expert, "X-Base-Version": str(base),
+                                    "X-Samples": str(report["samples"]), "X-Client-Samples": str(len(labels)),
+                                    "X-Hyperparameters": json.dumps(hp), "X-Metrics": json.dumps(metrics),
+                                    "X-Idempotency-Key": f"{state['device_id']}-{rnd}"})
+        if r.status_code == 409:   # stale or duplicate: the round moved on without us
+            log(f"round {rnd}: update not taken ({r.json().get('detail')}); going on with the next assignment")
+            finish(rnd)
             continue
         if r.status_code != 200:
             raise SyncError(f"update refused ({r.status_code}): {r.text}")
-        state["last_round"] = a["round"]
-        _save_state(state_path, state)
+        finish(rnd)
         done += 1
-        log(f"round {a['round']}: trained {expert} on {report['samples']} samples, loss "
+        log(f"round {rnd}: trained {expert} on {report['samples']} samples, loss "
             f"{report['loss_before']:.4f} -> {report['loss_after']:.4f}, sent "
             f"({'duplicate' if r.json().get('duplicate') else 'accepted'})")
     return done

@@ -15,14 +15,15 @@ import numpy as np
 from edge_runtime.bundle import FORMAT_VERSION, MANIFEST, sha256_file
 from exporter.onnx_export import ExportSpec, ValidationError, export_net, max_logit_diff
 from hierarchy import Hierarchy, HierarchyError
+from hierarchy.errors import HmoeError
 from trainer.checkpoint import CheckpointError, load_checkpoint
 from trainer.datasets import Dataset
 from trainer.nets import build_net, num_params
-from trainer.simulation import load_run_config, limit
+from trainer.run import RunError, load_input_spec, load_run_config
 from trainer.strategy import make_tasks
 
 
-class ExportError(ValueError):
+class ExportError(HmoeError, ValueError):
     """The run cannot be exported (missing, corrupt, unknown subtree node, ...)."""
 
 
@@ -39,9 +40,12 @@ def _load_run(run: Path) -> tuple:
     try:
         cfg = load_run_config(run)
         tree = Hierarchy.from_json(run / "hierarchy.json")
+        spec = load_input_spec(run)
+    except RunError as exc:
+        raise ExportError(str(exc)) from None
     except (FileNotFoundError, HierarchyError, ValueError, TypeError) as exc:
         raise ExportError(f"{run}: not a complete run directory ({exc})") from None
-    return cfg, tree
+    return cfg, tree, spec
 
 
 def _load_nets(run: Path, tree: Hierarchy, shape: tuple[int, int, int], cfg) -> tuple[dict, object]:
@@ -72,13 +76,6 @@ def _load_nets(run: Path, tree: Hierarchy, shape: tuple[int, int, int], cfg) -> 
         load_numpy(flat, weights)
         flat.eval()
     return experts, flat
-
-
-def normalized(data: Dataset, x: np.ndarray) -> np.ndarray:
-    """uint8 images -> float32 inputs normalised with the data set's mean and std."""
-    mean = np.asarray(data.mean, dtype=np.float32).reshape(1, -1, 1, 1) * 255
-    std = np.asarray(data.std, dtype=np.float32).reshape(1, -1, 1, 1) * 255
-    return ((x.astype(np.float32) - mean) / std).astype(np.float32)
 
 
 def validate_model(name: str, path: Path, net, real: np.ndarray, spec: ExportSpec, seed: int = 0) -> dict:
@@ -121,10 +118,16 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, subtree: str | No
     """Export a run to a bundle directory ``out``; nothing is left at ``out`` unless every
     file validated. ``validate_images`` 0 uses the whole test split."""
     from trainer.datasets import load_dataset
+    from trainer.simulation import limit
     run, out = Path(run), Path(out)
-    cfg, tree = _load_run(run)
+    cfg, tree, input_spec = _load_run(run)
     data = data or limit(load_dataset(cfg.dataset, cfg.data_root), cfg.train_limit, cfg.test_limit, cfg.seed)
-    experts, flat = _load_nets(run, tree, data.shape, cfg)
+    differ = input_spec.differences(data.input_spec)
+    if differ:
+        raise ExportError(f"{run}: the validation data's input differs from the run's in {', '.join(differ)} "
+                          f"(run: {input_spec.to_dict()}, data: {data.input_spec.to_dict()}); validate with the "
+                          "data set the run was trained on")
+    experts, flat = _load_nets(run, tree, input_spec.shape, cfg)
     bundle_tree = tree
     if subtree is not None:
         if subtree not in tree._index:
@@ -135,7 +138,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, subtree: str | No
         flat = None
         if not experts:
             raise ExportError(f"--subtree {subtree!r} has no expert (it has fewer than two leaves below it)")
-    real = normalized(data, data.test_x[: validate_images or len(data.test_x)])
+    real = input_spec.normalize(data.test_x[: validate_images or len(data.test_x)])
     if out.exists():
         raise ExportError(f"{out} already exists; choose a new --out or remove it first")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -169,8 +172,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, subtree: str | No
             "format_version": FORMAT_VERSION,
             "created_by": "hmoe-edge exporter",
             "hierarchy": bundle_tree.to_dict(),
-            "input": {"shape": list(data.shape), "mean": list(data.mean), "std": list(data.std),
-                      "color": data.color, "resize": list(data.shape[1:]), "dtype": "float32", "layout": "NCHW",
+            "input": {**input_spec.to_dict(), "resize": list(input_spec.shape[1:]), "dtype": "float32", "layout": "NCHW",
                       "preprocess": "decode, convert to color mode, resize to HxW, x/255, (x - mean) / std"},
             "experts": manifest_experts,
             "flat": manifest_flat,

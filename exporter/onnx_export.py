@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import torch
 
+from hierarchy.errors import HmoeError
 from trainer.nets import ConvNet
 
 INPUT_NAME = "input"
@@ -31,7 +32,7 @@ class ExportSpec:
     atol: float = 1e-4          # max |logit difference| torch vs onnxruntime (fp32)
 
 
-class ValidationError(ValueError):
+class ValidationError(HmoeError, ValueError):
     """onnxruntime disagrees with torch beyond the tolerance."""
 
     def __init__(self, what: str, max_diff: float, atol: float, detail: str = "") -> None:

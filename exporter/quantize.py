@@ -11,8 +11,8 @@ import numpy as np
 
 from edge_runtime.bundle import MANIFEST, load_bundle, sha256_file
 from edge_runtime.engine import Engine
-from exporter.bundle import normalized as _normalized
 from hierarchy import info_f1
+from hierarchy.errors import UsageError
 from trainer.datasets import Dataset
 
 CALIBRATION_IMAGES = 300
@@ -40,7 +40,7 @@ def _calibration(data: Dataset, tree, node: str | None, n: int, seed: int = 0) -
         idx = idx[mask]
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(idx, min(n, len(idx)), replace=False))
-    return _normalized(data, data.train_x[pick])
+    return data.input_spec.normalize(data.train_x[pick])
 
 
 def _median_latency_ms(engine: Engine, key: str, x: np.ndarray, reps: int = 50) -> float:
@@ -57,7 +57,7 @@ def quantize_bundle(folder: Path, data: Dataset, experts: dict, flat, mode: str)
     """Write ``<file>.int8.onnx`` beside every model, add them to the manifest under
     ``int8``, and return the fp32-vs-int8 comparison (bytes, test F1, latency)."""
     if mode != "int8":
-        raise ValueError(f"unknown quantization {mode!r}; expected int8")
+        raise UsageError(f"unknown quantization {mode!r}; expected int8")
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     bundle = load_bundle(folder)
     tree = bundle.tree
@@ -86,7 +86,7 @@ def quantize_bundle(folder: Path, data: Dataset, experts: dict, flat, mode: str)
                         "format": "QDQ, int8 activations and per-channel int8 weights"}
     manifest["quantization"] = "int8"
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    x = _normalized(data, data.test_x)
+    x = data.input_spec.normalize(data.test_x)
     gt = tree.leaves[data.test_y] if tree.num_leaves == data.tree.num_leaves else None
     report: dict = {}
     for variant in ("fp32", "int8"):

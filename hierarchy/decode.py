@@ -13,12 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hierarchy.errors import HmoeError, UsageError
 from hierarchy.tree import Hierarchy
 
 ExpertFn = Callable[[int, np.ndarray], np.ndarray]
 
 
-class DecodeError(ValueError):
+class DecodeError(HmoeError, ValueError):
     """An expert returned probabilities of the wrong shape or non-finite values."""
 
 
@@ -99,7 +100,7 @@ def beam(tree: Hierarchy, expert_fn: ExpertFn, n: int, k: int = 2) -> Decoded:
     """Keep the ``k`` most probable partial paths per input at every level; predict
     the most probable leaf. Evaluates at most ``k`` experts per level and input."""
     if k < 1:
-        raise ValueError(f"beam width must be >= 1; got {k}")
+        raise UsageError(f"beam width must be >= 1; got {k}")
     only = _single_child(tree)
     # Every partial path is a row of a history table: node, parent row, step prob.
     hist_node: list[int] = []
@@ -203,7 +204,7 @@ def parse_decoder(spec: str) -> tuple[str, float]:
                 return "threshold", t
     except ValueError:
         pass
-    raise ValueError(f"unknown decoder {spec!r}; expected greedy, beam:K (K >= 1) or threshold:T (0 <= T <= 1)")
+    raise UsageError(f"unknown decoder {spec!r}; expected greedy, beam:K (K >= 1) or threshold:T (0 <= T <= 1)")
 
 
 def decode(tree: Hierarchy, expert_fn: ExpertFn, n: int, spec: str = "greedy") -> Decoded:

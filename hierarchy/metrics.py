@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from hierarchy.errors import UsageError
 from hierarchy.tree import Hierarchy
 
 
@@ -19,13 +20,13 @@ def _check(tree: Hierarchy, gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarra
     gt = _as_nodes(tree, gt)
     pred = _as_nodes(tree, pred)
     if gt.shape != pred.shape:
-        raise ValueError(f"gt has shape {gt.shape} but pred has {pred.shape}; expected equal shapes")
+        raise UsageError(f"gt has shape {gt.shape} but pred has {pred.shape}; expected equal shapes")
     for what, arr in (("gt", gt), ("pred", pred)):
         if not np.issubdtype(arr.dtype, np.integer):
             raise TypeError(f"{what} must hold integer node indices; got dtype {arr.dtype}")
         if arr.size and (arr.min() < 0 or arr.max() >= len(tree)):
             bad = int(arr[(arr < 0) | (arr >= len(tree))].flat[0])
-            raise ValueError(f"{what} names unknown node {bad}; node indices lie in [0, {len(tree)})")
+            raise UsageError(f"{what} names unknown node {bad}; node indices lie in [0, {len(tree)})")
     return gt.astype(np.int64), pred.astype(np.int64)
 
 

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
+from hierarchy.errors import HmoeError, UnknownNameError, UsageError
+
 FORMAT_VERSION = 1
 
 
-class HierarchyError(ValueError):
+class HierarchyError(HmoeError, ValueError):
     """A tree description is malformed (cycle, two parents, several roots, ...)."""
 
 
@@ -192,7 +194,7 @@ class Hierarchy:
         try:
             return self._index[name]
         except KeyError:
-            raise KeyError(f"unknown node {name!r}; the hierarchy has {len(self)} nodes "
+            raise UnknownNameError(f"unknown node {name!r}; the hierarchy has {len(self)} nodes "
                            f"(e.g. {self.names[:3]})") from None
 
     def indices(self, names: Iterable[str]) -> np.ndarray:
@@ -297,7 +299,7 @@ class Hierarchy:
         ancestor of the leaf) and, for those samples, the index of the child on the path."""
         labels = np.asarray(labels, dtype=np.int64)
         if labels.size and (labels.min() < 0 or labels.max() >= self.num_leaves):
-            raise ValueError(f"leaf labels must lie in [0, {self.num_leaves}); got "
+            raise UsageError(f"leaf labels must lie in [0, {self.num_leaves}); got "
                              f"[{labels.min()}, {labels.max()}]")
         leaves = self.leaf_order[labels]
         depth = self.depths[expert]

@@ -15,6 +15,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+from hierarchy.errors import HmoeError, UsageError
 from hierarchy.tree import Hierarchy
 
 DEBIAN_WORDNET = Path("/usr/share/wordnet")
@@ -45,7 +46,7 @@ HOW_TO_GET = (
 )
 
 
-class WordNetUnavailable(RuntimeError):
+class WordNetUnavailable(HmoeError, RuntimeError):
     """WordNet could not be found offline."""
 
 
@@ -94,7 +95,7 @@ def load_wordnet():
 
 def synset_for_wnid(wn, wnid: str):
     if len(wnid) < 2 or wnid[0] != "n" or not wnid[1:].isdigit():
-        raise ValueError(f"{wnid!r} is not a WordNet noun id; expected 'n' followed by 8 digits")
+        raise UsageError(f"{wnid!r} is not a WordNet noun id; expected 'n' followed by 8 digits")
     return wn.synset_from_pos_and_offset("n", int(wnid[1:]))
 
 
@@ -122,11 +123,11 @@ def build_tree_from_paths(paths: dict[str, list[str]], leaf_names: list[str]) ->
         p = paths[leaf]
         for a, b in zip(p[:-1], p[1:]):
             if parent_of.setdefault(b, a) != a:
-                raise ValueError(f"{b} reached through two parents; paths must form a tree")
+                raise UsageError(f"{b} reached through two parents; paths must form a tree")
     leaf_set = set(leaf_names)
     inner_leaves = [w for w in leaf_names if w in parent_of.values()]
     if inner_leaves:
-        raise ValueError(f"classes {inner_leaves[:3]} are hypernyms of other classes; a class must be a leaf")
+        raise UsageError(f"classes {inner_leaves[:3]} are hypernyms of other classes; a class must be a leaf")
     children: dict[str, list[str]] = {}
     for child, parent in parent_of.items():
         children.setdefault(parent, []).append(child)

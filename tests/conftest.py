@@ -61,7 +61,7 @@ CFG_KW = dict(dataset="synthetic:1,28,28:fashion-mnist:400", clients=4, clients_
 
 def _cfg():
     from trainer.client import LocalConfig
-    from trainer.simulation import RunConfig
+    from trainer.run import RunConfig
     return RunConfig(local=LocalConfig(batch_size=16), **CFG_KW)
 
 
@@ -71,11 +71,9 @@ CFG = _cfg()
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory) -> Path:
     """A small trained run (HMoE and flat) on synthetic Fashion-MNIST-shaped data."""
-    from trainer.simulation import Federation, prepare, start_run
+    from trainer.simulation import Federation, open_run
     run = tmp_path_factory.mktemp("run") / "r"
-    start_run(run, CFG, resume=False)
-    prep = prepare(CFG)
-    prep.data.tree.to_json(run / "hierarchy.json")
+    _, prep = open_run(run, CFG, resume=False)
     for kind in ("hmoe", "flat"):
         Federation(run, kind, CFG, prep).run(progress=False)
     return run

@@ -15,8 +15,7 @@ import pytest
 from safetensors.numpy import load, load_file, save
 
 from tests.conftest import CFG
-from trainer.simulation import Federation, prepare, start_run
-from trainer.strategy import Strategy
+from trainer.simulation import Federation, open_run
 
 SECRET = "fleet-secret"
 BIN = Path(sys.executable).parent
@@ -29,9 +28,7 @@ def free_port() -> int:
 
 
 def make_run(path: Path, cfg) -> Path:
-    start_run(path, cfg, resume=False)
-    prep = prepare(cfg)
-    prep.data.tree.to_json(path / "hierarchy.json")
+    cfg, prep = open_run(path, cfg, resume=False)
     Federation(path, "hmoe", cfg, prep)  # writes the initial expert checkpoints
     return path
 
@@ -77,7 +74,8 @@ def enrol(url: str) -> dict:
 def post_update(url, auth, a, weights, samples=10, key=None, **over):
     headers = {**auth, "X-Round": str(a["round"]), "X-Expert": a["expert"],
                "X-Base-Version": str(a["weights_version"]), "X-Samples": str(samples),
-               "X-Idempotency-Key": key or f"k-{time.time_ns()}", "X-Metrics": "{}"}
+               "X-Idempotency-Key": key or f"k-{time.time_ns()}", "X-Metrics": "{}",
+               "X-Hyperparameters": json.dumps(a["hyperparameters"])}
     headers.update({k: str(v) for k, v in over.items()})
     body = weights if isinstance(weights, bytes) else save(weights)
     return httpx.post(url + "/update", content=body, headers=headers)
@@ -117,7 +115,14 @@ def test_bad_input_is_refused_and_state_does_not_change(run, tmp_path):
             (dict(auth=auth, weights=w, samples=-5), 422),
             (dict(auth=auth, weights=w, samples=10**12), 422),
             (dict(auth=auth, weights=w, **{"X-Round": a["round"] - 1}), 409),
-            (dict(auth=auth, weights=w, **{"X-Expert": "Shoes" if a["expert"] != "Shoes" else "root"}), 409),
+            (dict(auth=auth, weights=w, **{"X-Expert": "Shoes" if a["expert"] != "Shoes" else "root"}), 422),
+            (dict(auth=auth, weights=w, **{"X-Expert": "Hats"}), 422),
+            (dict(auth=auth, weights=w, **{"X-Hyperparameters": json.dumps({**a["hyperparameters"], "lr": 9.0})}),
+             422),
+            (dict(auth=auth, weights=w, **{"X-Hyperparameters": json.dumps({**a["hyperparameters"], "knob": 1})}),
+             422),
+            (dict(auth=auth, weights=w, **{"X-Hyperparameters": "[" * 5000}), 422),
+            (dict(auth=auth, weights=w, **{"X-Metrics": "[" * 5000}), 422),
             (dict(auth=auth, weights=w, **{"X-Base-Version": a["weights_version"] - 1}), 409),
             (dict(auth=auth, weights=w, **{"X-Samples": "many"}), 422),
         ]
@@ -173,9 +178,11 @@ def test_crash_between_commit_and_checkpoint_copy_is_repaired_on_restart(run, tm
         f"c = Coordinator({str(run)!r}, {str(db)!r}, {SECRET!r}, min_updates=1)\n"
         "c._write_checkpoint = lambda *a, **k: os._exit(9)\n"
         "dev = c.enroll(" + repr(SECRET) + ")['device_id']\n"
+        "from safetensors.numpy import load_file\n"
         "cur = c.current()\n"
-        "w = {k: v + 0.5 for k, v in c._initial(cur['expert']).items()}\n"
-        "c.submit(dev, cur['round'], cur['expert'], cur['weights_version'], 10, 'k', {}, save(w))\n"
+        "w = {k: v + 0.5 for k, v in load_file(str(c.weights_file(cur['expert']))).items()}\n"
+        "hp = c.strategy.client_config(cur['expert'], cur['round']).to_dict()\n"
+        "c.submit(dev, cur['round'], cur['expert'], cur['weights_version'], 10, 'k', {}, save(w), hp)\n"
     )
     r = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True, timeout=120)
     assert r.returncode == 9, r.stderr
@@ -232,7 +239,7 @@ def test_four_devices_over_http_match_the_simulation(tmp_path):
         from trainer.coordinator import Coordinator
         coord = Coordinator(run, tmp_path / "state.sqlite", SECRET, min_updates=4)
         tree = coord.tree
-        strategy = Strategy(tree, coord.tasks, cfg.schedule, cfg.seed, 4, 1)
+        strategy = cfg.strategy("hmoe", tree, coord.tasks)
         for rnd in range(3):
             expert = strategy.choose_task(rnd)
             updates = coord.round_updates(rnd)
@@ -291,10 +298,12 @@ def test_sync_refuses_hyperparameters_it_does_not_know(run, tmp_path):
     import uvicorn
 
     from edge_runtime.sync import SyncError, sync
-    from trainer.coordinator import Coordinator, create_app
+    from trainer.coordinator import Coordinator
+    from trainer.coordinator_app import create_app
     coord = Coordinator(run, tmp_path / "state.sqlite", SECRET, min_updates=2)
     plain = coord.assignment
-    coord.assignment = lambda: (lambda a: {**a, "hyperparameters": {**a["hyperparameters"], "future_knob": 1}})(plain())
+    coord.assignment = lambda *args: (lambda a: {**a, "hyperparameters": {**a["hyperparameters"],
+                                                                          "future_knob": 1}})(plain(*args))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(coord), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -5,7 +5,16 @@ import itertools
 import numpy as np
 import pytest
 
-from hierarchy import Hierarchy, beam, decode, greedy, leaf_rule, majority_rule, node_probs, threshold
+from hierarchy import (
+    Hierarchy,
+    beam,
+    decode,
+    greedy,
+    leaf_rule,
+    majority_rule,
+    node_probs,
+    threshold,
+)
 from hierarchy.decode import DecodeError, parse_decoder
 
 #   root

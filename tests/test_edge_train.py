@@ -17,7 +17,7 @@ from edge_runtime.local_train import TrainError, load_local_data, train_expert
 from exporter.bundle import export_run
 from tests.conftest import CFG
 from trainer.client import LocalConfig
-from trainer.simulation import Federation, prepare, start_run
+from trainer.simulation import Federation, open_run
 
 
 def edge(*args: str) -> subprocess.CompletedProcess:
@@ -31,9 +31,7 @@ def wide_bundle(tmp_path_factory) -> Path:
     from dataclasses import replace
     cfg = replace(CFG, expert_width=32, hmoe_rounds=1)
     run = tmp_path_factory.mktemp("wide") / "run"
-    start_run(run, cfg, resume=False)
-    prep = prepare(cfg)
-    prep.data.tree.to_json(run / "hierarchy.json")
+    _, prep = open_run(run, cfg, resume=False)
     Federation(run, "hmoe", cfg, prep).run(progress=False)
     out = run.parent / "bundle"
     export_run(run, out, progress=False, validate_images=50)

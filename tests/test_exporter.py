@@ -16,6 +16,7 @@ from hierarchy import info_f1
 from tests.conftest import CFG
 from trainer.simulation import Federation, prepare
 
+
 def hmoe_edge(*args: str) -> subprocess.CompletedProcess:
     exe = shutil.which("hmoe-edge", path=str(Path(sys.executable).parent))
     cmd = [exe, *args] if exe else [sys.executable, "-m", "edge_runtime.cli", *args]

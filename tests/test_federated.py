@@ -12,7 +12,8 @@ import pytest
 
 from trainer.client import LocalConfig
 from trainer.datasets import DatasetError, load_dataset
-from trainer.simulation import Federation, RunConfig, prepare, start_run
+from trainer.run import RunConfig
+from trainer.simulation import Federation, open_run
 
 TINY = dict(clients=4, clients_per_round=2, hmoe_rounds=5, flat_rounds=2, expert_width=4, flat_width=4,
             local=LocalConfig(batch_size=16, lr=0.05))
@@ -31,8 +32,8 @@ needs_fashion = pytest.mark.skipif(not fashion_available() and not os.environ.ge
 
 
 def run_family(tmp: Path, kind: str, cfg: RunConfig, rounds: int | None = None) -> Federation:
-    start_run(tmp, cfg, resume=(tmp / "config.json").exists())
-    fed = Federation(tmp, kind, cfg, prepare(cfg))
+    cfg, prep = open_run(tmp, cfg, resume=(tmp / "config.json").exists())
+    fed = Federation(tmp, kind, cfg, prep)
     fed.run(rounds, progress=False)
     return fed
 

@@ -5,7 +5,15 @@ import math
 import numpy as np
 import pytest
 
-from hierarchy import Hierarchy, correct, exact, info_f1, info_precision, info_recall, summarize
+from hierarchy import (
+    Hierarchy,
+    correct,
+    exact,
+    info_f1,
+    info_precision,
+    info_recall,
+    summarize,
+)
 
 #   root
 #   |-- A

@@ -9,6 +9,7 @@ from trainer.fedavg import fedavg
 from trainer.nets import NetConfig, analytic_bytes, build_net, num_params
 from trainer.partition import partition
 from trainer.schedules import ScheduleContext, get_schedule
+from trainer.simulation import SimulatedClients
 from trainer.strategy import Strategy, make_tasks
 
 
@@ -59,9 +60,10 @@ def test_schedules():
 def test_strategy_is_deterministic_and_drops_clients():
     tree = load_taxonomy("fashion-mnist")
     tasks = make_tasks(tree, "hmoe", (1, 28, 28), 4)
-    s = Strategy(tree, tasks, "round-robin", seed=1, num_clients=10, clients_per_round=4, dropout=0.5)
-    assert s.sample_clients(3) == s.sample_clients(3) and len(s.sample_clients(3)) == 4
-    drops = [s.drops_out(r, c) for r in range(50) for c in range(10)]
+    s = Strategy(tree, tasks, "round-robin", seed=1)
+    sim = SimulatedClients(seed=1, num_clients=10, per_round=4, dropout=0.5)
+    assert sim.sample(3) == sim.sample(3) and len(sim.sample(3)) == 4
+    drops = [sim.drops_out(r, c) for r in range(50) for c in range(10)]
     assert 0.3 < np.mean(drops) < 0.7
     labels = np.arange(10)
     idx, target = s.client_data("Shoes", labels, np.arange(10))

@@ -10,13 +10,13 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save
 
+from hierarchy.errors import HmoeError
 from hierarchy.tree import write_bytes_atomic
-
+from trainer.config import NetConfig
 from trainer.fedavg import Weights
-from trainer.nets import NetConfig
 
 
-class CheckpointError(ValueError):
+class CheckpointError(HmoeError, ValueError):
     """A checkpoint is missing, corrupt, or does not match what was expected."""
 
 
@@ -49,8 +49,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[Weights, NetConfig, dict]:
         extra = json.loads(meta.get("meta", "{}"))
     except (SafetensorError, OSError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: corrupt checkpoint ({exc})") from None
-    from trainer.nets import build_net
-    expected = {k: tuple(v.shape) for k, v in build_net(cfg).state_dict().items()}
+    expected = cfg.param_shapes()
     got = {k: tuple(v.shape) for k, v in weights.items()}
     if got != expected:
         diff = sorted(set(got.items()) ^ set(expected.items()))[:3]

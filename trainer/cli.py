@@ -6,7 +6,8 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from hierarchy import HierarchyError, build_taxonomy, load_taxonomy
+from hierarchy import build_taxonomy, load_taxonomy
+from hierarchy.errors import HmoeError
 
 COMMANDS: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
 
@@ -76,9 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args) or 0)
-    except (HierarchyError, FileNotFoundError, FileExistsError, KeyError, ValueError, RuntimeError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"hmoe {args.command}: error: {msg}", file=sys.stderr)
+    except (HmoeError, OSError) as exc:   # a user's error or the system's: one line; a bug keeps its traceback
+        print(f"hmoe {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from hierarchy.errors import UsageError
+from trainer.config import LocalConfig, NetConfig
 from trainer.fedavg import Weights
-from trainer.nets import NetConfig, build_net
-
-
-@dataclass(frozen=True)
-class LocalConfig:
-    """Hyper-parameters of a client's local update; sent to devices with each assignment."""
-
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    optimizer: str = "sgd"       # sgd | adam
-    clip_norm: float = 0.0       # clip each batch's gradient to this L2 norm (0: no clipping)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from trainer.nets import build_net
 
 
 class Normalizer:
@@ -54,7 +39,7 @@ def make_optimizer(params, cfg: LocalConfig) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; expected sgd or adam")
+    raise UsageError(f"unknown optimizer {cfg.optimizer!r}; expected sgd or adam")
 
 
 def local_update(net_cfg: NetConfig, weights: Weights | None, x: np.ndarray, y: np.ndarray,
@@ -67,7 +52,7 @@ def local_update(net_cfg: NetConfig, weights: Weights | None, x: np.ndarray, y: 
     while peak memory follows the micro-batch.
     """
     if len(x) == 0:
-        raise ValueError("local_update needs at least one sample")
+        raise UsageError("local_update needs at least one sample")
     torch.manual_seed(seed)
     net = build_net(net_cfg).to(device)
     if weights is not None:

@@ -7,11 +7,12 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from hierarchy.errors import UsageError
 from trainer.cli import command
-from trainer.client import LocalConfig
+from trainer.config import LocalConfig
 from trainer.partition import PARTITIONS
+from trainer.run import RunConfig, RunError, load_run_config
 from trainer.schedules import SCHEDULES
-from trainer.simulation import RunConfig, load_run_config, prepare, start_run
 
 # The demo's defaults (README): 20 clients, Dirichlet(0.5) non-IID, 5 clients a round, SGD
 # (lr 0.05, momentum 0.9, cosine decay), one local epoch (experts: balanced by data share);
@@ -67,11 +68,11 @@ def _config(args: argparse.Namespace) -> RunConfig:
                         ("--clients", args.clients), ("--expert-width", args.expert_width),
                         ("--flat-width", args.flat_width)):
         if value < 1:
-            raise ValueError(f"{name} must be at least 1; got {value}")
+            raise UsageError(f"{name} must be at least 1; got {value}")
     if args.device.startswith("cuda"):
         import torch
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+            raise UsageError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
     return RunConfig(dataset=args.dataset, data_root=args.data_root, clients=args.clients,
                      clients_per_round=args.clients_per_round, partition=args.partition, alpha=args.alpha,
                      dropout=args.dropout, seed=args.seed, train_limit=args.train_limit,
@@ -85,9 +86,8 @@ def train_run(out: Path, cfg: RunConfig, kinds: list[str], resume: bool, cost_cl
               progress: bool = True) -> dict:
     """Train (or continue) the given model families, then evaluate, measure cost, report."""
     from trainer.report import build_report, prepared_feds
-    cfg = start_run(out, cfg, resume)
-    prep = prepare(cfg)
-    prep.data.tree.to_json(out / "hierarchy.json")
+    from trainer.simulation import open_run
+    cfg, prep = open_run(out, cfg, resume)
     feds = prepared_feds(out, cfg, prep, kinds)
     for fed in feds.values():
         fed.run(progress=progress)
@@ -118,11 +118,12 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 def _eval(args: argparse.Namespace) -> int:
     from trainer.report import prepared_feds
+    from trainer.simulation import prepare
     run = Path(args.run_dir)
     cfg = load_run_config(run)
     kinds = [k for k in ("hmoe", "flat") if (run / f"state-{k}.json").exists()]
     if not kinds:
-        raise FileNotFoundError(f"{run}: no trained model (no state-hmoe.json or state-flat.json)")
+        raise RunError(f"{run}: no trained model (no state-hmoe.json or state-flat.json)")
     prep = prepare(cfg)
     feds = prepared_feds(run, cfg, prep, kinds)
     rows = []
@@ -171,6 +172,7 @@ def _demo_bundle(out: Path, cfg: RunConfig, s: dict, progress: bool) -> dict:
     import shutil
     import subprocess
     import sys
+
     from exporter.bundle import export_run
     bundle = out / "bundle"
     if bundle.exists():

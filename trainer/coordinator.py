@@ -1,14 +1,22 @@
-"""The coordinator: real devices enrol, fetch their assignment and weights, push updates;
-one expert per round, aggregated with the simulation's own strategy and FedAvg.
+"""The coordinator: the round protocol over HTTP for devices that have only an HTTP client.
+
+It moves messages and decides nothing: which expert a round trains, each device's
+hyper-parameters and seed, how updates combine and the schedule's state all come from
+the run's ``Strategy``, exactly as in the simulation. No torch is loaded (aggregation is
+numpy), except by a schedule that reads validation errors, which validates each new
+expert on the run's validation split.
 
 State lives in SQLite (WAL, synchronous=FULL: a committed row survives kill -9);
 weights and accepted updates are files written atomically *before* the transaction
 that refers to them commits, so an acknowledged update is never lost and a crash
-between the two leaves only an orphan file.
+between the two leaves only an orphan file. Checking that a round is open and storing
+an update are one step under the same lock that closes rounds, so an acknowledged
+update is always in its round's aggregate.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import hmac
 import json
@@ -20,30 +28,47 @@ import time
 from pathlib import Path
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request, Response
 from safetensors import SafetensorError
 from safetensors.numpy import load, load_file, save
 
-from hierarchy import Hierarchy
+from hierarchy.errors import HmoeError
 from hierarchy.tree import write_bytes_atomic
 from trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from trainer.config import LocalConfig
 from trainer.fedavg import Weights
-from trainer.simulation import load_run_config
-from trainer.strategy import Strategy, make_tasks
+from trainer.run import load_strategy_state, run_files
+from trainer.strategy import StrategyError, make_tasks
 
 MAX_UPDATE_BYTES = 16 * 1024 * 1024
 MAX_SAMPLES = 10_000_000
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS devices (id TEXT PRIMARY KEY, token_hash TEXT NOT NULL, name TEXT, created REAL);
+CREATE TABLE IF NOT EXISTS devices (id TEXT PRIMARY KEY, idx INTEGER NOT NULL UNIQUE, token_hash TEXT NOT NULL,
+    name TEXT, created REAL);
 CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY, expert TEXT NOT NULL, base_version INTEGER NOT NULL,
     started REAL NOT NULL, deadline REAL NOT NULL, aggregated REAL);
 CREATE TABLE IF NOT EXISTS updates (id INTEGER PRIMARY KEY AUTOINCREMENT, round INTEGER NOT NULL,
-    device TEXT NOT NULL, expert TEXT NOT NULL, idem_key TEXT NOT NULL UNIQUE, samples INTEGER NOT NULL,
-    metrics TEXT, file TEXT NOT NULL, received REAL NOT NULL, UNIQUE(round, device));
+    device TEXT NOT NULL, expert TEXT NOT NULL, idem_key TEXT NOT NULL, samples INTEGER NOT NULL,
+    hyperparameters TEXT NOT NULL, metrics TEXT, file TEXT NOT NULL, received REAL NOT NULL,
+    UNIQUE(round, device), UNIQUE(device, idem_key));
+CREATE TABLE IF NOT EXISTS excused (round INTEGER NOT NULL, device TEXT NOT NULL, reason TEXT NOT NULL,
+    PRIMARY KEY (round, device));
 CREATE TABLE IF NOT EXISTS versions (expert TEXT NOT NULL, version INTEGER NOT NULL, file TEXT NOT NULL,
     round INTEGER, PRIMARY KEY (expert, version));
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+
+class CoordinatorError(HmoeError):
+    """The coordinator cannot start as asked (its database disagrees with the run or the flags)."""
+
+
+class InvalidUpdate(HmoeError, ValueError):
+    """An update that can never be accepted (malformed, wrong tensors, other hyper-parameters): 422."""
+
+
+class StaleUpdate(HmoeError, LookupError):
+    """An update for a round or weights version that is no longer current, or a second one: 409."""
 
 
 def _hash(token: str) -> str:
@@ -54,48 +79,67 @@ class Coordinator:
     """Round logic over SQLite; the HTTP layer (``create_app``) is a thin shell around it."""
 
     def __init__(self, run_dir: str | os.PathLike, db: str | os.PathLike, secret: str, min_updates: int = 2,
-                 round_seconds: float = 600.0, clients_hint: int = 20) -> None:
+                 round_seconds: float = 600.0, schedule: str | None = None) -> None:
+        if min_updates < 1:
+            raise CoordinatorError(f"min_updates must be at least 1; got {min_updates}")
         self.run_dir = Path(run_dir)
-        self.cfg = load_run_config(self.run_dir)
-        self.tree = Hierarchy.from_json(self.run_dir / "hierarchy.json")
+        self.cfg, self.tree, self.spec = run_files(self.run_dir)
         self.secret, self.min_updates, self.round_seconds = secret, min_updates, round_seconds
-        shape = self._input_shape()
-        self.tasks = make_tasks(self.tree, "hmoe", shape, self.cfg.expert_width, self.cfg.depth)
-        self.strategy = Strategy(self.tree, self.tasks, self.cfg.schedule, self.cfg.seed,
-                                 max(clients_hint, 1), 1, 0.0)
+        self.tasks = make_tasks(self.tree, "hmoe", self.spec.shape, self.cfg.expert_width, self.cfg.depth)
+        self.strategy = self.cfg.strategy("hmoe", self.tree, self.tasks, schedule=schedule)
+        self.expected = {k: {n: (s, np.dtype(np.float32)) for n, s in t.net.param_shapes().items()}
+                         for k, t in self.tasks.items()}
         self.store = self.run_dir / "coordinator"
         self.last_aggregation: dict | None = None
-        self._manifest: dict | None = None
+        self._validation = None
         self.lock = threading.RLock()
         self.db = sqlite3.connect(str(db), check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
-        self._bootstrap()
-        self.expected = {k: {n: (tuple(a.shape), a.dtype) for n, a in self._initial(k).items()} for k in self.tasks}
+        self._bootstrap(Path(db))
+        self._manifest = self._build_manifest()
 
     # ------------------------------------------------------------- set-up
-    def _input_shape(self) -> tuple[int, int, int]:
-        for f in sorted((self.run_dir / "experts").glob("*.safetensors")):
-            _, cfg, _ = load_checkpoint(f)
-            return tuple(cfg.in_shape)
-        raise FileNotFoundError(f"{self.run_dir}: no expert checkpoints; train or initialise the run first")
-
-    def _initial(self, key: str) -> Weights:
-        weights, _, _ = load_checkpoint(self._checkpoint_path(key))
-        return weights
-
-    def _bootstrap(self) -> None:
+    def _bootstrap(self, db: Path) -> None:
         with self.lock:
+            saved = self.db.execute("SELECT value FROM meta WHERE key = 'strategy'").fetchone()
+            if saved is None:   # first start: the schedule's state as the run left it
+                state = {**load_strategy_state(self.run_dir), "schedule": self.strategy.schedule_name}
+                self.strategy.restore(state)
+                self.db.execute("INSERT INTO meta VALUES ('strategy', ?)", (json.dumps(self.strategy.state()),))
+            else:
+                state = json.loads(saved[0])
+                if state["schedule"] != self.strategy.schedule_name:
+                    raise CoordinatorError(f"{db} was created with schedule {state['schedule']!r}; this start asks "
+                                           f"for {self.strategy.schedule_name!r}: restart with --schedule "
+                                           f"{state['schedule']} or use a new --db")
+                try:
+                    self.strategy.restore(state)
+                except StrategyError as exc:
+                    raise CoordinatorError(f"{db}: {exc}") from None
             if self.db.execute("SELECT COUNT(*) FROM versions").fetchone()[0] == 0:
                 for key in self.tasks:
                     path = self.store / "weights" / f"{self.tasks[key].file_stem}-v0.safetensors"
-                    write_bytes_atomic(path, save(self._initial(key)))
+                    weights, _, _ = load_checkpoint(self._checkpoint_path(key))
+                    write_bytes_atomic(path, save(weights))
                     self.db.execute("INSERT INTO versions VALUES (?, 0, ?, NULL)", (key, path.name))
             if self.db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0] == 0:
                 self._open_round(0)
             self._repair_checkpoints()
+            self._devices = {h: (d, i) for d, i, h in self.db.execute("SELECT id, idx, token_hash FROM devices")}
+            self._load_current()
         self.tick()
+
+    def _load_current(self) -> None:
+        """The open round and its answer count, kept in memory so reads do not wait on the database."""
+        r = self.db.execute("SELECT round, expert, base_version, deadline FROM rounds WHERE aggregated IS NULL "
+                            "ORDER BY round DESC LIMIT 1").fetchone()
+        self._current = {"round": r[0], "expert": r[1], "weights_version": r[2], "deadline": r[3]}
+        self._answered = self._count("updates", r[0]) + self._count("excused", r[0])
+
+    def _count(self, table: str, rnd: int) -> int:
+        return self.db.execute(f"SELECT COUNT(*) FROM {table} WHERE round = ?", (rnd,)).fetchone()[0]
 
     def _checkpoint_path(self, key: str) -> Path:
         return self.run_dir / "experts" / f"{self.tasks[key].file_stem}.safetensors"
@@ -129,6 +173,14 @@ class Coordinator:
         self.db.execute("INSERT INTO rounds VALUES (?, ?, ?, ?, ?, NULL)",
                         (rnd, expert, self.version(expert), now, now + self.round_seconds))
 
+    def _build_manifest(self) -> dict:
+        """What a device needs to train any expert: hierarchy, the run's input spec, network configs."""
+        return {"format_version": 1, "hierarchy": self.tree.to_dict(), "input": self.spec.to_dict(),
+                "experts": [{"node": k, "children": [self.tree.names[c] for c in self.tree.children(t.node)],
+                             "file": "", "sha256": "", "params": 0, "bytes": 0, "opset": 0,
+                             "net": json.loads(t.net.to_json())} for k, t in self.tasks.items()],
+                "flat": None}
+
     # ------------------------------------------------------------- queries
     def version(self, expert: str) -> int:
         return self.db.execute("SELECT MAX(version) FROM versions WHERE expert = ?", (expert,)).fetchone()[0]
@@ -139,49 +191,48 @@ class Coordinator:
         return self.store / "weights" / row[0]
 
     def current(self) -> dict:
-        r = self.db.execute("SELECT round, expert, base_version, deadline FROM rounds WHERE aggregated IS NULL "
-                            "ORDER BY round DESC LIMIT 1").fetchone()
-        return {"round": r[0], "expert": r[1], "weights_version": r[2], "deadline": r[3]}
+        return dict(self._current)
 
     def status(self) -> dict:
         with self.lock:
             cur = self.current()
-            n = self.db.execute("SELECT COUNT(*) FROM updates WHERE round = ?", (cur["round"],)).fetchone()[0]
+            n = self._count("updates", cur["round"])
             versions = {k: self.version(k) for k in self.tasks}
             done = self.db.execute("SELECT COUNT(*) FROM rounds WHERE aggregated IS NOT NULL").fetchone()[0]
             total = self.db.execute("SELECT COUNT(*) FROM updates").fetchone()[0]
-        return {**cur, "updates_received": n, "min_updates": self.min_updates, "versions": versions,
-                "rounds_aggregated": done, "updates_total": total, "last_aggregation": self.last_aggregation}
-
-    def assignment(self) -> dict:
-        self.tick()
-        with self.lock:
-            cur = self.current()
-        node = self.tree.index(cur["expert"])
-        return {**cur, "children": [self.tree.names[c] for c in self.tree.children(node)],
-                "hyperparameters": self.cfg.local_for_round("hmoe", cur["round"]).to_dict()}
+        return {**cur, "updates_received": n, "answered": self._answered, "min_updates": self.min_updates,
+                "versions": versions, "rounds_aggregated": done, "updates_total": total,
+                "schedule": self.strategy.schedule_name, "last_aggregation": self.last_aggregation}
 
     def manifest(self) -> dict:
-        """What a device needs to train any expert: hierarchy, input spec, network configs."""
-        if self._manifest is None:
-            self._manifest = self._build_manifest()
         return self._manifest
 
-    def _build_manifest(self) -> dict:
-        from trainer.datasets import load_dataset
-        shape = list(self._input_shape())
+    def assignment(self, device: str | None = None, leaf_counts: list[int] | None = None) -> dict:
+        """The open round for a device, with the hyper-parameters and seed the strategy gives it.
+
+        ``leaf_counts`` (the device's samples per label) let the strategy balance epochs as the
+        simulation does; a device with no sample under the round's expert is excused from it."""
+        self.tick()
+        cur = self.current()
+        key, rnd = cur["expert"], cur["round"]
+        idx = self._index_of(device)
+        out = {**cur, "children": [self.tree.names[c] for c in self.tree.children(self.tasks[key].node)],
+               "seed": self.strategy.client_seed(rnd, idx)}
+        if leaf_counts is None:
+            out.update(hyperparameters=self.strategy.client_config(key, rnd).to_dict(), samples=None)
+            return out
         try:
-            data = load_dataset(self.cfg.dataset, self.cfg.data_root, download=False)
-            norm = {"mean": list(data.mean), "std": list(data.std), "color": data.color}
-        except FileNotFoundError:
-            c = shape[0]
-            norm = {"mean": [0.5] * c, "std": [0.25] * c, "color": "L" if c == 1 else "RGB"}
-        return {"format_version": 1, "hierarchy": self.tree.to_dict(),
-                "input": {"shape": shape, **norm},
-                "experts": [{"node": k, "children": [self.tree.names[c] for c in self.tree.children(t.node)],
-                             "file": "", "sha256": "", "params": 0, "bytes": 0, "opset": 0,
-                             "net": json.loads(t.net.to_json())} for k, t in self.tasks.items()],
-                "flat": None}
+            samples = self.strategy.task_samples(key, np.asarray(leaf_counts))
+        except ValueError as exc:
+            raise InvalidUpdate(str(exc)) from None
+        out.update(hyperparameters=self.strategy.client_config(key, rnd, int(sum(leaf_counts)), samples).to_dict(),
+                   samples=samples)
+        if samples == 0 and device is not None:
+            self.excuse(device, rnd, "no samples under the expert")
+        return out
+
+    def _index_of(self, device: str | None) -> int:
+        return next((i for d, i in self._devices.values() if d == device), -1)
 
     # ------------------------------------------------------------- devices
     def enroll(self, secret: str, name: str = "") -> dict:
@@ -189,179 +240,165 @@ class Coordinator:
             raise PermissionError("wrong enrolment secret")
         device, token = secrets.token_hex(8), secrets.token_urlsafe(24)
         with self.lock:
-            self.db.execute("INSERT INTO devices VALUES (?, ?, ?, ?)", (device, _hash(token), name, time.time()))
-        return {"device_id": device, "token": token}
+            idx = self.db.execute("SELECT COALESCE(MAX(idx) + 1, 0) FROM devices").fetchone()[0]
+            self.db.execute("INSERT INTO devices VALUES (?, ?, ?, ?, ?)", (device, idx, _hash(token), name, time.time()))
+            self._devices[_hash(token)] = (device, idx)
+        return {"device_id": device, "token": token, "index": idx}
 
     def device_for(self, token: str) -> str | None:
-        row = self.db.execute("SELECT id FROM devices WHERE token_hash = ?", (_hash(token),)).fetchone()
-        return row[0] if row else None
+        found = self._devices.get(_hash(token))
+        return found[0] if found else None
+
+    def excuse(self, device: str, rnd: int, reason: str) -> None:
+        """The device will send nothing for round ``rnd`` (no samples under its expert, or its
+        local training diverged): it counts as an answer, as the simulation skips such a client."""
+        with self.lock:
+            if rnd != self._current["round"]:
+                raise StaleUpdate(f"round {rnd} is closed; the current round is {self._current['round']}")
+            if self.db.execute("SELECT 1 FROM updates WHERE round = ? AND device = ?", (rnd, device)).fetchone():
+                raise StaleUpdate(f"device {device} already sent an update for round {rnd}")
+            cur = self.db.execute("INSERT OR IGNORE INTO excused VALUES (?, ?, ?)", (rnd, device, reason[:200]))
+            self._answered += cur.rowcount
+        self.tick()
 
     # ------------------------------------------------------------- updates
     def check_update(self, expert: str, body: bytes) -> Weights:
-        """Parse and validate an update's tensors; raises ValueError (-> 422)."""
+        """Parse and validate an update's tensors; raises InvalidUpdate (-> 422)."""
         try:
             weights = load(body)
         except (SafetensorError, ValueError, OSError, TypeError) as exc:
-            raise ValueError(f"body is not a safetensors file ({exc})") from None
+            raise InvalidUpdate(f"body is not a safetensors file ({exc})") from None
         want = self.expected[expert]
         missing, extra = sorted(set(want) - set(weights)), sorted(set(weights) - set(want))
         if missing or extra:
-            raise ValueError(f"tensor names differ from expert {expert!r}: missing {missing[:3]}, extra {extra[:3]}")
+            raise InvalidUpdate(f"tensor names differ from expert {expert!r}: missing {missing[:3]}, extra {extra[:3]}")
         for name, arr in weights.items():
             shape, dtype = want[name]
             if tuple(arr.shape) != shape or arr.dtype != dtype:
-                raise ValueError(f"tensor {name!r} is {arr.dtype}{list(arr.shape)}; expected {dtype}{list(shape)}")
+                raise InvalidUpdate(f"tensor {name!r} is {arr.dtype}{list(arr.shape)}; expected {dtype}{list(shape)}")
             if not np.all(np.isfinite(arr)):
-                raise ValueError(f"tensor {name!r} holds NaN or infinite values")
+                raise InvalidUpdate(f"tensor {name!r} holds NaN or infinite values")
         return weights
 
+    def check_hyperparameters(self, expert: str, rnd: int, hyperparameters: dict, samples: int,
+                              client_samples: int | None) -> None:
+        """The update must have been trained with what the strategy assigned to this client."""
+        try:
+            used = LocalConfig.from_dict(hyperparameters)
+        except (TypeError, ValueError) as exc:
+            raise InvalidUpdate(f"X-Hyperparameters: {exc}; expected the assignment's hyperparameters") from None
+        if client_samples is None:
+            assigned = self.strategy.client_config(expert, rnd)
+        else:
+            if client_samples < samples:
+                raise InvalidUpdate(f"X-Client-Samples {client_samples} is below X-Samples {samples}")
+            assigned = self.strategy.client_config(expert, rnd, client_samples, samples)
+        diff = used.differences(assigned)
+        if diff:
+            raise InvalidUpdate("trained with other hyper-parameters than round {} assigned: {}".format(
+                rnd, ", ".join(f"{f} {getattr(used, f)!r} (assigned {getattr(assigned, f)!r})" for f in diff)))
+
+    def _check_current(self, rnd: int, expert: str, base_version: int) -> None:
+        cur = self._current
+        if rnd != cur["round"]:
+            raise StaleUpdate(f"update for round {rnd}; the current round is {cur['round']}")
+        if expert != cur["expert"]:
+            raise InvalidUpdate(f"update for expert {expert!r}; round {rnd} trains {cur['expert']!r}")
+        if base_version != cur["weights_version"]:
+            raise StaleUpdate(f"update from weights version {base_version}; round {rnd} started from "
+                              f"version {cur['weights_version']}")
+
     def submit(self, device: str, rnd: int, expert: str, base_version: int, samples: int, idem_key: str,
-               metrics: dict, body: bytes) -> dict:
-        """Accept an update once. Raises ValueError (422) or LookupError (409)."""
+               metrics: dict, body: bytes, hyperparameters: dict, client_samples: int | None = None) -> dict:
+        """Accept an update once. Raises InvalidUpdate (422) or StaleUpdate (409)."""
         if not idem_key or len(idem_key) > 128:
-            raise ValueError("an idempotency key of 1 to 128 characters is required")
+            raise InvalidUpdate("an idempotency key of 1 to 128 characters is required")
         if not 1 <= samples <= MAX_SAMPLES:
-            raise ValueError(f"sample count {samples}; expected 1 to {MAX_SAMPLES}")
-        with self.lock:
-            dup = self.db.execute("SELECT round, expert FROM updates WHERE idem_key = ?", (idem_key,)).fetchone()
-            if dup:
-                return {"accepted": True, "duplicate": True, "round": dup[0], "expert": dup[1]}
-            cur = self.current()
-            if rnd != cur["round"]:
-                raise LookupError(f"update for round {rnd}; the current round is {cur['round']}")
-            if expert != cur["expert"]:
-                raise LookupError(f"update for expert {expert!r}; round {rnd} trains {cur['expert']!r}")
-            if base_version != cur["weights_version"]:
-                raise LookupError(f"update from weights version {base_version}; round {rnd} started from "
-                                  f"version {cur['weights_version']}")
-            if self.db.execute("SELECT 1 FROM updates WHERE round = ? AND device = ?", (rnd, device)).fetchone():
-                raise LookupError(f"device {device} already sent an update for round {rnd}")
+            raise InvalidUpdate(f"sample count {samples}; expected 1 to {MAX_SAMPLES}")
+        if expert not in self.tasks:
+            raise InvalidUpdate(f"unknown expert {expert!r}; experts are {', '.join(self.tasks)}")
+        self._check_current(rnd, expert, base_version)   # stale first: a late update is 409, however it looks
+        self.check_hyperparameters(expert, rnd, hyperparameters, samples, client_samples)
         self.check_update(expert, body)
-        path = self.store / "updates" / f"r{rnd:05d}-{device}-{hashlib.sha256(idem_key.encode()).hexdigest()[:12]}.safetensors"
+        path = self.store / "updates" / f"r{rnd:05d}-{device}-{secrets.token_hex(6)}.safetensors"
         write_bytes_atomic(path, body)
-        with self.lock:
-            try:
-                self.db.execute("INSERT INTO updates (round, device, expert, idem_key, samples, metrics, file, received) "
-                                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (rnd, device, expert, idem_key, samples,
-                                                                    json.dumps(metrics), path.name, time.time()))
-            except sqlite3.IntegrityError:
-                return {"accepted": True, "duplicate": True, "round": rnd, "expert": expert}
+        try:
+            with self.lock:   # the round check and the insert are one step: acknowledged means counted
+                dup = self.db.execute("SELECT round, expert FROM updates WHERE device = ? AND idem_key = ?",
+                                      (device, idem_key)).fetchone()
+                if dup:
+                    path.unlink()
+                    return {"accepted": True, "duplicate": True, "round": dup[0], "expert": dup[1]}
+                self._check_current(rnd, expert, base_version)
+                for table, what in (("updates", "already sent an update for"), ("excused", "was excused from")):
+                    if self.db.execute(f"SELECT 1 FROM {table} WHERE round = ? AND device = ?", (rnd, device)).fetchone():
+                        raise StaleUpdate(f"device {device} {what} round {rnd}")
+                self.db.execute("INSERT INTO updates (round, device, expert, idem_key, samples, hyperparameters, "
+                                "metrics, file, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                (rnd, device, expert, idem_key, samples, json.dumps(hyperparameters),
+                                 json.dumps(metrics), path.name, time.time()))
+                self._answered += 1
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
         self.tick()
         return {"accepted": True, "duplicate": False, "round": rnd, "expert": expert}
 
     def round_updates(self, rnd: int) -> list[tuple[Weights, int]]:
-        rows = self.db.execute("SELECT file, samples FROM updates WHERE round = ? ORDER BY id", (rnd,)).fetchall()
+        """The round's updates in device enrolment order (the simulation's client order)."""
+        rows = self.db.execute("SELECT u.file, u.samples FROM updates u JOIN devices d ON d.id = u.device "
+                               "WHERE u.round = ? ORDER BY d.idx", (rnd,)).fetchall()
         return [(load_file(str(self.store / "updates" / f)), n) for f, n in rows]
 
+    def _validation_error(self, key: str, weights: Weights) -> float | None:
+        """Only for a schedule that reads validation errors: the run's validation split, as the
+        simulation uses it (loads torch and the data set on first use)."""
+        from trainer.evaluate import validation_error
+        from trainer.simulation import prepare
+        if self._validation is None:
+            self._validation = prepare(self.cfg)
+        prep = self._validation
+        if not len(prep.val_idx):
+            return None
+        x, y = prep.data.train_x[prep.val_idx], prep.data.train_y[prep.val_idx]
+        return validation_error(self.tree, self.tasks[key], weights, x, y, prep.normalize)
+
     def tick(self) -> None:
-        """Aggregate the current round when enough updates arrived or its deadline passed."""
+        """Close the open round when ``min_updates`` devices answered it or its deadline passed:
+        aggregate, let the strategy see the result, open the next round, all in one commit."""
+        cur = self._current
+        if self._answered < self.min_updates and time.time() < cur["deadline"]:
+            return
         with self.lock:
-            cur = self.current()
-            n = self.db.execute("SELECT COUNT(*) FROM updates WHERE round = ?", (cur["round"],)).fetchone()[0]
-            if n < self.min_updates and not (time.time() >= cur["deadline"]):
+            cur = self._current
+            if self._answered < self.min_updates and time.time() < cur["deadline"]:
                 return
             key, rnd = cur["expert"], cur["round"]
             started = time.perf_counter()
-            if n:
-                new = self.strategy.aggregate(self.round_updates(rnd))
+            updates = self.round_updates(rnd)
+            saved_state = copy.deepcopy(self.strategy.state())
+            if updates:
+                new = self.strategy.aggregate(updates)
                 version = cur["weights_version"] + 1
                 path = self.store / "weights" / f"{self.tasks[key].file_stem}-v{version}.safetensors"
                 write_bytes_atomic(path, save(new))
+                if self.strategy.needs_validation:
+                    error = self._validation_error(key, new)
+                    if error is not None:
+                        self.strategy.record_validation(key, error)
             self.db.execute("BEGIN IMMEDIATE")
             try:
-                if n:
+                if updates:
                     self.db.execute("INSERT OR REPLACE INTO versions VALUES (?, ?, ?, ?)", (key, version, path.name, rnd))
                 self.db.execute("UPDATE rounds SET aggregated = ? WHERE round = ?", (time.time(), rnd))
+                self.db.execute("UPDATE meta SET value = ? WHERE key = 'strategy'", (json.dumps(self.strategy.state()),))
                 self._open_round(rnd + 1)
                 self.db.execute("COMMIT")
             except BaseException:
                 self.db.execute("ROLLBACK")
+                self.strategy.restore(saved_state)
                 raise
-            self.last_aggregation = {"round": rnd, "updates": n, "seconds": time.perf_counter() - started}
-            if n:  # the run directory's checkpoint follows, so `hmoe export --run` exports the fleet's result
+            self._load_current()
+            self.last_aggregation = {"round": rnd, "updates": len(updates), "seconds": time.perf_counter() - started}
+            if updates:  # the run directory's checkpoint follows, so `hmoe export --run` exports the fleet's result
                 self._write_checkpoint(key, new, rnd)
-
-
-def create_app(coord: Coordinator, max_update_bytes: int = MAX_UPDATE_BYTES) -> FastAPI:
-    app = FastAPI(title="hmoe coordinator", description="Federated rounds of one expert each, over HTTP.")
-    app.state.coordinator = coord
-
-    def device(request: Request) -> str:
-        header = request.headers.get("authorization", "")
-        if not header.lower().startswith("bearer "):
-            raise HTTPException(401, "missing bearer token; enrol with POST /enroll",
-                                headers={"WWW-Authenticate": "Bearer"})
-        found = coord.device_for(header[7:].strip())
-        if found is None:
-            raise HTTPException(403, "unknown device token")
-        return found
-
-    @app.post("/enroll")
-    async def enroll(request: Request) -> dict:
-        try:
-            body = await request.json()
-            secret = str(body["secret"])
-        except (ValueError, KeyError, TypeError):
-            raise HTTPException(422, "expected JSON {\"secret\": \"...\", \"name\": \"...\"}") from None
-        try:
-            return coord.enroll(secret, str(body.get("name", "")))
-        except PermissionError as exc:
-            raise HTTPException(403, str(exc)) from None
-
-    @app.get("/assignment")
-    def assignment(request: Request) -> dict:
-        device(request)
-        return coord.assignment()
-
-    @app.get("/manifest")
-    def manifest(request: Request) -> dict:
-        device(request)
-        return coord.manifest()
-
-    @app.get("/weights/{expert}")
-    def weights(expert: str, request: Request) -> Response:
-        device(request)
-        if expert not in coord.tasks:
-            raise HTTPException(404, f"unknown expert {expert!r}; experts are {', '.join(coord.tasks)}")
-        with coord.lock:
-            version = coord.version(expert)
-            data = coord.weights_file(expert, version).read_bytes()
-        return Response(data, media_type="application/octet-stream",
-                        headers={"X-Weights-Version": str(version), "X-Expert": expert})
-
-    @app.post("/update")
-    async def update(request: Request) -> dict:
-        dev = device(request)
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_update_bytes:
-            raise HTTPException(413, f"update of {length} bytes; the limit is {max_update_bytes}")
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_update_bytes:
-                raise HTTPException(413, f"update larger than the limit of {max_update_bytes} bytes")
-        h = request.headers
-        try:
-            rnd, base, samples = int(h["x-round"]), int(h["x-base-version"]), int(h["x-samples"])
-            expert, key = h["x-expert"], h["x-idempotency-key"]
-            metrics = json.loads(h.get("x-metrics", "{}"))
-            if not isinstance(metrics, dict):
-                raise ValueError("X-Metrics must be a JSON object")
-        except (KeyError, ValueError) as exc:
-            raise HTTPException(422, f"bad or missing update headers ({exc}); expected X-Round, X-Expert, "
-                                     "X-Base-Version, X-Samples, X-Idempotency-Key and optional X-Metrics") from None
-        if expert not in coord.tasks:
-            raise HTTPException(409, f"unknown expert {expert!r}")
-        try:
-            return coord.submit(dev, rnd, expert, base, samples, key, metrics, body)
-        except LookupError as exc:
-            raise HTTPException(409, str(exc)) from None
-        except ValueError as exc:
-            raise HTTPException(422, str(exc)) from None
-
-    @app.get("/status")
-    def status() -> dict:
-        coord.tick()
-        return coord.status()
-
-    return app

@@ -7,17 +7,21 @@ import os
 import threading
 import time
 
+from hierarchy.errors import UsageError
 from trainer.cli import command
+from trainer.schedules import SCHEDULES
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from trainer.coordinator import Coordinator, create_app
+    from trainer.coordinator import Coordinator
+    from trainer.coordinator_app import create_app
     secret = args.secret or os.environ.get("HMOE_ENROL_SECRET")
     if not secret:
-        raise ValueError("an enrolment secret is required: --secret S or $HMOE_ENROL_SECRET")
-    coord = Coordinator(args.run_dir, args.db, secret, min_updates=args.min_updates, round_seconds=args.round_seconds)
+        raise UsageError("an enrolment secret is required: --secret S or $HMOE_ENROL_SECRET")
+    coord = Coordinator(args.run_dir, args.db, secret, min_updates=args.min_updates, round_seconds=args.round_seconds,
+                        schedule=args.schedule)
 
     def ticker() -> None:  # rounds whose deadline passed close even when nobody asks
         while True:
@@ -32,13 +36,16 @@ def _serve(args: argparse.Namespace) -> int:
 
 @command("coordinator")
 def _add_coordinator(p: argparse.ArgumentParser) -> None:
-    """Serve federated rounds over HTTP (one expert per round, FedAvg, state in SQLite)."""
+    """Serve federated rounds over HTTP (the run's strategy, state in SQLite, no torch)."""
     p.add_argument("--run", dest="run_dir", required=True, help="run directory (config, hierarchy, expert checkpoints)")
     p.add_argument("--db", required=True, help="SQLite state file (created if missing, reused after a restart)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--secret", help="enrolment secret devices present (default: $HMOE_ENROL_SECRET)")
-    p.add_argument("--min-updates", type=int, default=2, help="aggregate a round once this many updates arrived")
+    p.add_argument("--min-updates", type=int, default=2,
+                   help="close a round once this many devices answered it (an update, or no samples under its expert)")
+    p.add_argument("--schedule", choices=sorted(SCHEDULES), default=None,
+                   help="which expert a round trains (default: the run's; fixed once the database exists)")
     p.add_argument("--round-seconds", type=float, default=600.0, help="round deadline: aggregate what arrived by then")
     p.add_argument("--max-update-bytes", type=int, default=16 * 1024 * 1024)
     p.add_argument("--log-level", default="warning")

@@ -13,9 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from hierarchy import Hierarchy, load_taxonomy
+from hierarchy.errors import HmoeError
+from hierarchy.spec import InputSpec
 
 
-class DatasetError(FileNotFoundError):
+class DatasetError(HmoeError):
     """A data set is missing or malformed; the message says where we looked and what to do."""
 
 
@@ -35,6 +37,11 @@ class Dataset:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(int(s) for s in self.train_x.shape[1:])
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return InputSpec(self.shape, tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std),
+                         self.color)
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:

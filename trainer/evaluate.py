@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from hierarchy import Hierarchy, decode, leaf_rule, majority_rule, summarize
+from hierarchy.errors import UsageError
 from trainer.client import Normalizer
 from trainer.nets import ConvNet
 
@@ -50,7 +51,7 @@ def evaluate_flat(tree: Hierarchy, net: ConvNet, x: np.ndarray, y: np.ndarray, n
     try:
         fn = FLAT_RULES[rule]
     except KeyError:
-        raise ValueError(f"unknown flat rule {rule!r}; expected one of {', '.join(FLAT_RULES)}") from None
+        raise UsageError(f"unknown flat rule {rule!r}; expected one of {', '.join(FLAT_RULES)}") from None
     return _scores(tree, y, fn(tree, predict_probs(net, x, normalize, device=device)))
 
 
@@ -62,3 +63,15 @@ def expert_accuracy(tree: Hierarchy, expert: int, net: ConvNet, x: np.ndarray, y
         return float("nan"), 0
     probs = predict_probs(net, x[mask], normalize, device=device)
     return float(np.mean(probs.argmax(axis=1) == target)), int(mask.sum())
+
+
+def validation_error(tree: Hierarchy, task, weights: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray,
+                     normalize: Normalizer, device: str = "cpu") -> float:
+    """1 - accuracy of ``task``'s expert with ``weights`` on the validation samples under it
+    (0 when none lies under it): what the worst-validation schedule reads, on every transport."""
+    from trainer.client import load_numpy
+    from trainer.nets import build_net
+    net = build_net(task.net).to(device)
+    load_numpy(net, weights)
+    acc, n = expert_accuracy(tree, task.node, net, x, y, normalize, device)
+    return 1.0 - acc if n else 0.0

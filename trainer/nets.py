@@ -2,38 +2,10 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, replace
-
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class NetConfig:
-    """Everything needed to rebuild a network; saved inside every checkpoint."""
-
-    in_shape: tuple[int, int, int]   # C, H, W
-    num_outputs: int
-    width: int = 16                  # channels of the first conv block; doubles per block
-    depth: int = 0                   # conv blocks; 0 = chosen from the input size
-    hidden: int = 0                  # units of the hidden dense layer; 0 = 4 * width
-
-    def resolved(self) -> "NetConfig":
-        c, h, w = self.in_shape
-        depth = self.depth or (1 if min(h, w) < 16 else 2 if min(h, w) <= 32 else 3 if min(h, w) <= 64 else 4)
-        if min(h, w) >> depth < 1:
-            raise ValueError(f"input {self.in_shape} is too small for {depth} conv blocks")
-        return replace(self, in_shape=tuple(self.in_shape), depth=depth, hidden=self.hidden or 4 * self.width)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self.resolved()))
-
-    @classmethod
-    def from_json(cls, text: str) -> "NetConfig":
-        d = json.loads(text)
-        d["in_shape"] = tuple(d["in_shape"])
-        return cls(**d).resolved()
+from trainer.config import NetConfig
 
 
 class ConvNet(nn.Module):

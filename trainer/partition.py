@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from hierarchy.errors import UsageError
+
 
 def iid(labels: np.ndarray, num_clients: int, seed: int, alpha: float = 0.0) -> list[np.ndarray]:
     """Shuffle and deal out equal shares."""
@@ -17,9 +19,9 @@ def dirichlet(labels: np.ndarray, num_clients: int, seed: int, alpha: float = 0.
     """For every label, split its samples across clients in Dirichlet(alpha) proportions
     (small alpha: each client sees few labels). Every client gets at least one sample."""
     if alpha <= 0:
-        raise ValueError(f"Dirichlet alpha must be > 0; got {alpha}")
+        raise UsageError(f"Dirichlet alpha must be > 0; got {alpha}")
     if num_clients > len(labels):
-        raise ValueError(f"{num_clients} clients for {len(labels)} samples; expected at most one client per sample")
+        raise UsageError(f"{num_clients} clients for {len(labels)} samples; expected at most one client per sample")
     rng = np.random.default_rng([seed, 2])
     parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
     for label in np.unique(labels):
@@ -44,7 +46,7 @@ def partition(name: str, labels: np.ndarray, num_clients: int, seed: int, alpha:
     try:
         fn = PARTITIONS[name]
     except KeyError:
-        raise ValueError(f"unknown partition {name!r}; expected one of {', '.join(PARTITIONS)}") from None
+        raise UsageError(f"unknown partition {name!r}; expected one of {', '.join(PARTITIONS)}") from None
     if num_clients < 1:
-        raise ValueError(f"need at least one client; got {num_clients}")
+        raise UsageError(f"need at least one client; got {num_clients}")
     return fn(np.asarray(labels), num_clients, seed, alpha)

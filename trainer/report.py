@@ -14,7 +14,8 @@ from hierarchy.tree import write_text_atomic
 from trainer.cost import summarize_costs, task_cost
 from trainer.evaluate import expert_accuracy
 from trainer.plots import plot_cost_per_task, plot_metric_vs_round
-from trainer.simulation import Federation, Prepared, RunConfig
+from trainer.run import RunConfig
+from trainer.simulation import Federation, Prepared
 from trainer.strategy import stable_seed
 
 HMOE_DECODERS = ["greedy", "beam:2", "threshold:0.5"]
@@ -86,7 +87,7 @@ def measure_family_cost(fed: Federation, num_clients: int = 3) -> dict[str, dict
         for c in chosen:
             idx, target = s.client_data(key, d.train_y, fed.prep.parts[c])
             if len(idx):
-                local = fed.local_config(key, last, len(fed.prep.parts[c]), len(idx))
+                local = s.client_config(key, last, len(fed.prep.parts[c]), len(idx))
                 clients.append((d.train_x[idx], target, local))
         if not clients:
             continue

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from hierarchy.errors import UsageError
+
 
 @dataclass
 class ScheduleContext:
@@ -48,4 +50,4 @@ def get_schedule(name: str) -> Callable[[int, ScheduleContext], str]:
     try:
         return SCHEDULES[name]
     except KeyError:
-        raise ValueError(f"unknown schedule {name!r}; expected one of {', '.join(SCHEDULES)}") from None
+        raise UsageError(f"unknown schedule {name!r}; expected one of {', '.join(SCHEDULES)}") from None

@@ -9,78 +9,26 @@ is deleted, so a run killed at any moment continues from its last completed roun
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from hierarchy import Hierarchy
+from hierarchy.errors import UsageError
 from hierarchy.tree import write_text_atomic
 from trainer.checkpoint import load_checkpoint, read_metadata, save_checkpoint
-from trainer.client import LocalConfig, Normalizer, load_numpy, local_update, to_numpy
+from trainer.client import Normalizer, load_numpy, local_update, to_numpy
 from trainer.datasets import Dataset, load_dataset
-from trainer.evaluate import evaluate_flat, evaluate_hmoe, expert_accuracy
+from trainer.evaluate import evaluate_flat, evaluate_hmoe, validation_error
 from trainer.fedavg import Weights
 from trainer.nets import ConvNet, build_net
 from trainer.partition import partition
-from trainer.strategy import Strategy, Task, make_tasks, stable_seed
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """A federated run; saved as config.json in the run directory."""
-
-    dataset: str = "fashion-mnist"
-    data_root: str | None = None
-    clients: int = 20
-    clients_per_round: int = 5
-    partition: str = "dirichlet"
-    alpha: float = 0.5
-    dropout: float = 0.0
-    val_fraction: float = 0.05
-    eval_every: int = 0           # validation metric every N rounds (0: about 20 points per run)
-    train_limit: int = 0          # use a seeded subsample of this many training images (0: all)
-    test_limit: int = 0           # likewise for the test split
-    seed: int = 0
-    hmoe_rounds: int = 100
-    flat_rounds: int = 40
-    schedule: str = "round-robin"
-    expert_width: int = 16
-    flat_width: int = 32
-    depth: int = 0
-    local: LocalConfig = field(default_factory=LocalConfig)
-    balanced_epochs: bool = True  # HMoE: a client runs floor(its samples / its samples under the
-                                  # expert) epochs, so no expert's round costs more than the root's
-    lr_decay: str = "cosine"      # cosine: client lr falls from lr to lr/10 over the run; none: constant
-    device: str = "cpu"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
-        d = dict(d)
-        d["local"] = LocalConfig(**d.get("local", {}))
-        return cls(**d)
-
-    def rounds(self, kind: str) -> int:
-        return self.hmoe_rounds if kind == "hmoe" else self.flat_rounds
-
-    def local_for_round(self, kind: str, rnd: int) -> LocalConfig:
-        """The client hyper-parameters of round ``rnd`` (learning-rate decay applied)."""
-        if self.lr_decay == "none":
-            return self.local
-        if self.lr_decay != "cosine":
-            raise ValueError(f"unknown lr decay {self.lr_decay!r}; expected cosine or none")
-        frac = rnd / max(1, self.rounds(kind) - 1)
-        return replace(self.local, lr=self.local.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac))))
-
-    def width(self, kind: str) -> int:
-        return self.expert_width if kind == "hmoe" else self.flat_width
+from trainer.run import RunConfig, start_run, write_input_spec
+from trainer.strategy import Task, make_tasks, stable_seed
 
 
 @dataclass
@@ -115,6 +63,36 @@ def prepare(cfg: RunConfig, data: Dataset | None = None) -> Prepared:
     return Prepared(data, val_idx, parts, Normalizer(data.mean, data.std))
 
 
+def open_run(run_dir: Path, cfg: RunConfig, resume: bool, data: Dataset | None = None) -> tuple[RunConfig, Prepared]:
+    """Create (or with ``resume`` reopen) a run directory and its data: the run records its
+    hierarchy and input specification from the start, so nothing downstream loads the data
+    set to learn them."""
+    cfg = start_run(run_dir, cfg, resume)
+    prep = prepare(cfg, data)
+    prep.data.tree.to_json(Path(run_dir) / "hierarchy.json")
+    write_input_spec(run_dir, prep.data.input_spec)
+    return cfg, prep
+
+
+class SimulatedClients:
+    """What only the simulated transport decides: which clients a round reaches and which
+    of them drop out (a real fleet's devices decide that themselves)."""
+
+    def __init__(self, seed: int, num_clients: int, per_round: int, dropout: float = 0.0) -> None:
+        if not 1 <= per_round <= num_clients:
+            raise UsageError(f"clients per round must be in [1, {num_clients}]; got {per_round}")
+        if not 0.0 <= dropout < 1.0:
+            raise UsageError(f"dropout must be in [0, 1); got {dropout}")
+        self.seed, self.num_clients, self.per_round, self.dropout = seed, num_clients, per_round, dropout
+
+    def sample(self, rnd: int) -> list[int]:
+        rng = np.random.default_rng([self.seed, rnd, 7])
+        return sorted(int(c) for c in rng.choice(self.num_clients, self.per_round, replace=False))
+
+    def drops_out(self, rnd: int, client: int) -> bool:
+        return bool(np.random.default_rng([self.seed, rnd, client, 11]).random() < self.dropout)
+
+
 def task_shares(tree: Hierarchy, tasks: dict[str, Task], labels: np.ndarray) -> dict[str, float]:
     return {k: float(t.select(tree, labels)[0].mean()) for k, t in tasks.items()}
 
@@ -126,12 +104,11 @@ class Federation:
         self.run_dir, self.kind, self.cfg, self.prep = Path(run_dir), kind, cfg, prep
         self.tree = prep.data.tree
         self.tasks = make_tasks(self.tree, kind, prep.data.shape, cfg.width(kind), cfg.depth)
-        shares = task_shares(self.tree, self.tasks, prep.data.train_y)
-        self.strategy = Strategy(self.tree, self.tasks, cfg.schedule if kind == "hmoe" else "round-robin",
-                                 cfg.seed, cfg.clients, cfg.clients_per_round, cfg.dropout, shares)
+        self.strategy = cfg.strategy(kind, self.tree, self.tasks, task_shares(self.tree, self.tasks, prep.data.train_y))
+        self.clients = SimulatedClients(cfg.seed, cfg.clients, cfg.clients_per_round, cfg.dropout)
         self.state_path = self.run_dir / f"state-{kind}.json"
         self.weights: dict[str, Weights] = {}
-        self.state = {"completed_rounds": 0, "versions": {}, "log": [], "val_error": {}}
+        self.state = {"completed_rounds": 0, "versions": {}, "log": []}
         self._load_or_init()
 
     # ---------------------------------------------------------------- files
@@ -157,10 +134,13 @@ class Federation:
                 torch.manual_seed(stable_seed(self.cfg.seed, "init", key))
                 self.weights[key] = to_numpy(build_net(task.net))
                 save_checkpoint(path, self.weights[key], task.net, {"node": key, "round": None})
-        self.strategy.context.val_error.update(self.state["val_error"])
-        if not self.state["val_error"]:
+        if "strategy" in self.state:
+            self.strategy.restore(self.state["strategy"])
+        else:   # a new run (or one saved before the strategy state was): validate every expert once
             for key in self.tasks:
                 self._update_val_error(key)
+            self.state["strategy"] = self.strategy.state()
+            write_text_atomic(self.state_path, json.dumps(self.state, indent=1) + "\n")
 
     def _commit(self, rnd: int, key: str, new: Weights | None, entry: dict) -> None:
         path = self.checkpoint_path(key)
@@ -170,7 +150,7 @@ class Federation:
             self.state["versions"][key] = rnd
         self.state["completed_rounds"] = rnd + 1
         self.state["log"].append(entry)
-        self.state["val_error"] = dict(self.strategy.context.val_error)
+        self.state["strategy"] = self.strategy.state()
         write_text_atomic(self.state_path, json.dumps(self.state, indent=1) + "\n")
         if new is not None:
             os.replace(pending, path)
@@ -189,9 +169,9 @@ class Federation:
         d, idx = self.prep.data, self.prep.val_idx
         if self.kind != "hmoe" or not len(idx):
             return
-        acc, n = expert_accuracy(self.tree, self.tasks[key].node, self.net(key), d.train_x[idx], d.train_y[idx],
-                                 self.prep.normalize, self.cfg.device)
-        self.strategy.context.val_error[key] = 1.0 - acc if n else 0.0
+        self.strategy.record_validation(key, validation_error(self.tree, self.tasks[key], self.weights[key],
+                                                              d.train_x[idx], d.train_y[idx], self.prep.normalize,
+                                                              self.cfg.device))
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, decoder: str | None = None) -> dict[str, float]:
         if self.kind == "hmoe":
@@ -201,31 +181,22 @@ class Federation:
                              self.cfg.device)
 
     # ---------------------------------------------------------------- rounds
-    def local_config(self, key: str, rnd: int, client_samples: int = 0, task_samples: int = 0) -> LocalConfig:
-        """Client hyper-parameters for training ``key`` in round ``rnd`` on a client holding
-        ``client_samples`` samples, ``task_samples`` of them under the task. With balanced
-        epochs an expert runs floor(client_samples / task_samples) epochs, so no expert's
-        round costs that client more than the root expert's round."""
-        local = self.cfg.local_for_round(self.kind, rnd)
-        if self.kind == "hmoe" and self.cfg.balanced_epochs and task_samples > 0:
-            local = replace(local, epochs=local.epochs * max(1, client_samples // task_samples))
-        return local
-
     def step(self, rnd: int) -> dict:
         """Run round ``rnd``: choose the task, train sampled clients, aggregate, commit."""
         d, s = self.prep.data, self.strategy
         key = s.choose_task(rnd)
         task = self.tasks[key]
-        results, skipped, dropped, diverged, seconds, losses = [], [], [], [], [], []
-        for client in s.sample_clients(rnd):
-            if s.drops_out(rnd, client):
+        results, skipped, dropped, diverged, seconds, losses, configs = [], [], [], [], [], [], {}
+        for client in self.clients.sample(rnd):
+            if self.clients.drops_out(rnd, client):
                 dropped.append(client)
                 continue
             idx, target = s.client_data(key, d.train_y, self.prep.parts[client])
             if not len(idx):
                 skipped.append(client)
                 continue
-            local = self.local_config(key, rnd, len(self.prep.parts[client]), len(idx))
+            local = s.client_config(key, rnd, len(self.prep.parts[client]), len(idx))
+            configs[str(client)] = local.to_dict()
             new, metrics = local_update(task.net, self.weights[key], d.train_x[idx], target, local,
                                         self.prep.normalize, s.client_seed(rnd, client), self.cfg.device)
             seconds.append(metrics["train_seconds"])
@@ -238,7 +209,7 @@ class Federation:
         entry = {"round": rnd, "task": key, "clients": len(results), "samples": sum(n for _, n in results),
                  "skipped": skipped, "dropped": dropped, "diverged": diverged,
                  "client_seconds": float(np.sum(seconds)),
-                 "lr": self.cfg.local_for_round(self.kind, rnd).lr,
+                 "lr": s.lr(rnd), "client_config": configs,
                  "train_loss": float(np.mean(losses)) if losses else None}
         if new is not None:
             self.weights[key] = new
@@ -268,27 +239,3 @@ class Federation:
             print(f"warning: {self.kind}: {diverged} client update(s) diverged (non-finite loss or weights) and were left "
                   f"out of their rounds; lower --lr (now {self.cfg.local.lr:g})", file=sys.stderr)
         return self.state["log"]
-
-
-def load_run_config(run_dir: Path) -> RunConfig:
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.json); train one with `hmoe train`")
-    return RunConfig.from_dict(json.loads(path.read_text()))
-
-
-def start_run(run_dir: Path, cfg: RunConfig, resume: bool) -> RunConfig:
-    """Create a run directory, or reopen one with ``resume`` (its saved config wins,
-    except the round counts, which may be raised to continue training)."""
-    path = run_dir / "config.json"
-    if path.exists():
-        if not resume:
-            raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it "
-                                  "or choose another --out")
-        saved = load_run_config(run_dir)
-        cfg = RunConfig.from_dict({**saved.to_dict(), "hmoe_rounds": max(saved.hmoe_rounds, cfg.hmoe_rounds),
-                                   "flat_rounds": max(saved.flat_rounds, cfg.flat_rounds),
-                                   "device": cfg.device})
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(cfg.to_dict(), indent=1) + "\n")
-    return cfg

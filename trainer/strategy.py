@@ -1,20 +1,27 @@
-"""The verbs of a federated round, shared by the simulation and the coordinator:
-choose what to train, whom to ask, what each client trains on, and aggregate."""
+"""The verbs of a federated round, shared by every transport: what to train, with which
+hyper-parameters each client trains, how results combine (numpy only, no torch)."""
 
 from __future__ import annotations
 
+import math
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from hierarchy import Hierarchy
+from hierarchy.errors import HmoeError, UsageError
+from trainer.config import LocalConfig, NetConfig
 from trainer.fedavg import Weights, fedavg
-from trainer.schedules import ScheduleContext, get_schedule
-from trainer.nets import NetConfig
+from trainer.schedules import SCHEDULES, ScheduleContext, get_schedule
 
 FLAT = "flat"
+LR_DECAYS = ("cosine", "none")
+
+
+class StrategyError(HmoeError, ValueError):
+    """A strategy's saved state does not fit the run it is asked to drive."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +51,7 @@ def make_tasks(tree: Hierarchy, kind: str, in_shape: tuple[int, int, int], width
     if kind == "flat":
         return {FLAT: Task(FLAT, -1, NetConfig(in_shape, tree.num_leaves, width, depth, hidden).resolved())}
     if kind != "hmoe":
-        raise ValueError(f"unknown model kind {kind!r}; expected hmoe or flat")
+        raise UsageError(f"unknown model kind {kind!r}; expected hmoe or flat")
     return {tree.names[e]: Task(tree.names[e], int(e),
                                 NetConfig(in_shape, int(tree.num_children[e]), width, depth, hidden).resolved())
             for e in tree.experts}
@@ -56,30 +63,75 @@ def stable_seed(*parts: object) -> int:
 
 
 class Strategy:
-    """Which task a round trains, which clients it asks, and how results combine.
-    Every random choice is derived from (seed, round), so a resumed run replays exactly."""
+    """Every decision of a round, for every transport (simulation, coordinator, Flower):
+    which task a round trains, the hyper-parameters and seed a client trains with, how
+    results combine, and the state that drives the schedule (data shares, the latest
+    validation errors). Transports move messages and make no decision of their own.
+    Every choice is derived from (seed, round, state), so a resumed run replays exactly."""
 
     def __init__(self, tree: Hierarchy, tasks: dict[str, Task], schedule: str, seed: int,
-                 num_clients: int, clients_per_round: int, dropout: float = 0.0,
-                 shares: dict[str, float] | None = None) -> None:
-        if not 1 <= clients_per_round <= num_clients:
-            raise ValueError(f"clients per round must be in [1, {num_clients}]; got {clients_per_round}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {dropout}")
+                 local: LocalConfig = LocalConfig(), rounds: int = 1, balanced_epochs: bool = False,
+                 lr_decay: str = "none", shares: dict[str, float] | None = None,
+                 val_error: dict[str, float] | None = None) -> None:
+        if lr_decay not in LR_DECAYS:
+            raise UsageError(f"unknown lr decay {lr_decay!r}; expected one of {', '.join(LR_DECAYS)}")
         self.tree, self.tasks, self.seed = tree, tasks, seed
-        self.num_clients, self.clients_per_round, self.dropout = num_clients, clients_per_round, dropout
-        self.schedule = get_schedule(schedule)
-        self.context = ScheduleContext(list(tasks), shares or {k: 1.0 for k in tasks})
+        self.schedule_name, self.schedule = schedule, get_schedule(schedule)
+        self.local, self.rounds, self.balanced_epochs, self.lr_decay = local, rounds, balanced_epochs, lr_decay
+        self.context = ScheduleContext(list(tasks), dict(shares or {k: 1.0 for k in tasks}), dict(val_error or {}))
 
+    # ------------------------------------------------------------- schedule
     def choose_task(self, rnd: int) -> str:
         return self.schedule(rnd, self.context)
 
-    def sample_clients(self, rnd: int) -> list[int]:
-        rng = np.random.default_rng([self.seed, rnd, 7])
-        return sorted(int(c) for c in rng.choice(self.num_clients, self.clients_per_round, replace=False))
+    @property
+    def needs_validation(self) -> bool:
+        """Whether the schedule reads validation errors (the transport must then report them)."""
+        return self.schedule is SCHEDULES["worst-validation"]
 
-    def drops_out(self, rnd: int, client: int) -> bool:
-        return bool(np.random.default_rng([self.seed, rnd, client, 11]).random() < self.dropout)
+    def record_validation(self, key: str, error: float) -> None:
+        self.context.val_error[key] = float(error)
+
+    def state(self) -> dict:
+        """What drives the schedule; saved with the run, restored on resume and restart."""
+        return {"schedule": self.schedule_name, "shares": dict(self.context.shares),
+                "val_error": dict(self.context.val_error)}
+
+    def restore(self, state: dict) -> None:
+        if state.get("schedule", self.schedule_name) != self.schedule_name:
+            raise StrategyError(f"the saved state was made by schedule {state['schedule']!r}; this run asks for "
+                                f"{self.schedule_name!r}: keep the original schedule or start a new run")
+        missing = sorted(set(self.tasks) - set(state.get("shares", {})))
+        if missing:
+            raise StrategyError(f"the saved state has no data share for tasks {missing[:5]}")
+        self.context.shares = {k: float(state["shares"][k]) for k in self.tasks}
+        self.context.val_error = {k: float(v) for k, v in state.get("val_error", {}).items() if k in self.tasks}
+
+    # --------------------------------------------------------------- clients
+    def lr(self, rnd: int) -> float:
+        """The client learning rate of round ``rnd`` (cosine: from lr down to lr/10 over the run)."""
+        if self.lr_decay == "none":
+            return self.local.lr
+        frac = rnd / max(1, self.rounds - 1)
+        return self.local.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    def client_config(self, key: str, rnd: int, client_samples: int = 0, task_samples: int = 0) -> LocalConfig:
+        """Hyper-parameters for training ``key`` in round ``rnd`` on a client holding
+        ``client_samples`` samples, ``task_samples`` of them under the task. With balanced
+        epochs an expert runs floor(client_samples / task_samples) epochs, so no expert's
+        round costs that client more than the root expert's round."""
+        local = replace(self.local, lr=self.lr(rnd))
+        if self.balanced_epochs and self.tasks[key].node >= 0 and task_samples > 0:
+            local = replace(local, epochs=local.epochs * max(1, client_samples // task_samples))
+        return local
+
+    def task_samples(self, key: str, leaf_counts: np.ndarray) -> int:
+        """How many of a client's samples (``leaf_counts``: its samples per label) ``key`` trains on."""
+        leaf_counts = np.asarray(leaf_counts, dtype=np.int64)
+        if leaf_counts.shape != (self.tree.num_leaves,) or (leaf_counts < 0).any():
+            raise UsageError(f"label counts must be {self.tree.num_leaves} non-negative integers, one per leaf")
+        mask, _ = self.tasks[key].select(self.tree, np.arange(self.tree.num_leaves))
+        return int(leaf_counts[mask].sum())
 
     def client_seed(self, rnd: int, client: int) -> int:
         return stable_seed(self.seed, rnd, client)
@@ -89,6 +141,7 @@ class Strategy:
         mask, target = self.tasks[key].select(self.tree, labels[idx])
         return idx[mask], target
 
+    # ------------------------------------------------------------ aggregate
     @staticmethod
     def aggregate(results: list[tuple[Weights, int]]) -> Weights:
         return fedavg(results)

@@ -1,0 +1,81 @@
+"""The configs a network and a local update are rebuilt from (no torch: the strategy, the
+coordinator and the checkpoint reader use them without loading it)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+
+from hierarchy.errors import UsageError
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """Everything needed to rebuild a network; saved inside every checkpoint."""
+
+    in_shape: tuple[int, int, int]   # C, H, W
+    num_outputs: int
+    width: int = 16                  # channels of the first conv block; doubles per block
+    depth: int = 0                   # conv blocks; 0 = chosen from the input size
+    hidden: int = 0                  # units of the hidden dense layer; 0 = 4 * width
+
+    def resolved(self) -> "NetConfig":
+        c, h, w = self.in_shape
+        depth = self.depth or (1 if min(h, w) < 16 else 2 if min(h, w) <= 32 else 3 if min(h, w) <= 64 else 4)
+        if min(h, w) >> depth < 1:
+            raise UsageError(f"input {self.in_shape} is too small for {depth} conv blocks")
+        return replace(self, in_shape=tuple(self.in_shape), depth=depth, hidden=self.hidden or 4 * self.width)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self.resolved()))
+
+    @classmethod
+    def from_json(cls, text: str) -> "NetConfig":
+        d = json.loads(text)
+        d["in_shape"] = tuple(d["in_shape"])
+        return cls(**d).resolved()
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The state-dict names and shapes of ``trainer.nets.ConvNet`` for this config
+        (a test holds the two together), so weights can be checked without torch."""
+        cfg = self.resolved()
+        c, h, w = cfg.in_shape
+        shapes: dict[str, tuple[int, ...]] = {}
+        for i in range(cfg.depth):
+            out = cfg.width * 2 ** i
+            shapes[f"features.{3 * i}.weight"] = (out, c, 3, 3)
+            shapes[f"features.{3 * i}.bias"] = (out,)
+            c, h, w = out, h // 2, w // 2
+        shapes["head.1.weight"] = (cfg.hidden, c * h * w)
+        shapes["head.1.bias"] = (cfg.hidden,)
+        shapes["head.3.weight"] = (cfg.num_outputs, cfg.hidden)
+        shapes["head.3.bias"] = (cfg.num_outputs,)
+        return shapes
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    """Hyper-parameters of a client's local update; sent to devices with each assignment."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    optimizer: str = "sgd"       # sgd | adam
+    clip_norm: float = 0.0       # clip each batch's gradient to this L2 norm (0: no clipping)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LocalConfig":
+        """Refuses names this release does not know (a newer coordinator's), naming them."""
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise UsageError(f"unknown hyper-parameters {', '.join(unknown)}")
+        return cls(**d)
+
+    def differences(self, other: "LocalConfig") -> list[str]:
+        """Names of the fields whose values differ from ``other``'s."""
+        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]

@@ -1,0 +1,143 @@
+"""A run directory without torch: its config, its input specification, its hierarchy, and the
+strategy state that drives its schedule (read by the simulation, the coordinator and the exporter)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from hierarchy import Hierarchy
+from hierarchy.errors import HmoeError
+from hierarchy.spec import InputSpec
+from hierarchy.tree import write_text_atomic
+from trainer.config import LocalConfig
+from trainer.strategy import Strategy, Task
+
+INPUT_SPEC = "input.json"
+
+
+class RunError(HmoeError, ValueError):
+    """A run directory is missing, incomplete, or was made by an older release."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A federated run; saved as config.json in the run directory."""
+
+    dataset: str = "fashion-mnist"
+    data_root: str | None = None
+    clients: int = 20
+    clients_per_round: int = 5
+    partition: str = "dirichlet"
+    alpha: float = 0.5
+    dropout: float = 0.0
+    val_fraction: float = 0.05
+    eval_every: int = 0           # validation metric every N rounds (0: about 20 points per run)
+    train_limit: int = 0          # use a seeded subsample of this many training images (0: all)
+    test_limit: int = 0           # likewise for the test split
+    seed: int = 0
+    hmoe_rounds: int = 100
+    flat_rounds: int = 40
+    schedule: str = "round-robin"
+    expert_width: int = 16
+    flat_width: int = 32
+    depth: int = 0
+    local: LocalConfig = field(default_factory=LocalConfig)
+    balanced_epochs: bool = True  # HMoE: a client runs floor(its samples / its samples under the
+                                  # expert) epochs, so no expert's round costs more than the root's
+    lr_decay: str = "cosine"      # cosine: client lr falls from lr to lr/10 over the run; none: constant
+    device: str = "cpu"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        d = dict(d)
+        d["local"] = LocalConfig(**d.get("local", {}))
+        return cls(**d)
+
+    def rounds(self, kind: str) -> int:
+        return self.hmoe_rounds if kind == "hmoe" else self.flat_rounds
+
+    def width(self, kind: str) -> int:
+        return self.expert_width if kind == "hmoe" else self.flat_width
+
+    def strategy(self, kind: str, tree: Hierarchy, tasks: dict[str, Task], shares: dict[str, float] | None = None,
+                 schedule: str | None = None) -> Strategy:
+        """The strategy of model family ``kind`` (the flat model has one task: round-robin)."""
+        hmoe = kind == "hmoe"
+        return Strategy(tree, tasks, (schedule or self.schedule) if hmoe else "round-robin", self.seed, self.local,
+                        self.rounds(kind), self.balanced_epochs and hmoe, self.lr_decay, shares)
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise RunError(f"{run_dir}: not a run directory (no config.json); train one with `hmoe train`")
+    return RunConfig.from_dict(json.loads(path.read_text()))
+
+
+def start_run(run_dir: Path, cfg: RunConfig, resume: bool) -> RunConfig:
+    """Create a run directory, or reopen one with ``resume`` (its saved config wins,
+    except the round counts, which may be raised to continue training)."""
+    path = Path(run_dir) / "config.json"
+    if path.exists():
+        if not resume:
+            raise RunError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+        saved = load_run_config(run_dir)
+        cfg = RunConfig.from_dict({**saved.to_dict(), "hmoe_rounds": max(saved.hmoe_rounds, cfg.hmoe_rounds),
+                                   "flat_rounds": max(saved.flat_rounds, cfg.flat_rounds),
+                                   "device": cfg.device})
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(cfg.to_dict(), indent=1) + "\n")
+    return cfg
+
+
+REPAIR = "`hmoe train --out {run} --resume --cost-clients 0` where its data set is installed rewrites it"
+
+
+def write_input_spec(run_dir: Path, spec: InputSpec) -> None:
+    """Record the run's input; a run keeps the one it was created with (a different one is an error)."""
+    path = Path(run_dir) / INPUT_SPEC
+    if path.exists():
+        old = load_input_spec(run_dir)
+        if old.differences(spec):
+            raise RunError(f"{path}: the data set now gives an input whose {', '.join(old.differences(spec))} "
+                           f"differ from the run's ({old.to_dict()} vs {spec.to_dict()}); the run's experts "
+                           "were trained on the recorded one: use the original data set or start a new run")
+        return
+    write_text_atomic(path, json.dumps(spec.to_dict(), indent=1) + "\n")
+
+
+def load_input_spec(run_dir: Path) -> InputSpec:
+    """The input the run was trained on; never guessed (a run without it says how to repair it)."""
+    path = Path(run_dir) / INPUT_SPEC
+    if not path.is_file():
+        raise RunError(f"{run_dir}: the run has no {INPUT_SPEC} (its input shape and normalisation; runs made "
+                       f"before it was recorded lack it): {REPAIR.format(run=run_dir)}")
+    try:
+        return InputSpec.from_dict(json.loads(path.read_text()), str(path))
+    except json.JSONDecodeError as exc:
+        raise RunError(f"{path}: not valid JSON ({exc}); {REPAIR.format(run=run_dir)}") from None
+
+
+def load_hierarchy(run_dir: Path) -> Hierarchy:
+    return Hierarchy.from_json(Path(run_dir) / "hierarchy.json")
+
+
+def load_strategy_state(run_dir: Path, kind: str = "hmoe") -> dict:
+    """The schedule state the simulation saved with the run (data shares, validation errors)."""
+    path = Path(run_dir) / f"state-{kind}.json"
+    state = json.loads(path.read_text()) if path.is_file() else {}
+    if "strategy" not in state:
+        raise RunError(f"{run_dir}: no saved strategy state for {kind} (data shares, validation errors) in "
+                       f"{path.name}: {REPAIR.format(run=run_dir)}")
+    return state["strategy"]
+
+
+def run_files(run_dir: str | os.PathLike) -> tuple[RunConfig, Hierarchy, InputSpec]:
+    run_dir = Path(run_dir)
+    return load_run_config(run_dir), load_hierarchy(run_dir), load_input_spec(run_dir)
