@@ -44,9 +44,7 @@ def demo_images(bundle: Path, n: int) -> np.ndarray:
     from trainer.datasets import load_dataset
     b = bench.load_bundle(bundle)
     data = load_dataset(b.manifest["source"]["dataset"])
-    mean = np.asarray(b.input["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(b.input["std"], dtype=np.float32).reshape(1, -1, 1, 1)
-    return ((data.test_x[:n].astype(np.float32) / 255 - mean) / std).astype(np.float32)
+    return b.input_spec.normalize(data.test_x[:n])
 
 
 def main() -> int:

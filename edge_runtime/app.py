@@ -84,7 +84,7 @@ def create_app(bundle: str | os.PathLike, memory_budget_mb: float | None = None,
             parse_decoder(spec)
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
-        x = decode_image(await read_image(request), engine.bundle.input, max_body_bytes, max_pixels)
+        x = decode_image(await read_image(request), engine.bundle.input_spec, max_body_bytes, max_pixels)
         try:
             with lock:
                 pred = engine.predict(x[None], spec)[0]

@@ -65,10 +65,11 @@ def training(bundle: str | os.PathLike, x: np.ndarray | None = None, labels: np.
              samples: int = 512, batch_size: int = 32) -> dict:
     """One local round per expert (and the flat model's cost on a same-size network built from
     its config), each in a fresh process: wall time and peak memory growth. Needs torch."""
+    from safetensors.numpy import load_file
+
     from trainer.client import LocalConfig
     from trainer.cost import summarize_costs, task_cost
     from trainer.nets import NetConfig
-    from safetensors.numpy import load_file
     b = load_bundle(bundle)
     tree = b.tree
     rng = np.random.default_rng(0)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from hierarchy import Hierarchy, HierarchyError
 from hierarchy.errors import HmoeError
+from hierarchy.spec import InputSpec, SpecError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -62,6 +63,10 @@ class Bundle:
     @property
     def input(self) -> dict:
         return self.manifest["input"]
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return InputSpec.from_dict(self.manifest["input"], f"{self.root / MANIFEST}: input")
 
     def manifest_entry(self, node: str) -> dict:
         """The raw manifest dict of expert ``node``."""
@@ -147,7 +152,8 @@ def load_bundle(root: str | os.PathLike) -> Bundle:
     if missing:
         raise BundleError(f"{path}: no expert file for nodes {missing[:5]}")
     flat = ModelEntry.from_dict(m["flat"], "flat") if m.get("flat") else None
-    shape = m["input"].get("shape")
-    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(s, int) and s > 0 for s in shape)):
-        raise BundleError(f"{path}: input.shape {shape!r}; expected [C, H, W]")
+    try:
+        InputSpec.from_dict(m["input"], f"{path}: input")
+    except SpecError as exc:
+        raise BundleError(str(exc)) from None
     return Bundle(root, m, tree, experts, flat)

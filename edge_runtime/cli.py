@@ -6,8 +6,6 @@ import argparse
 import os
 import sys
 
-import numpy as np
-
 from edge_runtime.bundle import load_bundle
 from hierarchy.errors import HmoeError, UsageError
 
@@ -37,7 +35,7 @@ def _predict(args: argparse.Namespace) -> int:
     failed = 0
     for name in args.images:
         try:
-            x = decode_image(Path(name).read_bytes(), engine.bundle.input)
+            x = decode_image(Path(name).read_bytes(), engine.bundle.input_spec)
         except (OSError, ImageError) as exc:
             print(f"hmoe-edge predict: {name}: {exc}", file=sys.stderr)
             failed += 1
@@ -94,9 +92,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.data:
         from edge_runtime.local_train import load_local_data
         x, labels = load_local_data(args.data, bundle)
-        mean = np.asarray(bundle.input["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
-        std = np.asarray(bundle.input["std"], dtype=np.float32).reshape(1, -1, 1, 1)
-        images = ((x[: args.images].astype(np.float32) / 255 - mean) / std).astype(np.float32)
+        images = bundle.input_spec.normalize(x[: args.images])
     else:
         images = bench.random_images(args.bundle, args.images)
     out["inference"] = bench.inference(args.bundle, images, threads=args.threads)

@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 
 from hierarchy.errors import HmoeError
+from hierarchy.spec import InputSpec
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_PIXELS = 4096 * 4096
@@ -23,9 +24,15 @@ class ImageError(HmoeError, ValueError):
         self.status = status
 
 
-def decode_image(data: bytes, manifest_input: dict, max_bytes: int = MAX_BODY_BYTES,
+def decode_image(data: bytes, spec: InputSpec, max_bytes: int = MAX_BODY_BYTES,
                  max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Decode PNG/JPEG bytes into a (C, H, W) float32 array normalised as the manifest says."""
+    """Decode PNG/JPEG bytes into the (C, H, W) float32 model input ``spec`` describes."""
+    return spec.normalize(decode_pixels(data, spec, max_bytes, max_pixels))
+
+
+def decode_pixels(data: bytes, spec: InputSpec, max_bytes: int = MAX_BODY_BYTES,
+                  max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode PNG/JPEG bytes into (C, H, W) float32 pixels in [0, 255], converted and resized per ``spec``."""
     from PIL import Image, UnidentifiedImageError
     if not data:
         raise ImageError("empty body; expected the bytes of a PNG or JPEG image", 400)
@@ -50,23 +57,21 @@ def decode_image(data: bytes, manifest_input: dict, max_bytes: int = MAX_BODY_BY
         raise ImageError(f"not a readable PNG or JPEG image ({exc.__class__.__name__})", 415) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"corrupt or truncated image ({exc})", 422) from None
-    return to_tensor(im, manifest_input)
+    return to_pixels(im, spec)
 
 
-def to_tensor(im, manifest_input: dict) -> np.ndarray:
-    """A PIL image -> (C, H, W) float32 normalised per the manifest."""
+def to_pixels(im, spec: InputSpec) -> np.ndarray:
+    """A PIL image -> (C, H, W) float32 pixels in the spec's colour mode and size."""
     from PIL import Image
-    c, h, w = manifest_input["shape"]
-    mode = manifest_input.get("color", "L" if c == 1 else "RGB")
+    c, h, w = spec.shape
+    mode = spec.color
     if im.mode in ("I;16", "I"):
         im = Image.fromarray((np.asarray(im, dtype=np.float64) / 256).clip(0, 255).astype(np.uint8))
     im = im.convert(mode)
     if im.size != (w, h):
         im = im.resize((w, h), Image.BILINEAR)
-    arr = np.asarray(im, dtype=np.float32) / 255.0
+    arr = np.asarray(im, dtype=np.float32)
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     if arr.shape[0] != c:
         raise ImageError(f"image gives {arr.shape[0]} channels; the bundle expects {c}", 422)
-    mean = np.asarray(manifest_input["mean"], dtype=np.float32).reshape(-1, 1, 1)
-    std = np.asarray(manifest_input["std"], dtype=np.float32).reshape(-1, 1, 1)
-    return ((arr - mean) / std).astype(np.float32)
+    return arr

@@ -42,13 +42,13 @@ def load_local_data(path: str | os.PathLike, bundle: Bundle) -> tuple[np.ndarray
     """uint8 (N, C, H, W) images and leaf labels (in the bundle's leaf order) from a folder
     with one sub-folder per leaf class (named as the leaf, '/' written '_'), or an .npz
     with ``images`` and ``labels`` (leaf names or label indices)."""
-    from edge_runtime.images import ImageError, decode_image
+    from edge_runtime.images import ImageError, decode_pixels
     path = Path(path)
     tree = bundle.tree
     leaf_names = [tree.names[i] for i in tree.leaves]
     by_slug = {_slug(n): k for k, n in enumerate(leaf_names)} | {n: k for k, n in enumerate(leaf_names)}
-    c, h, w = bundle.input["shape"]
-    raw = {"shape": [c, h, w], "mean": [0.0] * c, "std": [1 / 255] * c, "color": bundle.input.get("color")}
+    spec = bundle.input_spec
+    c, h, w = spec.shape
     if path.is_dir():
         xs, ys = [], []
         classes = sorted(p for p in path.iterdir() if p.is_dir())
@@ -61,7 +61,7 @@ def load_local_data(path: str | os.PathLike, bundle: Bundle) -> tuple[np.ndarray
                 if not f.is_file():
                     continue
                 try:
-                    xs.append(decode_image(f.read_bytes(), raw).round().clip(0, 255).astype(np.uint8))
+                    xs.append(decode_pixels(f.read_bytes(), spec).round().clip(0, 255).astype(np.uint8))
                 except ImageError as exc:
                     raise TrainError(f"{f}: {exc}") from None
                 ys.append(by_slug[folder.name])
@@ -217,7 +217,7 @@ def train_expert(bundle: Bundle | str | os.PathLike, expert: str, x: np.ndarray,
     xs = np.ascontiguousarray(x[mask])
     net_cfg = NetConfig.from_json(json.dumps(bundle.experts[expert].net))
     weights = weights if weights is not None else expert_weights(bundle, expert)
-    normalize = Normalizer(tuple(bundle.input["mean"]), tuple(bundle.input["std"]))
+    normalize = Normalizer(bundle.input_spec.mean, bundle.input_spec.std)
     report: dict = {"expert": expert, "samples": int(mask.sum()), "memory_cap_mb": memory_cap_mb,
                     "effective_batch": local.batch_size, "seed": seed}
     plan = None

@@ -11,7 +11,7 @@ import pytest
 
 def hmoe(*args: str) -> subprocess.CompletedProcess:
     exe = shutil.which("hmoe", path=str(Path(sys.executable).parent)) or ""
-    cmd = [exe, *args] if exe else [sys.executable, "-m", "trainer.cli", *args]
+    cmd = [exe, *args] if exe else [sys.executable, "-m", "exporter.cli", *args]
     return subprocess.run(cmd, capture_output=True, text=True)
 
 

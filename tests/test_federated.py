@@ -147,7 +147,7 @@ def test_diverged_client_updates_are_left_out_and_weights_stay_finite(tmp_path, 
 
 def hmoe_cli(*args: str) -> subprocess.CompletedProcess:
     exe = shutil.which("hmoe", path=str(Path(sys.executable).parent))
-    cmd = [exe, *args] if exe else [sys.executable, "-m", "trainer.cli", *args]
+    cmd = [exe, *args] if exe else [sys.executable, "-m", "exporter.cli", *args]
     return subprocess.run(cmd, capture_output=True, text=True)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 
 from hierarchy.errors import UsageError
@@ -150,56 +149,3 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flat-rule", nargs="+", default=["leaf", "majority"], help="flat rules: leaf, majority")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(run=_eval)
-
-
-def _demo(args: argparse.Namespace) -> int:
-    from trainer.report import summary, table1
-    out = Path(args.out)
-    cfg = replace(DEMO, data_root=args.data_root) if args.data_root else DEMO
-    report = train_run(out, cfg, ["hmoe", "flat"], resume=True, cost_clients=3, progress=not args.no_progress)
-    s = summary(report)
-    s["bundle"] = _demo_bundle(out, cfg, s, progress=not args.no_progress)
-    from hierarchy.tree import write_text_atomic
-    write_text_atomic(out / "summary.json", json.dumps(s, indent=1) + "\n")
-    print("\n" + table1(s))
-    print(f"\nwrote {out / 'summary.json'}, {out / 'report.json'} and plots in {out / 'plots'}")
-    return 0
-
-
-def _demo_bundle(out: Path, cfg: RunConfig, s: dict, progress: bool) -> dict:
-    """Export the demo run to out/bundle, then score the bundle on the test split in a
-    separate process with onnxruntime and numpy only (benchmarks/bundle_f1.py)."""
-    import shutil
-    import subprocess
-    import sys
-
-    from exporter.bundle import export_run
-    bundle = out / "bundle"
-    if bundle.exists():
-        shutil.rmtree(bundle)
-    print(f"\nexporting to {bundle}")
-    res = export_run(out, bundle, progress=progress)
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bundle_f1.py"
-    f1_file = out / "bundle_f1.json"
-    cmd = [sys.executable, str(script), "--bundle", str(bundle), "--dataset", cfg.dataset, "--decode", "greedy",
-           "--out", str(f1_file)] + (["--data-root", cfg.data_root] if cfg.data_root else [])
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-    scored = json.loads(f1_file.read_text())
-    f1 = scored["hmoe"]["greedy"]["info_f1"]
-    row = {"path": str(bundle), "info_f1": f1, "info_f1_diff_vs_torch": f1 - s["hmoe"]["info_f1"],
-           "torch_imported": scored["torch_imported"], "total_bytes": res.report["total_bytes"],
-           "max_logit_diff": max(max(r["max_diff_random"], r["max_diff_real"]) for r in res.rows)}
-    if "flat" in scored:
-        row["flat_info_f1"] = scored["flat"]["leaf"]["info_f1"]
-    print(f"bundle greedy Information F1 (onnxruntime, no torch): {f1:.5f} "
-          f"(torch: {s['hmoe']['info_f1']:.5f}, difference {row['info_f1_diff_vs_torch']:+.5f})")
-    return row
-
-
-@command("demo")
-def _add_demo(p: argparse.ArgumentParser) -> None:
-    """Train HMoE and flat softmax on real Fashion-MNIST and print the paper's Table 1."""
-    p.add_argument("--out", default="runs/demo", help="run directory (resumed if it exists)")
-    p.add_argument("--data-root", default=None, help="folder holding the data sets")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(run=_demo)

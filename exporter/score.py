@@ -1,10 +1,10 @@
 """Information F1 of a bundle on a data set's test split, with onnxruntime and numpy only.
 
-    python benchmarks/bundle_f1.py --bundle runs/demo/bundle --dataset fashion-mnist [--out F.json]
+    python -m exporter.score --bundle runs/demo/bundle --dataset fashion-mnist [--out F.json]
 
 Proves the bundle alone reproduces the trained run: torch is never imported (checked
 at the end through sys.modules). The test split is read with trainer.datasets, which
-needs numpy only.
+needs numpy only. `hmoe demo` runs it in a process of its own.
 """
 
 from __future__ import annotations
@@ -33,9 +33,7 @@ def main() -> int:
     args = p.parse_args()
     data = load_dataset(args.dataset, args.data_root)
     engine = Engine(args.bundle, variant=args.variant)
-    mean = np.asarray(engine.bundle.input["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
-    std = np.asarray(engine.bundle.input["std"], dtype=np.float32).reshape(1, -1, 1, 1)
-    x = ((data.test_x.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
+    x = engine.bundle.input_spec.normalize(data.test_x)
     tree = engine.tree
     gt = tree.leaves[data.test_y]
     out: dict = {"bundle": str(args.bundle), "variant": args.variant, "test_images": int(len(x)), "hmoe": {}}
