@@ -1,4 +1,4 @@
-"""Information precision, recall and F1 (Valmadre 2022; see shared/METRICS.md)."""
+"""Information precision, recall and F1 (Valmadre 2022), as docs/METRICS.md defines them."""
 
 from __future__ import annotations
 

@@ -120,7 +120,7 @@ def test_bad_expert_output_is_named():
 
 
 def test_flat_rules_worked_example():
-    # METRICS.md: leaves a1 .4, a2 .3, a3 .1, b1 .2 -> leaf rule a1, majority rule A
+    # docs/METRICS.md: leaves a1 .4, a2 .3, a3 .1, b1 .2 -> leaf rule a1, majority rule A
     t = Hierarchy.from_edges([("root", "A"), ("root", "B"), ("A", "a1"), ("A", "a2"), ("A", "a3"), ("B", "b1")])
     probs = np.array([[0.4, 0.3, 0.1, 0.2]])
     p = node_probs(t, probs)

@@ -1,4 +1,4 @@
-"""Information precision / recall / F1 exactly as shared/METRICS.md."""
+"""Information precision / recall / F1 exactly as docs/METRICS.md defines them."""
 
 import math
 
@@ -25,7 +25,7 @@ from hierarchy import (
 TREE = Hierarchy.from_edges([("root", "A"), ("root", "B"), ("A", "a1"), ("A", "a2"),
                              ("A", "a3"), ("B", "b1")])
 
-# gt, pred, lca, correct, precision, recall, F1 -- the table of METRICS.md
+# gt, pred, lca, correct, precision, recall, F1 -- the table of docs/METRICS.md
 TABLE = [
     ("a1", "a1", "a1", 1, 1.0000, 1.0000, 1.0000),
     ("a1", "a2", "A", 0, 0.2075, 0.2075, 0.2075),
@@ -81,7 +81,7 @@ def test_names_accepted_and_unknown_name_named():
 
 # ---------------------------------------------------------- reference check
 def reference(parents: list[int], num_leaves_under, gt: int, pred: int) -> tuple[float, float, float, bool]:
-    """Plain per-example implementation written straight from METRICS.md."""
+    """Plain per-example implementation written straight from docs/METRICS.md."""
     def ancestors(v):
         out = [v]
         while parents[v] >= 0:

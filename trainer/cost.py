@@ -1,4 +1,4 @@
-"""Per-round client cost (DESIGN.md): wall time and peak resident-memory growth of one
+"""Per-round client cost (docs/COSTS.md): wall time and peak resident-memory growth of one
 client's local update, each measured in a fresh process of its own."""
 
 from __future__ import annotations
