@@ -43,7 +43,7 @@ def cifar_shaped_bundle(work: Path, width: int) -> Path:
 def demo_images(bundle: Path, n: int) -> np.ndarray:
     from trainer.datasets import load_dataset
     b = bench.load_bundle(bundle)
-    data = load_dataset(b.manifest["source"]["dataset"])
+    data = load_dataset(b.manifest.source["dataset"])
     return b.input_spec.normalize(data.test_x[:n])
 
 

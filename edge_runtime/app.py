@@ -67,7 +67,7 @@ def create_app(bundle: str | os.PathLike, memory_budget_mb: float | None = None,
     @app.get("/health")
     def health() -> dict:
         return {"status": "ok", "bundle": str(engine.bundle.root), "experts": len(engine.bundle.experts),
-                "input": engine.bundle.input["shape"]}
+                "input": list(engine.bundle.input_spec.shape)}
 
     @app.get("/experts")
     def experts(request: Request) -> dict:

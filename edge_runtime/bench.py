@@ -57,7 +57,7 @@ def inference(bundle: str | os.PathLike, images: np.ndarray, modes=MODES, thread
 
 
 def random_images(bundle, n: int, seed: int = 0) -> np.ndarray:
-    shape = load_bundle(bundle).input["shape"]
+    shape = list(load_bundle(bundle).input_spec.shape)
     return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
 
 
@@ -73,7 +73,7 @@ def training(bundle: str | os.PathLike, x: np.ndarray | None = None, labels: np.
     b = load_bundle(bundle)
     tree = b.tree
     rng = np.random.default_rng(0)
-    c, h, w = b.input["shape"]
+    c, h, w = b.input_spec.shape
     if x is None:
         x = rng.integers(0, 256, (samples, c, h, w), dtype=np.uint8)
         labels = rng.integers(0, tree.num_leaves, samples)
@@ -82,8 +82,7 @@ def training(bundle: str | os.PathLike, x: np.ndarray | None = None, labels: np.
     entries = dict(b.experts) | ({"flat": b.flat} if b.flat else {})
     for key, entry in entries.items():
         cfg = NetConfig.from_json(json.dumps(entry.net))
-        raw = b.manifest["flat"] if key == "flat" else b.manifest_entry(key)
-        weights = load_file(str(b.root / raw["weights"]["file"]))
+        weights = load_file(str(b.weights_file(key)))
         if key == "flat":
             xs, ys = x, labels
         else:
@@ -91,5 +90,5 @@ def training(bundle: str | os.PathLike, x: np.ndarray | None = None, labels: np.
             xs = x[mask]
         if len(xs) == 0:
             continue
-        per_task[key] = task_cost(cfg, weights, [(xs, ys, local)], tuple(b.input["mean"]), tuple(b.input["std"]), 0)
+        per_task[key] = task_cost(cfg, weights, [(xs, ys, local)], b.input_spec.mean, b.input_spec.std, 0)
     return summarize_costs(per_task)

@@ -123,7 +123,7 @@ class Engine:
         self.entries = self._entries(variant)
         self.cache: OrderedDict[str, object] = OrderedDict()
         self.stats = CacheStats()
-        shape = self.bundle.input["shape"]
+        shape = list(self.bundle.input_spec.shape)
         self.input_shape = tuple(int(s) for s in shape)
         if warm_up:
             warm_up_runtime(threads)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.bundle import Bundle, BundleError, load_bundle, sha256_file
+from edge_runtime.bundle import Bundle, load_bundle
 from hierarchy.errors import HmoeError
 
 SAFETY = 0.85  # a probe must stay under this fraction of the cap
@@ -190,14 +190,7 @@ def warm_up(net_cfg, local, normalize) -> None:
 # ------------------------------------------------------------------- training
 def expert_weights(bundle: Bundle, expert: str) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
-    entry = bundle.manifest_entry(expert)
-    w = entry.get("weights")
-    if not w:
-        raise BundleError(f"{bundle.root}: expert {expert!r} carries no trainable weights; re-export the bundle")
-    path = bundle.root / w["file"]
-    if not path.is_file() or sha256_file(path) != w["sha256"]:
-        raise BundleError(f"{path}: missing or its sha256 differs from the manifest")
-    return load_file(str(path))
+    return load_file(str(bundle.weights_file(expert)))
 
 
 def train_expert(bundle: Bundle | str | os.PathLike, expert: str, x: np.ndarray, labels: np.ndarray,

@@ -16,9 +16,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from edge_runtime.bundle import Bundle, ModelEntry
-from hierarchy import Hierarchy
+from edge_runtime.bundle import Bundle
 from hierarchy.errors import HmoeError
+from hierarchy.manifest import Manifest, ManifestError
 from hierarchy.tree import write_text_atomic
 
 
@@ -61,9 +61,10 @@ def _save_state(path: Path, state: dict) -> None:
 
 
 def bundle_from_manifest(manifest: dict) -> Bundle:
-    tree = Hierarchy.from_dict(manifest["hierarchy"])
-    experts = {d["node"]: ModelEntry.from_dict(d, "coordinator manifest") for d in manifest["experts"]}
-    return Bundle(Path("."), manifest, tree, experts, None)
+    try:
+        return Bundle(Path("."), Manifest.from_dict(manifest, "the coordinator's manifest"))
+    except ManifestError as exc:
+        raise SyncError(str(exc)) from None
 
 
 def sync(server: str, secret: str, data: str | os.PathLike, memory_cap_mb: float | None, rounds: int | None = None,

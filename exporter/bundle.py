@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.bundle import FORMAT_VERSION, MANIFEST, sha256_file
+from edge_runtime.bundle import sha256_file
 from exporter.onnx_export import ExportSpec, ValidationError, export_net, max_logit_diff
 from hierarchy import Hierarchy, HierarchyError
 from hierarchy.errors import HmoeError
+from hierarchy.manifest import FileEntry, Manifest, ModelEntry
 from trainer.checkpoint import CheckpointError, load_checkpoint
 from trainer.datasets import Dataset
 from trainer.nets import build_net, num_params
@@ -99,17 +100,40 @@ def validate_model(name: str, path: Path, net, real: np.ndarray, spec: ExportSpe
             "decision_changes_at_near_ties": int((disagree & near_tie).sum()), "near_ties": int(near_tie.sum())}
 
 
-def _entry(node: str, children: list[str], path: Path, net, spec: ExportSpec) -> dict:
+def file_entry(path: Path) -> FileEntry:
+    return FileEntry(path.name, sha256_file(path), path.stat().st_size)
+
+
+def _entry(node: str, children: list[str], path: Path, net, spec: ExportSpec) -> ModelEntry:
     """The manifest entry; the weights also travel as safetensors so a device can train."""
     from safetensors.numpy import save_file
 
     from trainer.client import to_numpy
     weights = path.with_suffix(".safetensors")
     save_file(to_numpy(net), str(weights))
-    return {"node": node, "children": children, "file": path.name, "sha256": sha256_file(path),
-            "params": num_params(net), "bytes": path.stat().st_size, "opset": spec.opset,
-            "net": json.loads(net.cfg.to_json()),
-            "weights": {"file": weights.name, "sha256": sha256_file(weights), "bytes": weights.stat().st_size}}
+    f = file_entry(path)
+    return ModelEntry(node, children, f.file, f.sha256, num_params(net), f.bytes, spec.opset,
+                      json.loads(net.cfg.to_json()), file_entry(weights))
+
+
+def check_greedy(folder: Path, tree: Hierarchy, experts: dict, x: np.ndarray) -> int:
+    """Open the bundle through the edge engine and require its greedy predictions on ``x`` to
+    equal torch's; returns how many inputs were compared."""
+    import torch
+
+    from edge_runtime.engine import Engine
+    from hierarchy import decode
+
+    def torch_probs(e: int, idx: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return torch.softmax(experts[tree.names[e]](torch.from_numpy(x[idx])), dim=1).numpy()
+
+    want = decode(tree, torch_probs, len(x), "greedy").nodes
+    got = Engine(folder).decode(x, "greedy").nodes
+    if (want != got).any():
+        raise ExportError(f"the exported bundle, opened by the edge engine, predicts other nodes than torch for "
+                          f"{int((want != got).sum())} of {len(x)} test images")
+    return len(x)
 
 
 def export_run(run: str | os.PathLike, out: str | os.PathLike, subtree: str | None = None,
@@ -149,7 +173,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, subtree: str | No
                   for k, net in experts.items()]
         if flat is not None:
             models.append(("flat", [tree.names[i] for i in tree.leaves], flat))
-        manifest_experts, manifest_flat = [], None
+        manifest_experts, manifest_flat = {}, None
         for i, (node, children, net) in enumerate(models):
             is_flat = node == "flat" and flat is not None and net is flat
             fname = "flat.onnx" if is_flat else f"expert-{i:03d}.onnx"
@@ -158,8 +182,8 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, subtree: str | No
                                                       "hmoe.kind": "flat" if is_flat else "expert"})
             check = validate_model(node, path, net, real, spec)
             entry = _entry(node, children, path, net, spec)
-            result.rows.append({"model": node, "children": len(children), "params": entry["params"],
-                                "bytes": entry["bytes"], "seconds": time.perf_counter() - t, **check})
+            result.rows.append({"model": node, "children": len(children), "params": entry.params,
+                                "bytes": entry.bytes, "seconds": time.perf_counter() - t, **check})
             if progress:
                 r = result.rows[-1]
                 print(f"  exported {node:<20} {r['params']:>9} params {r['bytes']:>10} bytes "
@@ -167,25 +191,16 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, subtree: str | No
             if is_flat:
                 manifest_flat = entry
             else:
-                manifest_experts.append(entry)
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "created_by": "hmoe-edge exporter",
-            "hierarchy": bundle_tree.to_dict(),
-            "input": {**input_spec.to_dict(), "resize": list(input_spec.shape[1:]), "dtype": "float32", "layout": "NCHW",
-                      "preprocess": "decode, convert to color mode, resize to HxW, x/255, (x - mean) / std"},
-            "experts": manifest_experts,
-            "flat": manifest_flat,
-            "subtree_of": subtree,
-            "quantization": None,
-            "source": {"run": str(run.resolve()), "dataset": cfg.dataset},
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+                manifest_experts[node] = entry
+        Manifest(bundle_tree, input_spec, manifest_experts, manifest_flat, subtree_of=subtree,
+                 source={"run": str(run.resolve()), "dataset": cfg.dataset},
+                 created_by="hmoe-edge exporter").write(tmp)
         result.report = {"models": result.rows, "subtree": subtree, "opset": spec.opset, "atol": spec.atol,
                          "total_bytes": sum(r["bytes"] for r in result.rows)}
         if quantize:
             from exporter.quantize import quantize_bundle
             result.report["int8"] = quantize_bundle(tmp, data, experts, flat, quantize)
+        result.report["greedy_checked_images"] = check_greedy(tmp, bundle_tree, experts, real[:64])
         (tmp / "export_report.json").write_text(json.dumps(result.report, indent=1) + "\n")
         for f in tmp.iterdir():
             os.chmod(f, 0o644)

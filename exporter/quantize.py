@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.bundle import MANIFEST, load_bundle, sha256_file
+from edge_runtime.bundle import load_bundle, sha256_file
 from edge_runtime.engine import Engine
 from hierarchy import info_f1
 from hierarchy.errors import UsageError
@@ -61,13 +61,11 @@ def quantize_bundle(folder: Path, data: Dataset, experts: dict, flat, mode: str)
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     bundle = load_bundle(folder)
     tree = bundle.tree
-    manifest = json.loads((folder / MANIFEST).read_text())
-    entries = [("expert", e) for e in manifest["experts"]] + ([("flat", manifest["flat"])] if manifest["flat"] else [])
-    q_experts, q_flat = [], None
-    for kind, entry in entries:
-        src = folder / entry["file"]
-        dst = folder / entry["file"].replace(".onnx", ".int8.onnx")
-        node = None if kind == "flat" else entry["node"]
+    int8 = {}
+    for key, entry in bundle.manifest.models().items():
+        src = folder / entry.file
+        dst = folder / entry.file.replace(".onnx", ".int8.onnx")
+        node = None if key == "flat" else entry.node
         calib = _calibration(data, tree, node, CALIBRATION_IMAGES)
         root_logger = logging.getLogger()
         level = root_logger.level
@@ -77,15 +75,9 @@ def quantize_bundle(folder: Path, data: Dataset, experts: dict, flat, mode: str)
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True)
         finally:
             root_logger.setLevel(level)
-        q = {**entry, "file": dst.name, "sha256": sha256_file(dst), "bytes": dst.stat().st_size}
-        if kind == "flat":
-            q_flat = q
-        else:
-            q_experts.append(q)
-    manifest["int8"] = {"experts": q_experts, "flat": q_flat, "calibration_images": CALIBRATION_IMAGES,
-                        "format": "QDQ, int8 activations and per-channel int8 weights"}
-    manifest["quantization"] = "int8"
-    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        int8[key] = replace(entry, file=dst.name, sha256=sha256_file(dst), bytes=dst.stat().st_size)
+    bundle.manifest.with_int8(int8, {"calibration_images": CALIBRATION_IMAGES,
+                                     "format": "QDQ, int8 activations and per-channel int8 weights"}).write(folder)
     x = data.input_spec.normalize(data.test_x)
     gt = tree.leaves[data.test_y] if tree.num_leaves == data.tree.num_leaves else None
     report: dict = {}

@@ -86,8 +86,7 @@ def test_folder_data_and_bad_classes(bundle_dir, tmp_path):
     assert x.shape == (9, 1, 28, 28) and x.dtype == np.uint8
     assert sorted(set(b.tree.names[b.tree.leaves[i]] for i in y)) == ["Sandal", "Sneaker", "T-shirt/top"]
     new, report = train_expert(b, "Shoes", x, y, None, LocalConfig(batch_size=4))
-    assert report["samples"] == 6 and set(new) == set(load_file(str(bundle_dir / b.manifest_entry("Shoes")
-                                                                     ["weights"]["file"])))
+    assert report["samples"] == 6 and set(new) == set(load_file(str(b.weights_file("Shoes"))))
     (tmp_path / "d" / "Hats").mkdir()
     with pytest.raises(TrainError, match="'Hats'.*not leaves"):
         load_local_data(tmp_path / "d", b)

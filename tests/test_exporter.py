@@ -117,3 +117,22 @@ def test_int8_report(run_dir, tmp_path):
     e = Engine(out, variant="int8")
     assert e.decode(np.zeros((2, 1, 28, 28), dtype=np.float32)).nodes.shape == (2,)
     assert hmoe_edge("verify", str(out)).returncode == 0
+
+
+def test_manifest_is_one_schema_written_and_read_by_the_same_code(bundle_dir):
+    from hierarchy.manifest import Manifest
+    m = Manifest.read(bundle_dir)
+    on_disk = json.loads((bundle_dir / "manifest.json").read_text())
+    assert m.to_dict() == on_disk and Manifest.from_dict(on_disk).to_dict() == on_disk   # nothing lost either way
+    assert m.input == load_bundle(bundle_dir).input_spec and m.experts["Shoes"].weights is not None
+    report = json.loads((bundle_dir / "export_report.json").read_text())
+    assert report["greedy_checked_images"] > 0   # export opened its own bundle through the edge engine
+
+
+def test_export_refuses_data_whose_normalisation_disagrees_with_the_run(run_dir, tmp_path):
+    from dataclasses import replace
+    data = prepare(CFG).data
+    other = replace(data, mean=(0.9,), std=(0.1,))
+    with pytest.raises(ExportError, match="mean, std"):
+        export_run(run_dir, tmp_path / "b", data=other, progress=False)
+    assert not (tmp_path / "b").exists()

@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load, load_file, save
 
 from hierarchy.errors import HmoeError
+from hierarchy.manifest import Manifest, ModelEntry
 from hierarchy.tree import write_bytes_atomic
 from trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from trainer.config import LocalConfig
@@ -174,12 +175,12 @@ class Coordinator:
                         (rnd, expert, self.version(expert), now, now + self.round_seconds))
 
     def _build_manifest(self) -> dict:
-        """What a device needs to train any expert: hierarchy, the run's input spec, network configs."""
-        return {"format_version": 1, "hierarchy": self.tree.to_dict(), "input": self.spec.to_dict(),
-                "experts": [{"node": k, "children": [self.tree.names[c] for c in self.tree.children(t.node)],
-                             "file": "", "sha256": "", "params": 0, "bytes": 0, "opset": 0,
-                             "net": json.loads(t.net.to_json())} for k, t in self.tasks.items()],
-                "flat": None}
+        """What a device needs to train any expert: hierarchy, the run's input spec, network configs
+        (no ONNX files: a device that only trains never runs inference from this manifest)."""
+        experts = {k: ModelEntry(k, [self.tree.names[c] for c in self.tree.children(t.node)], "", "", 0, 0, 0,
+                                 json.loads(t.net.to_json())) for k, t in self.tasks.items()}
+        return Manifest(self.tree, self.spec, experts, created_by="hmoe-edge coordinator",
+                        source={"run": str(self.run_dir.resolve()), "dataset": self.cfg.dataset}).to_dict()
 
     # ------------------------------------------------------------- queries
     def version(self, expert: str) -> int:

@@ -13,7 +13,12 @@ import json
 from fastapi import FastAPI, HTTPException, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from trainer.coordinator import MAX_UPDATE_BYTES, Coordinator, InvalidUpdate, StaleUpdate
+from trainer.coordinator import (
+    MAX_UPDATE_BYTES,
+    Coordinator,
+    InvalidUpdate,
+    StaleUpdate,
+)
 
 MAX_JSON_BYTES = 4096
 UPDATE_HEADERS = ("X-Round, X-Expert, X-Base-Version, X-Samples, X-Idempotency-Key, X-Hyperparameters, and "
