@@ -1,11 +1,15 @@
-"""Load on the coordinator: N simulated devices at once through enrol, assignment, weights
-fetch and update push, on loopback only, bounded in count and time.
+"""Load on the coordinator: N devices at once through enrol, assignment, weights fetch and
+update push, on loopback only, each phase started by all devices together.
 
-    python benchmarks/coordinator_load.py --devices 200 --out runs/coordinator_load
+    python benchmarks/coordinator_load.py --devices 1000 --out runs/coordinator_load
 
-Starts its own coordinator (a fresh run directory with tiny experts), so the figures
-are the service's own overhead: request count, errors (should be 0), p50/p95 latency
-per request kind, and the time of the aggregation the last update triggers.
+Starts its own coordinator (a fresh run directory with small experts, `--min-updates N`,
+so the last update also closes the round). The load comes from several processes
+(`--procs`), each an asyncio loop speaking plain HTTP/1.1 over one kept-alive connection
+per device, so the generator costs far less than the server (both CPU times are
+reported per phase, read from the kernel). Writes coordinator_load.json: per request
+kind the count, errors, p50/p95/max latency, wall time and CPU seconds of server and
+generator.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing as mp
+import os
 import socket
 import subprocess
 import sys
@@ -20,11 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
-from safetensors.numpy import load, save
 
 SECRET = "load-test"
+PHASES = ("enroll", "assignment", "weights", "update")
 
 
 def free_port() -> int:
@@ -41,85 +46,168 @@ def make_run(path: Path, width: int) -> None:
     Federation(path, "hmoe", cfg, prep)
 
 
-async def device(client: httpx.AsyncClient, i: int, lat: dict[str, list[float]], errors: list[str]) -> None:
-    async def call(kind: str, method: str, url: str, **kw) -> httpx.Response | None:
+class Conn:
+    """One device's kept-alive HTTP/1.1 connection (a few lines, so the generator stays cheap)."""
+
+    def __init__(self, port: int) -> None:
+        self.port, self.reader, self.writer = port, None, None
+
+    async def request(self, method: str, path: str, headers: dict[str, str] | None = None,
+                      body: bytes = b"") -> tuple[int, dict[bytes, bytes], bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        self.writer.write(head.encode() + b"\r\n" + body)
+        await self.writer.drain()
+        status = int((await self.reader.readline()).split()[1])
+        found: dict[bytes, bytes] = {}
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            k, _, v = line.partition(b":")
+            found[k.strip().lower()] = v.strip()
+        return status, found, await self.reader.readexactly(int(found.get(b"content-length", 0)))
+
+
+def generator(port: int, devices: list[int], leaves: int, barrier, results) -> None:
+    """One load process: its share of the devices, phase by phase in step with the others."""
+    from safetensors.numpy import load, save
+    lat: dict[str, list[float]] = {k: [] for k in PHASES}
+    errors: list[str] = []
+    cpu: dict[str, float] = {}
+    counts = ",".join(["5"] * leaves)
+
+    async def timed(kind: str, conn: Conn, *args, **kw):
         t = time.perf_counter()
         try:
-            r = await client.request(method, url, **kw)
-        except httpx.HTTPError as exc:
+            status, headers, body = await conn.request(*args, **kw)
+        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as exc:
             errors.append(f"{kind}: {exc!r}")
             return None
-        lat.setdefault(kind, []).append((time.perf_counter() - t) * 1000)
-        if r.status_code != 200:
-            errors.append(f"{kind}: HTTP {r.status_code} {r.text[:200]}")
+        lat[kind].append((time.perf_counter() - t) * 1000)
+        if status != 200:
+            errors.append(f"{kind}: HTTP {status} {body[:200]!r}")
             return None
-        return r
+        return headers, body
 
-    r = await call("enroll", "POST", "/enroll", json={"secret": SECRET, "name": f"sim-{i}"})
-    if r is None:
-        return
-    auth = {"Authorization": f"Bearer {r.json()['token']}"}
-    r = await call("assignment", "GET", "/assignment", headers=auth)
-    if r is None:
-        return
-    a = r.json()
-    r = await call("weights", "GET", f"/weights/{a['expert']}", headers=auth)
-    if r is None:
-        return
-    w = load(r.content)
-    rng = np.random.default_rng(i)
-    new = {k: (v + rng.normal(0, 0.01, v.shape)).astype(v.dtype) for k, v in w.items()}
-    await call("update", "POST", "/update", content=save(new), headers={
-        **auth, "X-Round": str(a["round"]), "X-Expert": a["expert"], "X-Base-Version": str(a["weights_version"]),
-        "X-Samples": str(10 + i), "X-Idempotency-Key": f"sim-{i}-{a['round']}", "X-Metrics": "{}"})
+    async def run() -> None:
+        conns = [Conn(port) for _ in devices]
+        state: list[dict] = [{} for _ in devices]
 
+        async def phase(kind: str, step) -> None:
+            await asyncio.to_thread(barrier.wait)
+            c0 = time.process_time()
+            await asyncio.gather(*(step(i) for i in range(len(devices))))
+            cpu[kind] = time.process_time() - c0
 
-async def drive(url: str, n: int, limit_s: float) -> tuple[dict, list[str], float]:
-    lat: dict[str, list[float]] = {}
-    errors: list[str] = []
-    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
-        t = time.perf_counter()
-        await asyncio.wait_for(asyncio.gather(*(device(client, i, lat, errors) for i in range(n))), limit_s)
-        return lat, errors, time.perf_counter() - t
+        async def enroll(i: int) -> None:
+            body = json.dumps({"secret": SECRET, "name": f"sim-{devices[i]}"}).encode()
+            r = await timed("enroll", conns[i], "POST", "/enroll", {"Content-Type": "application/json"}, body)
+            if r:
+                state[i]["auth"] = {"Authorization": f"Bearer {json.loads(r[1])['token']}"}
+
+        async def assignment(i: int) -> None:
+            if "auth" in state[i]:
+                r = await timed("assignment", conns[i], "GET", f"/assignment?counts={counts}", state[i]["auth"])
+                if r:
+                    state[i]["a"] = json.loads(r[1])
+
+        async def weights(i: int) -> None:
+            if "a" in state[i]:
+                r = await timed("weights", conns[i], "GET", f"/weights/{state[i]['a']['expert']}", state[i]["auth"])
+                if r:
+                    w = load(r[1])
+                    rng = np.random.default_rng(devices[i])
+                    state[i]["body"] = save({k: (v + rng.normal(0, 0.01, v.shape)).astype(v.dtype)
+                                             for k, v in w.items()})
+
+        async def update(i: int) -> None:
+            if "body" in state[i]:
+                a = state[i]["a"]
+                await timed("update", conns[i], "POST", "/update", {
+                    **state[i]["auth"], "X-Round": str(a["round"]), "X-Expert": a["expert"],
+                    "X-Base-Version": str(a["weights_version"]), "X-Samples": str(a["samples"]),
+                    "X-Client-Samples": str(5 * leaves), "X-Hyperparameters": json.dumps(a["hyperparameters"]),
+                    "X-Idempotency-Key": f"sim-{devices[i]}-{a['round']}", "X-Metrics": "{}"}, state[i]["body"])
+
+        for kind, step in zip(PHASES, (enroll, assignment, weights, update)):
+            await phase(kind, step)
+        for c in conns:
+            if c.writer is not None:
+                c.writer.close()
+
+    asyncio.run(run())
+    results.put({"lat": lat, "errors": errors, "cpu": cpu})
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", type=int, default=200)
+    p.add_argument("--procs", type=int, default=2, help="load-generating processes")
     p.add_argument("--width", type=int, default=8, help="expert width of the run the coordinator serves")
-    p.add_argument("--limit-seconds", type=float, default=300)
+    p.add_argument("--limit-seconds", type=float, default=600)
     p.add_argument("--out", default="runs/coordinator_load")
     args = p.parse_args()
+    import psutil
+
+    from hierarchy import load_taxonomy
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    leaves = load_taxonomy("fashion-mnist").num_leaves
     with tempfile.TemporaryDirectory(prefix="hmoe-load-") as tmp:
         run = Path(tmp) / "run"
         make_run(run, args.width)
         port = free_port()
-        url = f"http://127.0.0.1:{port}"
         server = subprocess.Popen([str(Path(sys.executable).parent / "hmoe"), "coordinator", "--run", str(run),
                                    "--db", str(Path(tmp) / "state.sqlite"), "--port", str(port), "--secret", SECRET,
                                    "--min-updates", str(args.devices)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
+            import httpx
             for _ in range(300):
                 try:
-                    httpx.get(url + "/status", timeout=1)
+                    httpx.get(f"http://127.0.0.1:{port}/status", timeout=1)
                     break
                 except httpx.HTTPError:
                     time.sleep(0.1)
-            lat, errors, wall = asyncio.run(drive(url, args.devices, args.limit_seconds))
-            status = httpx.get(url + "/status").json()
+            proc = psutil.Process(server.pid)
+            idle_rss = proc.memory_info().rss
+            torch_loaded = any("libtorch" in m.path for m in proc.memory_maps())
+            barrier = mp.Barrier(args.procs + 1)
+            results = mp.Queue()
+            shares = np.array_split(np.arange(args.devices), args.procs)
+            workers = [mp.Process(target=generator, args=(port, s.tolist(), leaves, barrier, results))
+                       for s in shares]
+            for w in workers:
+                w.start()
+            t_end = time.time() + args.limit_seconds
+
+            def mark() -> tuple[float, float]:
+                return time.perf_counter(), sum(proc.cpu_times()[:2])
+
+            marks = []
+            for _ in PHASES:   # every phase starts when all generators reach the barrier
+                barrier.wait(timeout=max(1.0, t_end - time.time()))
+                marks.append(mark())
+            parts = [results.get(timeout=max(1.0, t_end - time.time())) for _ in workers]
+            marks.append(mark())
+            for w in workers:
+                w.join(10)
+            status = httpx.get(f"http://127.0.0.1:{port}/status").json()
         finally:
             server.terminate()
             server.wait(10)
+    lat = {k: [v for part in parts for v in part["lat"][k]] for k in PHASES}
+    errors = [e for part in parts for e in part["errors"]]
     result = {
-        "devices": args.devices, "requests": sum(len(v) for v in lat.values()) + len(errors),
-        "errors": len(errors), "error_samples": errors[:5], "wall_seconds": wall,
-        "latency_ms": {k: {"p50": float(np.percentile(v, 50)), "p95": float(np.percentile(v, 95)), "count": len(v)}
-                       for k, v in lat.items()},
+        "devices": args.devices, "load_processes": args.procs, "requests": sum(map(len, lat.values())) + len(errors),
+        "errors": len(errors), "error_samples": errors[:5],
+        "latency_ms": {k: {"count": len(v), "p50": float(np.percentile(v, 50)), "p95": float(np.percentile(v, 95)),
+                           "max": float(np.max(v))} for k, v in lat.items() if v},
+        "phases": {k: {"wall_seconds": marks[i + 1][0] - marks[i][0], "server_cpu_seconds": marks[i + 1][1] - marks[i][1],
+                       "generator_cpu_seconds": sum(part["cpu"].get(k, 0.0) for part in parts)}
+                   for i, k in enumerate(PHASES)},
+        "server_idle_rss_mb": idle_rss / 2**20, "server_loaded_torch": torch_loaded,
         "aggregation": status.get("last_aggregation"), "rounds_aggregated": status["rounds_aggregated"],
-        "updates_total": status["updates_total"],
+        "updates_total": status["updates_total"], "cpu_cores": os.cpu_count(),
     }
     (out / "coordinator_load.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))
