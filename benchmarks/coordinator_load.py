@@ -94,10 +94,11 @@ def generator(port: int, devices: list[int], leaves: int, barrier, results) -> N
         state: list[dict] = [{} for _ in devices]
 
         async def phase(kind: str, step) -> None:
-            await asyncio.to_thread(barrier.wait)
+            await asyncio.to_thread(barrier.wait)     # all devices start together ...
             c0 = time.process_time()
             await asyncio.gather(*(step(i) for i in range(len(devices))))
             cpu[kind] = time.process_time() - c0
+            await asyncio.to_thread(barrier.wait)     # ... and the phase ends when the last one is answered
 
         async def enroll(i: int) -> None:
             body = json.dumps({"secret": SECRET, "name": f"sim-{devices[i]}"}).encode()
@@ -115,10 +116,13 @@ def generator(port: int, devices: list[int], leaves: int, barrier, results) -> N
             if "a" in state[i]:
                 r = await timed("weights", conns[i], "GET", f"/weights/{state[i]['a']['expert']}", state[i]["auth"])
                 if r:
-                    w = load(r[1])
-                    rng = np.random.default_rng(devices[i])
-                    state[i]["body"] = save({k: (v + rng.normal(0, 0.01, v.shape)).astype(v.dtype)
-                                             for k, v in w.items()})
+                    state[i]["weights"] = r[1]
+
+        def train(i: int) -> None:   # between phases, not timed: a device's local training stands in here
+            if "weights" in state[i]:
+                rng = np.random.default_rng(devices[i])
+                state[i]["body"] = save({k: (v + rng.normal(0, 0.01, v.shape)).astype(v.dtype)
+                                         for k, v in load(state[i].pop("weights")).items()})
 
         async def update(i: int) -> None:
             if "body" in state[i]:
@@ -130,6 +134,9 @@ def generator(port: int, devices: list[int], leaves: int, barrier, results) -> N
                     "X-Idempotency-Key": f"sim-{devices[i]}-{a['round']}", "X-Metrics": "{}"}, state[i]["body"])
 
         for kind, step in zip(PHASES, (enroll, assignment, weights, update)):
+            if kind == "update":
+                for i in range(len(devices)):
+                    train(i)
             await phase(kind, step)
         for c in conns:
             if c.writer is not None:
@@ -184,11 +191,12 @@ def main() -> int:
                 return time.perf_counter(), sum(proc.cpu_times()[:2])
 
             marks = []
-            for _ in PHASES:   # every phase starts when all generators reach the barrier
+            for _ in PHASES:   # a phase runs between two barriers that every generator reaches
                 barrier.wait(timeout=max(1.0, t_end - time.time()))
-                marks.append(mark())
+                start = mark()
+                barrier.wait(timeout=max(1.0, t_end - time.time()))
+                marks.append((start, mark()))
             parts = [results.get(timeout=max(1.0, t_end - time.time())) for _ in workers]
-            marks.append(mark())
             for w in workers:
                 w.join(10)
             status = httpx.get(f"http://127.0.0.1:{port}/status").json()
@@ -202,9 +210,9 @@ def main() -> int:
         "errors": len(errors), "error_samples": errors[:5],
         "latency_ms": {k: {"count": len(v), "p50": float(np.percentile(v, 50)), "p95": float(np.percentile(v, 95)),
                            "max": float(np.max(v))} for k, v in lat.items() if v},
-        "phases": {k: {"wall_seconds": marks[i + 1][0] - marks[i][0], "server_cpu_seconds": marks[i + 1][1] - marks[i][1],
+        "phases": {k: {"wall_seconds": end[0] - start[0], "server_cpu_seconds": end[1] - start[1],
                        "generator_cpu_seconds": sum(part["cpu"].get(k, 0.0) for part in parts)}
-                   for i, k in enumerate(PHASES)},
+                   for k, (start, end) in zip(PHASES, marks)},
         "server_idle_rss_mb": idle_rss / 2**20, "server_loaded_torch": torch_loaded,
         "aggregation": status.get("last_aggregation"), "rounds_aggregated": status["rounds_aggregated"],
         "updates_total": status["updates_total"], "cpu_cores": os.cpu_count(),

@@ -183,6 +183,7 @@ def test_crash_between_commit_and_checkpoint_copy_is_repaired_on_restart(run, tm
         "w = {k: v + 0.5 for k, v in load_file(str(c.weights_file(cur['expert']))).items()}\n"
         "hp = c.strategy.client_config(cur['expert'], cur['round']).to_dict()\n"
         "c.submit(dev, cur['round'], cur['expert'], cur['weights_version'], 10, 'k', {}, save(w), hp)\n"
+        "c.tick()\n"   # waits for the round to close: the process dies in it
     )
     r = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True, timeout=120)
     assert r.returncode == 9, r.stderr
@@ -199,7 +200,7 @@ def test_crash_between_commit_and_checkpoint_copy_is_repaired_on_restart(run, tm
             np.testing.assert_array_equal(weights[k], committed[k])
         assert coord._repair_checkpoints() == []   # nothing left to repair
     finally:
-        coord.db.close()
+        coord.close()
 
 
 @pytest.mark.slow
@@ -302,8 +303,8 @@ def test_sync_refuses_hyperparameters_it_does_not_know(run, tmp_path):
     from trainer.coordinator_app import create_app
     coord = Coordinator(run, tmp_path / "state.sqlite", SECRET, min_updates=2)
     plain = coord.assignment
-    coord.assignment = lambda *args: (lambda a: {**a, "hyperparameters": {**a["hyperparameters"],
-                                                                          "future_knob": 1}})(plain(*args))
+    coord.assignment = lambda *args, **kw: (lambda a: {**a, "hyperparameters": {**a["hyperparameters"],
+                                                                                "future_knob": 1}})(plain(*args, **kw))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(coord), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -323,4 +324,4 @@ def test_sync_refuses_hyperparameters_it_does_not_know(run, tmp_path):
     finally:
         server.should_exit = True
         thread.join(10)
-        coord.db.close()
+        coord.close()

@@ -133,7 +133,7 @@ def test_restart_with_another_schedule_is_refused(tmp_path):
     cfg = protocol_cfg("proportional")
     _, prep = open_run(tmp_path / "run", cfg, resume=False)
     Federation(tmp_path / "run", "hmoe", cfg, prep)
-    Coordinator(tmp_path / "run", tmp_path / "db.sqlite", SECRET).db.close()
+    Coordinator(tmp_path / "run", tmp_path / "db.sqlite", SECRET).close()
     with pytest.raises(CoordinatorError, match="'proportional'.*'round-robin'"):
         Coordinator(tmp_path / "run", tmp_path / "db.sqlite", SECRET, schedule="round-robin")
 

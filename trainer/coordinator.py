@@ -6,29 +6,31 @@ the run's ``Strategy``, exactly as in the simulation. No torch is loaded (aggreg
 numpy), except by a schedule that reads validation errors, which validates each new
 expert on the run's validation split.
 
-State lives in SQLite (WAL, synchronous=FULL: a committed row survives kill -9);
-weights and accepted updates are files written atomically *before* the transaction
-that refers to them commits, so an acknowledged update is never lost and a crash
-between the two leaves only an orphan file. Checking that a round is open and storing
-an update are one step under the same lock that closes rounds, so an acknowledged
-update is always in its round's aggregate.
+State lives in SQLite (WAL, synchronous=FULL: a committed row survives kill -9 and power
+loss); accepted updates are stored in it, new expert versions are files written atomically
+*before* the transaction that refers to them commits. One writer thread makes every change:
+request threads queue their writes, the writer runs them in batches, one transaction (one
+fsync) a batch, and answers each request only after its batch committed (group commit).
+So an acknowledged update is never lost, checking that a round is open and storing an
+update are one step in the thread that closes rounds (an acknowledged update is always
+in its round's aggregate), and reads never wait behind writes (WAL snapshots, memory).
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import hmac
 import json
 import os
+import queue
 import secrets
 import sqlite3
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError
 from safetensors.numpy import load, load_file, save
 
 from hierarchy.errors import HmoeError
@@ -42,6 +44,7 @@ from trainer.strategy import StrategyError, make_tasks
 
 MAX_UPDATE_BYTES = 16 * 1024 * 1024
 MAX_SAMPLES = 10_000_000
+MAX_BATCH = 512          # writes committed together by the writer thread
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (id TEXT PRIMARY KEY, idx INTEGER NOT NULL UNIQUE, token_hash TEXT NOT NULL,
@@ -50,7 +53,7 @@ CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY, expert TEXT NOT NU
     started REAL NOT NULL, deadline REAL NOT NULL, aggregated REAL);
 CREATE TABLE IF NOT EXISTS updates (id INTEGER PRIMARY KEY AUTOINCREMENT, round INTEGER NOT NULL,
     device TEXT NOT NULL, expert TEXT NOT NULL, idem_key TEXT NOT NULL, samples INTEGER NOT NULL,
-    hyperparameters TEXT NOT NULL, metrics TEXT, file TEXT NOT NULL, received REAL NOT NULL,
+    hyperparameters TEXT NOT NULL, metrics TEXT, body BLOB NOT NULL, received REAL NOT NULL,
     UNIQUE(round, device), UNIQUE(device, idem_key));
 CREATE TABLE IF NOT EXISTS excused (round INTEGER NOT NULL, device TEXT NOT NULL, reason TEXT NOT NULL,
     PRIMARY KEY (round, device));
@@ -76,6 +79,48 @@ def _hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "BF16": None, "I8": np.int8,
+                      "I16": np.int16, "I32": np.int32, "I64": np.int64, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def parse_safetensors(body: bytes, max_header: int) -> Weights:
+    """Read-only numpy views of a safetensors body's tensors (its format: 8-byte little-endian
+    header size, JSON header of name -> dtype, shape, data_offsets, then the data)."""
+    if len(body) < 8:
+        raise InvalidUpdate("body is not a safetensors file (shorter than its 8-byte header size)")
+    n = int.from_bytes(body[:8], "little")
+    if n > max_header or n > len(body) - 8:
+        raise InvalidUpdate(f"safetensors header of {n} bytes; expected at most {min(max_header, len(body) - 8)}")
+    try:
+        header = json.loads(body[8:8 + n])
+    except (ValueError, RecursionError) as exc:
+        raise InvalidUpdate(f"body is not a safetensors file (header: {exc.__class__.__name__})") from None
+    if not isinstance(header, dict):
+        raise InvalidUpdate("body is not a safetensors file (its header is not a JSON object)")
+    header.pop("__metadata__", None)
+    data = memoryview(body)[8 + n:]
+    out = {}
+    for name, info in header.items():
+        try:
+            dtype = np.dtype(SAFETENSORS_DTYPES[info["dtype"]])
+            shape = [int(d) for d in info["shape"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise InvalidUpdate(f"tensor {name!r}: malformed safetensors entry {str(info)[:100]}") from None
+        if min(shape, default=0) < 0 or not 0 <= begin <= end <= len(data) or \
+                end - begin != int(np.prod(shape)) * dtype.itemsize:
+            raise InvalidUpdate(f"tensor {name!r}: data offsets {begin}..{end} do not fit shape {shape} of {dtype}")
+        out[str(name)] = np.frombuffer(data[begin:end], dtype=dtype).reshape(shape)
+    return out
+
+
+def _connect(db: str | os.PathLike) -> sqlite3.Connection:
+    con = sqlite3.connect(str(db), check_same_thread=False, isolation_level=None, timeout=30)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA synchronous=FULL")
+    return con
+
+
 class Coordinator:
     """Round logic over SQLite; the HTTP layer (``create_app``) is a thin shell around it."""
 
@@ -93,17 +138,23 @@ class Coordinator:
         self.store = self.run_dir / "coordinator"
         self.last_aggregation: dict | None = None
         self._validation = None
-        self.lock = threading.RLock()
-        self.db = sqlite3.connect(str(db), check_same_thread=False, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
+        self._weights_cache: dict[str, tuple[int, bytes]] = {}
+        self.db = _connect(db)              # the writer's (and start-up's) connection
+        self.db.execute("PRAGMA wal_autocheckpoint=0")   # checkpoint once a round, not while updates stream in
         self.db.executescript(SCHEMA)
+        self._reader = _connect(db)         # request threads read committed snapshots through this one
+        self._read_lock = threading.Lock()
+        self._jobs: queue.Queue = queue.Queue()
+        self._after_commit: list = []
         self._bootstrap(Path(db))
         self._manifest = self._build_manifest()
+        self._writer = threading.Thread(target=self._write_loop, name="coordinator-writer", daemon=True)
+        self._writer.start()
+        self.tick()
 
     # ------------------------------------------------------------- set-up
     def _bootstrap(self, db: Path) -> None:
-        with self.lock:
+        if True:   # before the writer thread starts: nothing else touches the database yet
             saved = self.db.execute("SELECT value FROM meta WHERE key = 'strategy'").fetchone()
             if saved is None:   # first start: the schedule's state as the run left it
                 state = {**load_strategy_state(self.run_dir), "schedule": self.strategy.schedule_name}
@@ -128,19 +179,26 @@ class Coordinator:
             if self.db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0] == 0:
                 self._open_round(0)
             self._repair_checkpoints()
-            self._devices = {h: (d, i) for d, i, h in self.db.execute("SELECT id, idx, token_hash FROM devices")}
-            self._load_current()
-        self.tick()
+            self._reload()
+
+    def _reload(self) -> None:
+        """Memory from the database: after start-up, and after a transaction that failed."""
+        saved = self.db.execute("SELECT value FROM meta WHERE key = 'strategy'").fetchone()
+        self.strategy.restore(json.loads(saved[0]))
+        self._devices = {h: (d, i) for d, i, h in self.db.execute("SELECT id, idx, token_hash FROM devices")}
+        self._index = {d: i for d, i in self._devices.values()}
+        self._load_current()
 
     def _load_current(self) -> None:
         """The open round and its answer count, kept in memory so reads do not wait on the database."""
         r = self.db.execute("SELECT round, expert, base_version, deadline FROM rounds WHERE aggregated IS NULL "
                             "ORDER BY round DESC LIMIT 1").fetchone()
         self._current = {"round": r[0], "expert": r[1], "weights_version": r[2], "deadline": r[3]}
+        self._versions = {k: self._version(self.db, k) for k in self.tasks}
         self._answered = self._count("updates", r[0]) + self._count("excused", r[0])
 
-    def _count(self, table: str, rnd: int) -> int:
-        return self.db.execute(f"SELECT COUNT(*) FROM {table} WHERE round = ?", (rnd,)).fetchone()[0]
+    def _count(self, table: str, rnd: int, con: sqlite3.Connection | None = None) -> int:
+        return (con or self.db).execute(f"SELECT COUNT(*) FROM {table} WHERE round = ?", (rnd,)).fetchone()[0]
 
     def _checkpoint_path(self, key: str) -> Path:
         return self.run_dir / "experts" / f"{self.tasks[key].file_stem}.safetensors"
@@ -172,7 +230,7 @@ class Coordinator:
         expert = self.strategy.choose_task(rnd)
         now = time.time()
         self.db.execute("INSERT INTO rounds VALUES (?, ?, ?, ?, ?, NULL)",
-                        (rnd, expert, self.version(expert), now, now + self.round_seconds))
+                        (rnd, expert, self._version(self.db, expert), now, now + self.round_seconds))
 
     def _build_manifest(self) -> dict:
         """What a device needs to train any expert: hierarchy, the run's input spec, network configs
@@ -183,42 +241,58 @@ class Coordinator:
                         source={"run": str(self.run_dir.resolve()), "dataset": self.cfg.dataset}).to_dict()
 
     # ------------------------------------------------------------- queries
+    @staticmethod
+    def _version(con: sqlite3.Connection, expert: str) -> int:
+        return con.execute("SELECT MAX(version) FROM versions WHERE expert = ?", (expert,)).fetchone()[0]
+
+    def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._read_lock:
+            return self._reader.execute(sql, args).fetchall()
+
     def version(self, expert: str) -> int:
-        return self.db.execute("SELECT MAX(version) FROM versions WHERE expert = ?", (expert,)).fetchone()[0]
+        return self._read("SELECT MAX(version) FROM versions WHERE expert = ?", (expert,))[0][0]
 
     def weights_file(self, expert: str, version: int | None = None) -> Path:
         version = self.version(expert) if version is None else version
-        row = self.db.execute("SELECT file FROM versions WHERE expert = ? AND version = ?", (expert, version)).fetchone()
-        return self.store / "weights" / row[0]
+        row = self._read("SELECT file FROM versions WHERE expert = ? AND version = ?", (expert, version))
+        return self.store / "weights" / row[0][0]
+
+    def current_weights(self, expert: str) -> tuple[int, bytes]:
+        """The expert's latest version and its safetensors bytes (read once per version)."""
+        version = self._versions[expert]
+        cached = self._weights_cache.get(expert)
+        if cached is None or cached[0] != version:
+            cached = (version, self.weights_file(expert, version).read_bytes())
+            self._weights_cache[expert] = cached
+        return cached
 
     def current(self) -> dict:
         return dict(self._current)
 
     def status(self) -> dict:
-        with self.lock:
-            cur = self.current()
-            n = self._count("updates", cur["round"])
-            versions = {k: self.version(k) for k in self.tasks}
-            done = self.db.execute("SELECT COUNT(*) FROM rounds WHERE aggregated IS NOT NULL").fetchone()[0]
-            total = self.db.execute("SELECT COUNT(*) FROM updates").fetchone()[0]
+        cur = self.current()
+        n = self._read("SELECT COUNT(*) FROM updates WHERE round = ?", (cur["round"],))[0][0]
+        done = self._read("SELECT COUNT(*) FROM rounds WHERE aggregated IS NOT NULL")[0][0]
+        total = self._read("SELECT COUNT(*) FROM updates")[0][0]
         return {**cur, "updates_received": n, "answered": self._answered, "min_updates": self.min_updates,
-                "versions": versions, "rounds_aggregated": done, "updates_total": total,
+                "versions": dict(self._versions), "rounds_aggregated": done, "updates_total": total,
                 "schedule": self.strategy.schedule_name, "last_aggregation": self.last_aggregation}
 
     def manifest(self) -> dict:
         return self._manifest
 
-    def assignment(self, device: str | None = None, leaf_counts: list[int] | None = None) -> dict:
+    def assignment(self, device: str | None = None, leaf_counts: list[int] | None = None,
+                   excuse: bool = True) -> dict:
         """The open round for a device, with the hyper-parameters and seed the strategy gives it.
 
         ``leaf_counts`` (the device's samples per label) let the strategy balance epochs as the
-        simulation does; a device with no sample under the round's expert is excused from it."""
-        self.tick()
+        simulation does; a device with no sample under the round's expert is excused from it
+        (here, or by the caller when ``excuse`` is False). Call ``tick`` first to close a round
+        whose deadline passed."""
         cur = self.current()
         key, rnd = cur["expert"], cur["round"]
-        idx = self._index_of(device)
         out = {**cur, "children": [self.tree.names[c] for c in self.tree.children(self.tasks[key].node)],
-               "seed": self.strategy.client_seed(rnd, idx)}
+               "seed": self.strategy.client_seed(rnd, self._index.get(device, -1))}
         if leaf_counts is None:
             out.update(hyperparameters=self.strategy.client_config(key, rnd).to_dict(), samples=None)
             return out
@@ -228,22 +302,26 @@ class Coordinator:
             raise InvalidUpdate(str(exc)) from None
         out.update(hyperparameters=self.strategy.client_config(key, rnd, int(sum(leaf_counts)), samples).to_dict(),
                    samples=samples)
-        if samples == 0 and device is not None:
+        if samples == 0 and device is not None and excuse:
             self.excuse(device, rnd, "no samples under the expert")
         return out
 
-    def _index_of(self, device: str | None) -> int:
-        return next((i for d, i in self._devices.values() if d == device), -1)
-
     # ------------------------------------------------------------- devices
     def enroll(self, secret: str, name: str = "") -> dict:
+        return self.enroll_later(secret, name).result()
+
+    def enroll_later(self, secret: str, name: str = "") -> Future:
+        """Check the secret now; the new device is committed by the writer (the future's result)."""
         if not hmac.compare_digest(secret.encode(), self.secret.encode()):
             raise PermissionError("wrong enrolment secret")
+        return self._enqueue(self._store_device, name)
+
+    def _store_device(self, name: str) -> dict:
         device, token = secrets.token_hex(8), secrets.token_urlsafe(24)
-        with self.lock:
-            idx = self.db.execute("SELECT COALESCE(MAX(idx) + 1, 0) FROM devices").fetchone()[0]
-            self.db.execute("INSERT INTO devices VALUES (?, ?, ?, ?, ?)", (device, idx, _hash(token), name, time.time()))
-            self._devices[_hash(token)] = (device, idx)
+        idx = self.db.execute("SELECT COALESCE(MAX(idx) + 1, 0) FROM devices").fetchone()[0]
+        self.db.execute("INSERT INTO devices VALUES (?, ?, ?, ?, ?)", (device, idx, _hash(token), name, time.time()))
+        self._devices[_hash(token)] = (device, idx)
+        self._index[device] = idx
         return {"device_id": device, "token": token, "index": idx}
 
     def device_for(self, token: str) -> str | None:
@@ -253,23 +331,26 @@ class Coordinator:
     def excuse(self, device: str, rnd: int, reason: str) -> None:
         """The device will send nothing for round ``rnd`` (no samples under its expert, or its
         local training diverged): it counts as an answer, as the simulation skips such a client."""
-        with self.lock:
-            if rnd != self._current["round"]:
-                raise StaleUpdate(f"round {rnd} is closed; the current round is {self._current['round']}")
-            if self.db.execute("SELECT 1 FROM updates WHERE round = ? AND device = ?", (rnd, device)).fetchone():
-                raise StaleUpdate(f"device {device} already sent an update for round {rnd}")
-            cur = self.db.execute("INSERT OR IGNORE INTO excused VALUES (?, ?, ?)", (rnd, device, reason[:200]))
-            self._answered += cur.rowcount
-        self.tick()
+        self._write(self._store_excuse, device, rnd, reason[:200])
+
+    def excuse_later(self, device: str, rnd: int, reason: str) -> Future:
+        return self._enqueue(self._store_excuse, device, rnd, reason[:200])
+
+    def _store_excuse(self, device: str, rnd: int, reason: str) -> None:
+        if rnd != self._current["round"]:
+            raise StaleUpdate(f"round {rnd} is closed; the current round is {self._current['round']}")
+        if self.db.execute("SELECT 1 FROM updates WHERE round = ? AND device = ?", (rnd, device)).fetchone():
+            raise StaleUpdate(f"device {device} already sent an update for round {rnd}")
+        self._answered += self.db.execute("INSERT OR IGNORE INTO excused VALUES (?, ?, ?)",
+                                          (rnd, device, reason)).rowcount
 
     # ------------------------------------------------------------- updates
     def check_update(self, expert: str, body: bytes) -> Weights:
-        """Parse and validate an update's tensors; raises InvalidUpdate (-> 422)."""
-        try:
-            weights = load(body)
-        except (SafetensorError, ValueError, OSError, TypeError) as exc:
-            raise InvalidUpdate(f"body is not a safetensors file ({exc})") from None
+        """Parse and validate an update's tensors without copying them; raises InvalidUpdate (-> 422).
+        The header is bounded by what the expert's tensors need before it is parsed, so a body
+        of many tiny tensors costs nothing."""
         want = self.expected[expert]
+        weights = parse_safetensors(body, max_header=1024 + 256 * len(want))
         missing, extra = sorted(set(want) - set(weights)), sorted(set(weights) - set(want))
         if missing or extra:
             raise InvalidUpdate(f"tensor names differ from expert {expert!r}: missing {missing[:3]}, extra {extra[:3]}")
@@ -277,7 +358,7 @@ class Coordinator:
             shape, dtype = want[name]
             if tuple(arr.shape) != shape or arr.dtype != dtype:
                 raise InvalidUpdate(f"tensor {name!r} is {arr.dtype}{list(arr.shape)}; expected {dtype}{list(shape)}")
-            if not np.all(np.isfinite(arr)):
+            if not np.isfinite(arr).all():
                 raise InvalidUpdate(f"tensor {name!r} holds NaN or infinite values")
         return weights
 
@@ -309,9 +390,14 @@ class Coordinator:
             raise StaleUpdate(f"update from weights version {base_version}; round {rnd} started from "
                               f"version {cur['weights_version']}")
 
-    def submit(self, device: str, rnd: int, expert: str, base_version: int, samples: int, idem_key: str,
-               metrics: dict, body: bytes, hyperparameters: dict, client_samples: int | None = None) -> dict:
+    def submit(self, *args, **kwargs) -> dict:
         """Accept an update once. Raises InvalidUpdate (422) or StaleUpdate (409)."""
+        return self.submit_later(*args, **kwargs).result()
+
+    def submit_later(self, device: str, rnd: int, expert: str, base_version: int, samples: int, idem_key: str,
+                     metrics: dict, body: bytes, hyperparameters: dict, client_samples: int | None = None) -> Future:
+        """Validate an update now (raising InvalidUpdate or StaleUpdate); the writer checks the
+        round again and stores it: the future's result, or its exception, once committed."""
         if not idem_key or len(idem_key) > 128:
             raise InvalidUpdate("an idempotency key of 1 to 128 characters is required")
         if not 1 <= samples <= MAX_SAMPLES:
@@ -321,35 +407,30 @@ class Coordinator:
         self._check_current(rnd, expert, base_version)   # stale first: a late update is 409, however it looks
         self.check_hyperparameters(expert, rnd, hyperparameters, samples, client_samples)
         self.check_update(expert, body)
-        path = self.store / "updates" / f"r{rnd:05d}-{device}-{secrets.token_hex(6)}.safetensors"
-        write_bytes_atomic(path, body)
-        try:
-            with self.lock:   # the round check and the insert are one step: acknowledged means counted
-                dup = self.db.execute("SELECT round, expert FROM updates WHERE device = ? AND idem_key = ?",
-                                      (device, idem_key)).fetchone()
-                if dup:
-                    path.unlink()
-                    return {"accepted": True, "duplicate": True, "round": dup[0], "expert": dup[1]}
-                self._check_current(rnd, expert, base_version)
-                for table, what in (("updates", "already sent an update for"), ("excused", "was excused from")):
-                    if self.db.execute(f"SELECT 1 FROM {table} WHERE round = ? AND device = ?", (rnd, device)).fetchone():
-                        raise StaleUpdate(f"device {device} {what} round {rnd}")
-                self.db.execute("INSERT INTO updates (round, device, expert, idem_key, samples, hyperparameters, "
-                                "metrics, file, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                                (rnd, device, expert, idem_key, samples, json.dumps(hyperparameters),
-                                 json.dumps(metrics), path.name, time.time()))
-                self._answered += 1
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
-        self.tick()
+        return self._enqueue(self._store_update, device, rnd, expert, base_version, samples, idem_key,
+                           json.dumps(metrics), body, json.dumps(hyperparameters))
+
+    def _store_update(self, device: str, rnd: int, expert: str, base_version: int, samples: int, idem_key: str,
+                      metrics: str, body: bytes, hyperparameters: str) -> dict:
+        dup = self.db.execute("SELECT round, expert FROM updates WHERE device = ? AND idem_key = ?",
+                              (device, idem_key)).fetchone()
+        if dup:
+            return {"accepted": True, "duplicate": True, "round": dup[0], "expert": dup[1]}
+        self._check_current(rnd, expert, base_version)
+        for table, what in (("updates", "already sent an update for"), ("excused", "was excused from")):
+            if self.db.execute(f"SELECT 1 FROM {table} WHERE round = ? AND device = ?", (rnd, device)).fetchone():
+                raise StaleUpdate(f"device {device} {what} round {rnd}")
+        self.db.execute("INSERT INTO updates (round, device, expert, idem_key, samples, hyperparameters, metrics, "
+                        "body, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (rnd, device, expert, idem_key, samples, hyperparameters, metrics, body, time.time()))
+        self._answered += 1
         return {"accepted": True, "duplicate": False, "round": rnd, "expert": expert}
 
     def round_updates(self, rnd: int) -> list[tuple[Weights, int]]:
         """The round's updates in device enrolment order (the simulation's client order)."""
-        rows = self.db.execute("SELECT u.file, u.samples FROM updates u JOIN devices d ON d.id = u.device "
+        rows = self.db.execute("SELECT u.body, u.samples FROM updates u JOIN devices d ON d.id = u.device "
                                "WHERE u.round = ? ORDER BY d.idx", (rnd,)).fetchall()
-        return [(load_file(str(self.store / "updates" / f)), n) for f, n in rows]
+        return [(load(body), n) for body, n in rows]
 
     def _validation_error(self, key: str, weights: Weights) -> float | None:
         """Only for a schedule that reads validation errors: the run's validation split, as the
@@ -364,42 +445,127 @@ class Coordinator:
         x, y = prep.data.train_x[prep.val_idx], prep.data.train_y[prep.val_idx]
         return validation_error(self.tree, self.tasks[key], weights, x, y, prep.normalize)
 
-    def tick(self) -> None:
-        """Close the open round when ``min_updates`` devices answered it or its deadline passed:
-        aggregate, let the strategy see the result, open the next round, all in one commit."""
-        cur = self._current
-        if self._answered < self.min_updates and time.time() < cur["deadline"]:
-            return
-        with self.lock:
-            cur = self._current
-            if self._answered < self.min_updates and time.time() < cur["deadline"]:
+    # --------------------------------------------------------------- writer
+    def _enqueue(self, fn, *args) -> Future:
+        """``fn(*args)`` will run in the writer thread, inside its next transaction; the future
+        holds its result (or exception) once that transaction committed."""
+        done: Future = Future()
+        self._jobs.put((fn, args, done))
+        return done
+
+    def _write(self, fn, *args):
+        if threading.current_thread() is self._writer:
+            return fn(*args)
+        return self._enqueue(fn, *args).result()
+
+    def _write_loop(self) -> None:
+        while True:
+            batch = [self._jobs.get()]
+            while len(batch) < MAX_BATCH:
+                try:
+                    batch.append(self._jobs.get_nowait())
+                except queue.Empty:
+                    break
+            stop = None in batch
+            self._run_batch([job for job in batch if job is not None])
+            if stop:
                 return
-            key, rnd = cur["expert"], cur["round"]
-            started = time.perf_counter()
-            updates = self.round_updates(rnd)
-            saved_state = copy.deepcopy(self.strategy.state())
-            if updates:
-                new = self.strategy.aggregate(updates)
-                version = cur["weights_version"] + 1
-                path = self.store / "weights" / f"{self.tasks[key].file_stem}-v{version}.safetensors"
-                write_bytes_atomic(path, save(new))
-                if self.strategy.needs_validation:
-                    error = self._validation_error(key, new)
-                    if error is not None:
-                        self.strategy.record_validation(key, error)
+
+    def _transaction(self, body) -> None:
+        """``body()`` in one transaction; on any failure roll back and reload memory from the database."""
+        try:
             self.db.execute("BEGIN IMMEDIATE")
-            try:
-                if updates:
-                    self.db.execute("INSERT OR REPLACE INTO versions VALUES (?, ?, ?, ?)", (key, version, path.name, rnd))
-                self.db.execute("UPDATE rounds SET aggregated = ? WHERE round = ?", (time.time(), rnd))
-                self.db.execute("UPDATE meta SET value = ? WHERE key = 'strategy'", (json.dumps(self.strategy.state()),))
-                self._open_round(rnd + 1)
-                self.db.execute("COMMIT")
-            except BaseException:
+            body()
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
-                self.strategy.restore(saved_state)
-                raise
-            self._load_current()
-            self.last_aggregation = {"round": rnd, "updates": len(updates), "seconds": time.perf_counter() - started}
-            if updates:  # the run directory's checkpoint follows, so `hmoe export --run` exports the fleet's result
-                self._write_checkpoint(key, new, rnd)
+            self._after_commit.clear()
+            self._reload()
+            raise
+
+    def _run_batch(self, batch: list) -> None:
+        outcomes: list = []
+
+        def run_jobs() -> None:
+            for fn, args, _ in batch:
+                self.db.execute("SAVEPOINT job")
+                try:
+                    outcomes.append((fn(*args), None))
+                    self.db.execute("RELEASE job")
+                except Exception as exc:   # this request is refused; the rest of the batch goes on
+                    self.db.execute("ROLLBACK TO job")
+                    self.db.execute("RELEASE job")
+                    outcomes.append((None, exc))
+
+        try:
+            if batch:
+                self._transaction(run_jobs)
+        except BaseException as exc:
+            for _, _, done in batch:
+                done.set_exception(exc)
+            return
+        waits = []
+        for (fn, _, done), (value, exc) in zip(batch, outcomes):   # committed: answer before aggregating
+            if fn is self._wait_for_close:
+                waits.append(done)
+            elif exc is not None:
+                done.set_exception(exc)
+            else:
+                done.set_result(value)
+        if self.due():
+            try:
+                self._transaction(self._close_round)
+                for hook in self._after_commit:
+                    hook()
+                self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except Exception as exc:   # the updates are committed; the round closes at the next try
+                self.last_aggregation = {"error": repr(exc)}
+            finally:
+                self._after_commit.clear()
+        for done in waits:
+            done.set_result(None)
+
+    def due(self) -> bool:
+        return self._answered >= self.min_updates or time.time() >= self._current["deadline"]
+
+    def tick(self) -> None:
+        """Close the open round when ``min_updates`` devices answered it or its deadline passed
+        (the writer closes it after its next batch; this wakes it up and waits)."""
+        if self.due():
+            self._write(self._wait_for_close)
+
+    @staticmethod
+    def _wait_for_close() -> None:
+        """A job that writes nothing: answered after the round it woke the writer for is closed."""
+
+    def _close_round(self) -> None:
+        """Aggregate, let the strategy see the result, open the next round: one transaction."""
+        cur = self._current
+        key, rnd = cur["expert"], cur["round"]
+        started = time.perf_counter()
+        updates = self.round_updates(rnd)
+        if updates:
+            new = self.strategy.aggregate(updates)
+            version = cur["weights_version"] + 1
+            path = self.store / "weights" / f"{self.tasks[key].file_stem}-v{version}.safetensors"
+            write_bytes_atomic(path, save(new))
+            if self.strategy.needs_validation:
+                error = self._validation_error(key, new)
+                if error is not None:
+                    self.strategy.record_validation(key, error)
+            self.db.execute("INSERT OR REPLACE INTO versions VALUES (?, ?, ?, ?)", (key, version, path.name, rnd))
+            # the run directory's checkpoint follows, so `hmoe export --run` exports the fleet's result
+            self._after_commit.append(lambda: self._write_checkpoint(key, new, rnd))
+        self.db.execute("UPDATE rounds SET aggregated = ? WHERE round = ?", (time.time(), rnd))
+        self.db.execute("UPDATE meta SET value = ? WHERE key = 'strategy'", (json.dumps(self.strategy.state()),))
+        self._open_round(rnd + 1)
+        self._load_current()
+        self.last_aggregation = {"round": rnd, "updates": len(updates), "seconds": time.perf_counter() - started}
+
+    def close(self) -> None:
+        """Stop the writer (after what is queued) and close the database."""
+        self._jobs.put(None)
+        self._writer.join(60)
+        self._reader.close()
+        self.db.close()

@@ -2,15 +2,18 @@
 
 409 means only a stale or duplicate update (the device goes on with the next round),
 422 only an invalid request; any other failure is a 500, which a device retries.
-Blocking work (SQLite commits, fsyncs, aggregation) runs in the thread pool, never on
-the event loop.
+Blocking work (SQLite commits, fsyncs, aggregation) runs in the coordinator's writer
+thread, never on the event loop, which awaits its result without holding a thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+from concurrent.futures import Future
 
 from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from trainer.coordinator import (
@@ -30,12 +33,13 @@ async def read_body(request: Request, limit: int) -> bytes:
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise HTTPException(413, f"body of {length} bytes; the limit is {limit}")
-    body = bytearray()
+    chunks, size = [], 0
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
             raise HTTPException(413, f"body larger than the limit of {limit} bytes")
-    return bytes(body)
+    return b"".join(chunks)
 
 
 def parse_json(text: str | bytes, what: str) -> object:
@@ -61,8 +65,11 @@ def create_app(coord: Coordinator, max_update_bytes: int = MAX_UPDATE_BYTES) -> 
         return found
 
     async def call(fn, *args, **kwargs):
+        """``fn`` either answers at once or returns a future the writer thread completes: the
+        event loop waits for it without holding a thread."""
         try:
-            return await run_in_threadpool(fn, *args, **kwargs)
+            out = fn(*args, **kwargs)
+            return await asyncio.wrap_future(out) if isinstance(out, Future) else out
         except StaleUpdate as exc:
             raise HTTPException(409, str(exc)) from None
         except InvalidUpdate as exc:
@@ -74,13 +81,15 @@ def create_app(coord: Coordinator, max_update_bytes: int = MAX_UPDATE_BYTES) -> 
         if not isinstance(body, dict) or not isinstance(body.get("secret"), str):
             raise HTTPException(422, "expected JSON {\"secret\": \"...\", \"name\": \"...\"}")
         try:
-            return await run_in_threadpool(coord.enroll, body["secret"], str(body.get("name", ""))[:100])
+            return JSONResponse(await call(coord.enroll_later, body["secret"], str(body.get("name", ""))[:100]))
         except PermissionError as exc:
             raise HTTPException(403, str(exc)) from None
 
     @app.get("/assignment")
-    async def assignment(request: Request, counts: str | None = None) -> dict:
-        """``counts``: the device's samples per label, comma-separated in the hierarchy's leaf order."""
+    async def assignment(request: Request, counts: str | None = None) -> JSONResponse:
+        """``counts``: the device's samples per label, comma-separated in the hierarchy's leaf order.
+        Answered from memory on the event loop; only excusing a device (no sample under the
+        round's expert) writes, and that runs in the thread pool."""
         dev = device(request)
         leaf_counts = None
         if counts is not None:
@@ -88,29 +97,35 @@ def create_app(coord: Coordinator, max_update_bytes: int = MAX_UPDATE_BYTES) -> 
                 leaf_counts = [int(c) for c in counts.split(",")]
             except ValueError:
                 raise HTTPException(422, "counts must be comma-separated integers, one per leaf") from None
-        return await call(coord.assignment, dev, leaf_counts)
+        if coord.due():
+            await run_in_threadpool(coord.tick)
+        try:
+            a = coord.assignment(dev, leaf_counts, excuse=False)
+        except InvalidUpdate as exc:
+            raise HTTPException(422, str(exc)) from None
+        if a["samples"] == 0:
+            await call(coord.excuse_later, dev, a["round"], "no samples under the expert")
+        return JSONResponse(a)
 
     @app.get("/manifest")
-    def manifest(request: Request) -> dict:
+    async def manifest(request: Request) -> JSONResponse:
         device(request)
-        return coord.manifest()
+        return JSONResponse(coord.manifest())
 
     @app.get("/weights/{expert}")
-    def weights(expert: str, request: Request) -> Response:
+    async def weights(expert: str, request: Request) -> Response:
         device(request)
         if expert not in coord.tasks:
             raise HTTPException(404, f"unknown expert {expert!r}; experts are {', '.join(coord.tasks)}")
-        with coord.lock:
-            version = coord.version(expert)
-            path = coord.weights_file(expert, version)
-        return Response(path.read_bytes(), media_type="application/octet-stream",
+        version, data = coord.current_weights(expert)
+        return Response(data, media_type="application/octet-stream",
                         headers={"X-Weights-Version": str(version), "X-Expert": expert})
 
     @app.post("/update")
     async def update(request: Request) -> dict:
         dev = device(request)
         body = await read_body(request, max_update_bytes)
-        h = request.headers
+        h = dict(request.headers)   # one pass over the raw headers, then O(1) lookups
         try:
             rnd, base, samples = int(h["x-round"]), int(h["x-base-version"]), int(h["x-samples"])
             client_samples = int(h["x-client-samples"]) if "x-client-samples" in h else None
@@ -121,13 +136,14 @@ def create_app(coord: Coordinator, max_update_bytes: int = MAX_UPDATE_BYTES) -> 
         hp = parse_json(hp, "X-Hyperparameters")
         if not isinstance(metrics, dict) or not isinstance(hp, dict):
             raise HTTPException(422, "X-Metrics and X-Hyperparameters must be JSON objects")
-        return await call(coord.submit, dev, rnd, expert, base, samples, key, metrics, body, hp, client_samples)
+        return JSONResponse(await call(coord.submit_later, dev, rnd, expert, base, samples, key, metrics, body, hp,
+                                       client_samples))
 
     @app.post("/decline")
     async def decline(request: Request, round: int, reason: str = "declined") -> dict:
         """The device sends nothing this round (for example: its local training diverged)."""
         dev = device(request)
-        await call(coord.excuse, dev, round, reason)
+        await call(coord.excuse_later, dev, round, reason[:200])
         return {"excused": True, "round": round}
 
     @app.get("/status")

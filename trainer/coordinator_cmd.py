@@ -30,7 +30,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     threading.Thread(target=ticker, daemon=True).start()
     print(f"coordinator for {args.run_dir} on http://{args.host}:{args.port} (state in {args.db})", flush=True)
-    uvicorn.run(create_app(coord, args.max_update_bytes), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.run(create_app(coord, args.max_update_bytes), host=args.host, port=args.port, log_level=args.log_level,
+                access_log=False, backlog=4096)
     return 0
 
 
