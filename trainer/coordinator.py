@@ -7,8 +7,9 @@ numpy), except by a schedule that reads validation errors, which validates each 
 expert on the run's validation split.
 
 State lives in SQLite (WAL, synchronous=FULL: a committed row survives kill -9 and power
-loss); accepted updates are stored in it, new expert versions are files written atomically
-*before* the transaction that refers to them commits. One writer thread makes every change:
+loss). Accepted updates are appended to one log file per round and new expert versions
+are files written atomically, both flushed to disk *before* the transaction that refers
+to them commits (a crash in between leaves only unreferenced bytes). One writer thread makes every change:
 request threads queue their writes, the writer runs them in batches, one transaction (one
 fsync) a batch, and answers each request only after its batch committed (group commit).
 So an acknowledged update is never lost, checking that a round is open and storing an
@@ -53,7 +54,8 @@ CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY, expert TEXT NOT NU
     started REAL NOT NULL, deadline REAL NOT NULL, aggregated REAL);
 CREATE TABLE IF NOT EXISTS updates (id INTEGER PRIMARY KEY AUTOINCREMENT, round INTEGER NOT NULL,
     device TEXT NOT NULL, expert TEXT NOT NULL, idem_key TEXT NOT NULL, samples INTEGER NOT NULL,
-    hyperparameters TEXT NOT NULL, metrics TEXT, body BLOB NOT NULL, received REAL NOT NULL,
+    hyperparameters TEXT NOT NULL, metrics TEXT, offset INTEGER NOT NULL, length INTEGER NOT NULL,
+    received REAL NOT NULL,
     UNIQUE(round, device), UNIQUE(device, idem_key));
 CREATE TABLE IF NOT EXISTS excused (round INTEGER NOT NULL, device TEXT NOT NULL, reason TEXT NOT NULL,
     PRIMARY KEY (round, device));
@@ -146,6 +148,7 @@ class Coordinator:
         self._read_lock = threading.Lock()
         self._jobs: queue.Queue = queue.Queue()
         self._after_commit: list = []
+        self._logs: dict = {}
         self._bootstrap(Path(db))
         self._manifest = self._build_manifest()
         self._writer = threading.Thread(target=self._write_loop, name="coordinator-writer", daemon=True)
@@ -420,17 +423,39 @@ class Coordinator:
         for table, what in (("updates", "already sent an update for"), ("excused", "was excused from")):
             if self.db.execute(f"SELECT 1 FROM {table} WHERE round = ? AND device = ?", (rnd, device)).fetchone():
                 raise StaleUpdate(f"device {device} {what} round {rnd}")
+        log = self._update_log(rnd)
+        offset = log.seek(0, os.SEEK_END)
+        log.write(body)
         self.db.execute("INSERT INTO updates (round, device, expert, idem_key, samples, hyperparameters, metrics, "
-                        "body, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (rnd, device, expert, idem_key, samples, hyperparameters, metrics, body, time.time()))
+                        "offset, length, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (rnd, device, expert, idem_key, samples, hyperparameters, metrics, offset, len(body),
+                         time.time()))
         self._answered += 1
         return {"accepted": True, "duplicate": False, "round": rnd, "expert": expert}
 
+    def _log_path(self, rnd: int) -> Path:
+        return self.store / "updates" / f"r{rnd:05d}.log"
+
+    def _update_log(self, rnd: int):
+        """The round's append-only update log (writer thread only); flushed before each commit."""
+        if rnd not in self._logs:
+            self._log_path(rnd).parent.mkdir(parents=True, exist_ok=True)
+            self._logs[rnd] = open(self._log_path(rnd), "ab")
+        return self._logs[rnd]
+
+    def _flush_logs(self) -> None:
+        for log in self._logs.values():
+            log.flush()
+            os.fsync(log.fileno())
+
     def round_updates(self, rnd: int) -> list[tuple[Weights, int]]:
         """The round's updates in device enrolment order (the simulation's client order)."""
-        rows = self.db.execute("SELECT u.body, u.samples FROM updates u JOIN devices d ON d.id = u.device "
+        rows = self.db.execute("SELECT u.offset, u.length, u.samples FROM updates u JOIN devices d ON d.id = u.device "
                                "WHERE u.round = ? ORDER BY d.idx", (rnd,)).fetchall()
-        return [(load(body), n) for body, n in rows]
+        if not rows:
+            return []
+        data = self._log_path(rnd).read_bytes()
+        return [(load(data[o:o + n]), samples) for o, n, samples in rows]
 
     def _validation_error(self, key: str, weights: Weights) -> float | None:
         """Only for a schedule that reads validation errors: the run's validation split, as the
@@ -497,6 +522,7 @@ class Coordinator:
                     self.db.execute("ROLLBACK TO job")
                     self.db.execute("RELEASE job")
                     outcomes.append((None, exc))
+            self._flush_logs()   # the bytes the rows point to are on disk before the rows commit
 
         try:
             if batch:
@@ -558,6 +584,8 @@ class Coordinator:
             # the run directory's checkpoint follows, so `hmoe export --run` exports the fleet's result
             self._after_commit.append(lambda: self._write_checkpoint(key, new, rnd))
         self.db.execute("UPDATE rounds SET aggregated = ? WHERE round = ?", (time.time(), rnd))
+        if rnd in self._logs:
+            self._logs.pop(rnd).close()
         self.db.execute("UPDATE meta SET value = ? WHERE key = 'strategy'", (json.dumps(self.strategy.state()),))
         self._open_round(rnd + 1)
         self._load_current()
@@ -567,5 +595,7 @@ class Coordinator:
         """Stop the writer (after what is queued) and close the database."""
         self._jobs.put(None)
         self._writer.join(60)
+        for log in self._logs.values():
+            log.close()
         self._reader.close()
         self.db.close()
