@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import queue
 import secrets
@@ -110,7 +111,7 @@ def parse_safetensors(body: bytes, max_header: int) -> Weights:
         except (KeyError, TypeError, ValueError):
             raise InvalidUpdate(f"tensor {name!r}: malformed safetensors entry {str(info)[:100]}") from None
         if min(shape, default=0) < 0 or not 0 <= begin <= end <= len(data) or \
-                end - begin != int(np.prod(shape)) * dtype.itemsize:
+                end - begin != math.prod(shape) * dtype.itemsize:
             raise InvalidUpdate(f"tensor {name!r}: data offsets {begin}..{end} do not fit shape {shape} of {dtype}")
         out[str(name)] = np.frombuffer(data[begin:end], dtype=dtype).reshape(shape)
     return out
@@ -198,10 +199,11 @@ class Coordinator:
                             "ORDER BY round DESC LIMIT 1").fetchone()
         self._current = {"round": r[0], "expert": r[1], "weights_version": r[2], "deadline": r[3]}
         self._versions = {k: self._version(self.db, k) for k in self.tasks}
-        self._answered = self._count("updates", r[0]) + self._count("excused", r[0])
-
-    def _count(self, table: str, rnd: int, con: sqlite3.Connection | None = None) -> int:
-        return (con or self.db).execute(f"SELECT COUNT(*) FROM {table} WHERE round = ?", (rnd,)).fetchone()[0]
+        self._answered_by = {d: "already sent an update for" for (d,) in
+                             self.db.execute("SELECT device FROM updates WHERE round = ?", (r[0],))}
+        self._answered_by.update({d: "was excused from" for (d,) in
+                                  self.db.execute("SELECT device FROM excused WHERE round = ?", (r[0],))})
+        self._answered = len(self._answered_by)
 
     def _checkpoint_path(self, key: str) -> Path:
         return self.run_dir / "experts" / f"{self.tasks[key].file_stem}.safetensors"
@@ -342,10 +344,13 @@ class Coordinator:
     def _store_excuse(self, device: str, rnd: int, reason: str) -> None:
         if rnd != self._current["round"]:
             raise StaleUpdate(f"round {rnd} is closed; the current round is {self._current['round']}")
-        if self.db.execute("SELECT 1 FROM updates WHERE round = ? AND device = ?", (rnd, device)).fetchone():
-            raise StaleUpdate(f"device {device} already sent an update for round {rnd}")
-        self._answered += self.db.execute("INSERT OR IGNORE INTO excused VALUES (?, ?, ?)",
-                                          (rnd, device, reason)).rowcount
+        if device in self._answered_by:
+            if self._answered_by[device] == "was excused from":
+                return
+            raise StaleUpdate(f"device {device} {self._answered_by[device]} round {rnd}")
+        self.db.execute("INSERT INTO excused VALUES (?, ?, ?)", (rnd, device, reason))
+        self._answered_by[device] = "was excused from"
+        self._answered += 1
 
     # ------------------------------------------------------------- updates
     def check_update(self, expert: str, body: bytes) -> Weights:
@@ -420,9 +425,8 @@ class Coordinator:
         if dup:
             return {"accepted": True, "duplicate": True, "round": dup[0], "expert": dup[1]}
         self._check_current(rnd, expert, base_version)
-        for table, what in (("updates", "already sent an update for"), ("excused", "was excused from")):
-            if self.db.execute(f"SELECT 1 FROM {table} WHERE round = ? AND device = ?", (rnd, device)).fetchone():
-                raise StaleUpdate(f"device {device} {what} round {rnd}")
+        if device in self._answered_by:
+            raise StaleUpdate(f"device {device} {self._answered_by[device]} round {rnd}")
         log = self._update_log(rnd)
         offset = log.seek(0, os.SEEK_END)
         log.write(body)
@@ -430,6 +434,7 @@ class Coordinator:
                         "offset, length, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (rnd, device, expert, idem_key, samples, hyperparameters, metrics, offset, len(body),
                          time.time()))
+        self._answered_by[device] = "already sent an update for"
         self._answered += 1
         return {"accepted": True, "duplicate": False, "round": rnd, "expert": expert}
 
@@ -513,14 +518,10 @@ class Coordinator:
         outcomes: list = []
 
         def run_jobs() -> None:
-            for fn, args, _ in batch:
-                self.db.execute("SAVEPOINT job")
+            for fn, args, _ in batch:   # a job checks first and writes last, so a refused one wrote nothing
                 try:
                     outcomes.append((fn(*args), None))
-                    self.db.execute("RELEASE job")
                 except Exception as exc:   # this request is refused; the rest of the batch goes on
-                    self.db.execute("ROLLBACK TO job")
-                    self.db.execute("RELEASE job")
                     outcomes.append((None, exc))
             self._flush_logs()   # the bytes the rows point to are on disk before the rows commit
 
