@@ -44,3 +44,9 @@ def test_bad_taxonomy_is_a_clear_error(tmp_path, taxonomy, message):
 def test_help():
     r = hmoe("--help")
     assert r.returncode == 0 and "hierarchy" in r.stdout
+
+
+def test_a_users_error_is_one_line_without_traceback(tmp_path):
+    r = hmoe("export", "--run", str(tmp_path / "missing"), "--out", str(tmp_path / "b"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "no such run directory" in r.stderr

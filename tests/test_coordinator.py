@@ -130,6 +130,8 @@ def test_bad_input_is_refused_and_state_does_not_change(run, tmp_path):
             r = post_update(url, kwargs.pop("auth"), a, kwargs.pop("weights"), **kwargs)
             assert r.status_code == status, (kwargs, r.status_code, r.text)
             assert server.status() == before
+        r = post_update(url, auth, a, w, **{"X-Hyperparameters": json.dumps({**a["hyperparameters"], "epochs": 7})})
+        assert r.status_code == 422 and "epochs 7 (assigned 1)" in r.json()["detail"], r.text
         assert httpx.post(url + "/enroll", json={"secret": "guess"}).status_code == 403
         assert httpx.get(url + "/weights/Hats", headers=auth).status_code == 404
         ok = post_update(url, auth, a, w, key="once")
