@@ -247,7 +247,7 @@ def test_four_devices_over_http_match_the_simulation(tmp_path):
             expert = strategy.choose_task(rnd)
             updates = coord.round_updates(rnd)
             assert len(updates) == 4
-            mine = strategy.aggregate(updates)
+            mine = strategy.aggregate(updates, load_file(str(coord.weights_file(expert, 0))))
             theirs = load_file(str(coord.weights_file(expert, 1)))
             for k in mine:
                 np.testing.assert_array_equal(mine[k], theirs[k])

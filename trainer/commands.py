@@ -54,6 +54,11 @@ def _add_run_flags(p: argparse.ArgumentParser, defaults: RunConfig) -> None:
                    help="HMoE: local epochs = floor(1 / expert's data share), so each round does about the root's work")
     g.add_argument("--lr-decay", choices=["cosine", "none"], default=defaults.lr_decay,
                    help="client learning rate over the rounds (cosine: down to lr/10)")
+    g.add_argument("--aggregation", default=defaults.aggregation,
+                   help="fedavg | median | trimmed-mean[:SHARE] (coordinate-wise, unweighted)")
+    g.add_argument("--influence-bound", type=float, default=defaults.influence_bound,
+                   help="a client's change from the round's weights and its sample count count at most this many "
+                        "times the round's median (0: off)")
     g.add_argument("--device", default=defaults.device, help="cpu | cuda (when available)")
     p.add_argument("--cost-clients", type=int, default=3,
                    help="clients whose local update is measured per expert, each in its own process (0: skip)")
@@ -78,7 +83,8 @@ def _config(args: argparse.Namespace) -> RunConfig:
                      test_limit=args.test_limit, hmoe_rounds=args.hmoe_rounds,
                      flat_rounds=args.flat_rounds, schedule=args.schedule, expert_width=args.expert_width,
                      flat_width=args.flat_width, local=local, lr_decay=args.lr_decay,
-                     balanced_epochs=args.balanced_epochs, device=args.device)
+                     balanced_epochs=args.balanced_epochs, aggregation=args.aggregation,
+                     influence_bound=args.influence_bound, device=args.device)
 
 
 def train_run(out: Path, cfg: RunConfig, kinds: list[str], resume: bool, cost_clients: int,

@@ -20,7 +20,6 @@ in its round's aggregate), and reads never wait behind writes (WAL snapshots, me
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import math
 import os
@@ -38,6 +37,7 @@ from safetensors.numpy import load, load_file, save
 from hierarchy.errors import HmoeError
 from hierarchy.manifest import Manifest, ModelEntry
 from hierarchy.tree import write_bytes_atomic
+from trainer.admission import AdmissionError, Limits, Secrets, TokenBucket
 from trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from trainer.config import LocalConfig
 from trainer.fedavg import Weights
@@ -45,7 +45,6 @@ from trainer.run import load_strategy_state, run_files
 from trainer.strategy import StrategyError, make_tasks
 
 MAX_UPDATE_BYTES = 16 * 1024 * 1024
-MAX_SAMPLES = 10_000_000
 MAX_BATCH = 512          # writes committed together by the writer thread
 
 SCHEMA = """
@@ -127,13 +126,15 @@ def _connect(db: str | os.PathLike) -> sqlite3.Connection:
 class Coordinator:
     """Round logic over SQLite; the HTTP layer (``create_app``) is a thin shell around it."""
 
-    def __init__(self, run_dir: str | os.PathLike, db: str | os.PathLike, secret: str, min_updates: int = 2,
-                 round_seconds: float = 600.0, schedule: str | None = None) -> None:
+    def __init__(self, run_dir: str | os.PathLike, db: str | os.PathLike, secret: str | Secrets, min_updates: int = 2,
+                 round_seconds: float = 600.0, schedule: str | None = None, limits: Limits = Limits()) -> None:
         if min_updates < 1:
             raise CoordinatorError(f"min_updates must be at least 1; got {min_updates}")
         self.run_dir = Path(run_dir)
         self.cfg, self.tree, self.spec = run_files(self.run_dir)
-        self.secret, self.min_updates, self.round_seconds = secret, min_updates, round_seconds
+        self.secrets = secret if isinstance(secret, Secrets) else Secrets(secret)
+        self.limits, self._enrol_bucket = limits, TokenBucket(limits.enrol_per_second, limits.enrol_burst)
+        self.min_updates, self.round_seconds = min_updates, round_seconds
         self.tasks = make_tasks(self.tree, "hmoe", self.spec.shape, self.cfg.expert_width, self.cfg.depth)
         self.strategy = self.cfg.strategy("hmoe", self.tree, self.tasks, schedule=schedule)
         self.expected = {k: {n: (s, np.dtype(np.float32)) for n, s in t.net.param_shapes().items()}
@@ -305,6 +306,9 @@ class Coordinator:
             samples = self.strategy.task_samples(key, np.asarray(leaf_counts))
         except ValueError as exc:
             raise InvalidUpdate(str(exc)) from None
+        if sum(leaf_counts) > self.limits.max_samples:
+            raise InvalidUpdate(f"{sum(leaf_counts)} samples declared; a device may claim at most "
+                                f"{self.limits.max_samples}")
         out.update(hyperparameters=self.strategy.client_config(key, rnd, int(sum(leaf_counts)), samples).to_dict(),
                    samples=samples)
         if samples == 0 and device is not None and excuse:
@@ -316,12 +320,19 @@ class Coordinator:
         return self.enroll_later(secret, name).result()
 
     def enroll_later(self, secret: str, name: str = "") -> Future:
-        """Check the secret now; the new device is committed by the writer (the future's result)."""
-        if not hmac.compare_digest(secret.encode(), self.secret.encode()):
-            raise PermissionError("wrong enrolment secret")
+        """Check the secret, the rate and the ceiling now; the new device is committed by the
+        writer (the future's result). Raises AdmissionError (403, or 429 when too fast)."""
+        if not self.secrets.check(secret):
+            raise AdmissionError("wrong enrolment secret")
+        wait = self._enrol_bucket.take()
+        if wait:
+            raise AdmissionError(f"too many enrolments (at most {self.limits.enrol_per_second:g} a second); "
+                                 f"retry in {wait:.1f} s", 429, wait)
         return self._enqueue(self._store_device, name)
 
     def _store_device(self, name: str) -> dict:
+        if len(self._index) >= self.limits.max_devices:
+            raise AdmissionError(f"the fleet is full: {self.limits.max_devices} devices are enrolled")
         device, token = secrets.token_hex(8), secrets.token_urlsafe(24)
         idx = self.db.execute("SELECT COALESCE(MAX(idx) + 1, 0) FROM devices").fetchone()[0]
         self.db.execute("INSERT INTO devices VALUES (?, ?, ?, ?, ?)", (device, idx, _hash(token), name, time.time()))
@@ -380,8 +391,6 @@ class Coordinator:
         if client_samples is None:
             assigned = self.strategy.client_config(expert, rnd)
         else:
-            if client_samples < samples:
-                raise InvalidUpdate(f"X-Client-Samples {client_samples} is below X-Samples {samples}")
             assigned = self.strategy.client_config(expert, rnd, client_samples, samples)
         diff = used.differences(assigned)
         if diff:
@@ -408,8 +417,10 @@ class Coordinator:
         round again and stores it: the future's result, or its exception, once committed."""
         if not idem_key or len(idem_key) > 128:
             raise InvalidUpdate("an idempotency key of 1 to 128 characters is required")
-        if not 1 <= samples <= MAX_SAMPLES:
-            raise InvalidUpdate(f"sample count {samples}; expected 1 to {MAX_SAMPLES}")
+        ceiling = self.limits.max_samples
+        if not 1 <= samples <= ceiling or (client_samples is not None and not samples <= client_samples <= ceiling):
+            raise InvalidUpdate(f"sample counts {samples} (under the expert) and {client_samples} (in all); "
+                                f"expected 1 <= X-Samples <= X-Client-Samples <= {ceiling}")
         if expert not in self.tasks:
             raise InvalidUpdate(f"unknown expert {expert!r}; experts are {', '.join(self.tasks)}")
         self._check_current(rnd, expert, base_version)   # stale first: a late update is 409, however it looks
@@ -573,7 +584,7 @@ class Coordinator:
         started = time.perf_counter()
         updates = self.round_updates(rnd)
         if updates:
-            new = self.strategy.aggregate(updates)
+            new = self.strategy.aggregate(updates, load(self.current_weights(key)[1]))
             version = cur["weights_version"] + 1
             path = self.store / "weights" / f"{self.tasks[key].file_stem}-v{version}.safetensors"
             write_bytes_atomic(path, save(new))

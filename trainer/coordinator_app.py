@@ -16,6 +16,7 @@ from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from trainer.admission import AdmissionError
 from trainer.coordinator import (
     MAX_UPDATE_BYTES,
     Coordinator,
@@ -82,8 +83,9 @@ def create_app(coord: Coordinator, max_update_bytes: int = MAX_UPDATE_BYTES) -> 
             raise HTTPException(422, "expected JSON {\"secret\": \"...\", \"name\": \"...\"}")
         try:
             return JSONResponse(await call(coord.enroll_later, body["secret"], str(body.get("name", ""))[:100]))
-        except PermissionError as exc:
-            raise HTTPException(403, str(exc)) from None
+        except AdmissionError as exc:
+            headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after else None
+            raise HTTPException(exc.status, str(exc), headers=headers) from None
 
     @app.get("/assignment")
     async def assignment(request: Request, counts: str | None = None) -> JSONResponse:

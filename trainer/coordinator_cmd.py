@@ -7,7 +7,7 @@ import os
 import threading
 import time
 
-from hierarchy.errors import UsageError
+from trainer.admission import Limits, Secrets
 from trainer.cli import command
 from trainer.schedules import SCHEDULES
 
@@ -17,11 +17,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     from trainer.coordinator import Coordinator
     from trainer.coordinator_app import create_app
-    secret = args.secret or os.environ.get("HMOE_ENROL_SECRET")
-    if not secret:
-        raise UsageError("an enrolment secret is required: --secret S or $HMOE_ENROL_SECRET")
-    coord = Coordinator(args.run_dir, args.db, secret, min_updates=args.min_updates, round_seconds=args.round_seconds,
-                        schedule=args.schedule)
+    secrets = Secrets(args.secret or os.environ.get("HMOE_ENROL_SECRET"), args.secret_file)
+    limits = Limits(max_devices=args.max_devices, enrol_per_second=args.enrol_rate, enrol_burst=args.enrol_burst,
+                    max_samples=args.max_samples)
+    coord = Coordinator(args.run_dir, args.db, secrets, min_updates=args.min_updates, round_seconds=args.round_seconds,
+                        schedule=args.schedule, limits=limits)
 
     def ticker() -> None:  # rounds whose deadline passed close even when nobody asks
         while True:
@@ -43,6 +43,14 @@ def _add_coordinator(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--secret", help="enrolment secret devices present (default: $HMOE_ENROL_SECRET)")
+    p.add_argument("--secret-file", help="file of enrolment secrets, one a line, read again when it changes: "
+                   "rotate a secret by editing it (enrolled devices keep their tokens)")
+    p.add_argument("--max-devices", type=int, default=Limits.max_devices, help="ceiling on enrolled devices")
+    p.add_argument("--enrol-rate", type=float, default=Limits.enrol_per_second,
+                   help="enrolments a second, sustained (more get 429 with Retry-After)")
+    p.add_argument("--enrol-burst", type=int, default=Limits.enrol_burst, help="enrolments that may come at once")
+    p.add_argument("--max-samples", type=int, default=Limits.max_samples,
+                   help="samples one device may claim in its label counts and updates (above: 422)")
     p.add_argument("--min-updates", type=int, default=2,
                    help="close a round once this many devices answered it (an update, or no samples under its expert)")
     p.add_argument("--schedule", choices=sorted(SCHEDULES), default=None,

@@ -48,6 +48,8 @@ class RunConfig:
     balanced_epochs: bool = True  # HMoE: a client runs floor(its samples / its samples under the
                                   # expert) epochs, so no expert's round costs more than the root's
     lr_decay: str = "cosine"      # cosine: client lr falls from lr to lr/10 over the run; none: constant
+    aggregation: str = "fedavg"   # fedavg | median | trimmed-mean[:SHARE]
+    influence_bound: float = 3.0  # a client's change and sample count count at most this x the round's median
     device: str = "cpu"
 
     def to_dict(self) -> dict:
@@ -70,7 +72,8 @@ class RunConfig:
         """The strategy of model family ``kind`` (the flat model has one task: round-robin)."""
         hmoe = kind == "hmoe"
         return Strategy(tree, tasks, (schedule or self.schedule) if hmoe else "round-robin", self.seed, self.local,
-                        self.rounds(kind), self.balanced_epochs and hmoe, self.lr_decay, shares)
+                        self.rounds(kind), self.balanced_epochs and hmoe, self.lr_decay, shares,
+                        aggregation=self.aggregation, influence_bound=self.influence_bound)
 
 
 def load_run_config(run_dir: Path) -> RunConfig:

@@ -205,7 +205,7 @@ class Federation:
                 continue
             results.append((new, metrics["num_samples"]))
             losses.append(metrics["train_loss"])
-        new = s.aggregate(results) if results else None
+        new = s.aggregate(results, self.weights[key]) if results else None
         entry = {"round": rnd, "task": key, "clients": len(results), "samples": sum(n for _, n in results),
                  "skipped": skipped, "dropped": dropped, "diverged": diverged,
                  "client_seconds": float(np.sum(seconds)),

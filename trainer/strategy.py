@@ -13,7 +13,7 @@ import numpy as np
 from hierarchy import Hierarchy
 from hierarchy.errors import HmoeError, UsageError
 from trainer.config import LocalConfig, NetConfig
-from trainer.fedavg import Weights, fedavg
+from trainer.fedavg import AGGREGATORS, Weights, bound_results, trimmed_mean
 from trainer.schedules import SCHEDULES, ScheduleContext, get_schedule
 
 FLAT = "flat"
@@ -72,9 +72,15 @@ class Strategy:
     def __init__(self, tree: Hierarchy, tasks: dict[str, Task], schedule: str, seed: int,
                  local: LocalConfig = LocalConfig(), rounds: int = 1, balanced_epochs: bool = False,
                  lr_decay: str = "none", shares: dict[str, float] | None = None,
-                 val_error: dict[str, float] | None = None) -> None:
+                 val_error: dict[str, float] | None = None, aggregation: str = "fedavg",
+                 influence_bound: float = 0.0) -> None:
         if lr_decay not in LR_DECAYS:
             raise UsageError(f"unknown lr decay {lr_decay!r}; expected one of {', '.join(LR_DECAYS)}")
+        rule, _, arg = aggregation.partition(":")
+        if rule not in AGGREGATORS or (arg and rule != "trimmed-mean"):
+            raise UsageError(f"unknown aggregation {aggregation!r}; expected fedavg, median or trimmed-mean[:SHARE]")
+        self.aggregation, self.influence_bound = aggregation, influence_bound
+        self._aggregate = (lambda r: trimmed_mean(r, float(arg))) if arg else AGGREGATORS[rule]
         self.tree, self.tasks, self.seed = tree, tasks, seed
         self.schedule_name, self.schedule = schedule, get_schedule(schedule)
         self.local, self.rounds, self.balanced_epochs, self.lr_decay = local, rounds, balanced_epochs, lr_decay
@@ -142,6 +148,8 @@ class Strategy:
         return idx[mask], target
 
     # ------------------------------------------------------------ aggregate
-    @staticmethod
-    def aggregate(results: list[tuple[Weights, int]]) -> Weights:
-        return fedavg(results)
+    def aggregate(self, results: list[tuple[Weights, int]], base: Weights) -> Weights:
+        """Combine a round's results for a task whose weights were ``base``: each result's
+        influence bounded (``influence_bound`` x the round's median change and sample count),
+        then the aggregation rule (FedAvg, coordinate-wise median or trimmed mean)."""
+        return self._aggregate(bound_results(results, base, self.influence_bound))

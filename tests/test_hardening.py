@@ -1,0 +1,191 @@
+"""Hardening: one device cannot steer a round, keys belong to devices, acknowledged means
+counted, enrolment is bounded."""
+
+import threading
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from safetensors.numpy import load, save
+
+from tests.conftest import CFG
+from tests.test_federated import needs_fashion
+from trainer.admission import AdmissionError, Limits, Secrets
+from trainer.client import local_update
+from trainer.coordinator import Coordinator, StaleUpdate
+from trainer.run import RunConfig
+from trainer.simulation import Federation, open_run
+
+SECRET = "s"
+
+
+@pytest.fixture
+def fleet_run(tmp_path):
+    _, prep = open_run(tmp_path / "run", CFG, resume=False)
+    Federation(tmp_path / "run", "hmoe", CFG, prep)
+    return tmp_path / "run"
+
+
+def honest_update(coord: Coordinator, device: str, bump: float = 0.01) -> tuple[dict, dict]:
+    a = coord.assignment(device)
+    w = load(coord.current_weights(a["expert"])[1])
+    return a, {k: v + bump for k, v in w.items()}
+
+
+def test_idempotency_keys_belong_to_devices(fleet_run, tmp_path):
+    coord = Coordinator(fleet_run, tmp_path / "db.sqlite", SECRET, min_updates=10)
+    try:
+        alice, bob = coord.enroll(SECRET)["device_id"], coord.enroll(SECRET)["device_id"]
+        a, w = honest_update(coord, alice)
+        args = (a["round"], a["expert"], a["weights_version"], 10)
+        hp = a["hyperparameters"]
+        r = coord.submit(bob, *args, f"{alice}-{a['round']}", {}, save(w), hp)   # bob takes alice's key first
+        assert not r["duplicate"]
+        r = coord.submit(alice, *args, f"{alice}-{a['round']}", {}, save(w), hp)  # alice's own update still counts
+        assert not r["duplicate"]
+        assert coord.status()["updates_received"] == 2
+        again = coord.submit(alice, *args, f"{alice}-{a['round']}", {}, save(w), hp)
+        assert again["duplicate"] and coord.status()["updates_received"] == 2
+    finally:
+        coord.close()
+
+
+def test_an_acknowledged_update_is_in_its_rounds_aggregate_while_deadlines_close_rounds(fleet_run, tmp_path):
+    """Eight devices send as fast as they can while a ticker closes rounds every 30 ms: every
+    acknowledged update is stored with its round, and every round's new weights are exactly
+    the aggregate of the updates stored for it (an update slipped in after its round closed
+    would be counted in the totals but missing from the weights)."""
+    coord = Coordinator(fleet_run, tmp_path / "db.sqlite", SECRET, min_updates=1000, round_seconds=0.03)
+    devices = [coord.enroll(SECRET)["device_id"] for _ in range(8)]
+    acked, stop = [], threading.Event()
+
+    def send(i: int, device: str) -> None:
+        n = 0
+        while not stop.is_set():
+            a, w = honest_update(coord, device, bump=0.001 * (i + 1))
+            try:
+                r = coord.submit(device, a["round"], a["expert"], a["weights_version"], 5 + i, f"{device}-{n}", {},
+                                 save(w), a["hyperparameters"])
+                if not r["duplicate"]:
+                    acked.append((r["round"], device))
+            except StaleUpdate:
+                pass
+            n += 1
+
+    def ticker() -> None:
+        while not stop.is_set():
+            coord.tick()
+            time.sleep(0.01)
+
+    threads = [threading.Thread(target=send, args=(i, d)) for i, d in enumerate(devices)]
+    threads.append(threading.Thread(target=ticker))
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(3)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        coord.tick()
+        time.sleep(0.1)
+        stored = set(coord.db.execute("SELECT round, device FROM updates").fetchall())
+        assert acked and set(acked) <= stored
+        closed = dict(coord.db.execute("SELECT round, aggregated FROM rounds WHERE aggregated IS NOT NULL"))
+        rounds = {r for r, _ in acked if r in closed}
+        assert len(rounds) > 5, "the deadline should have closed many rounds during the test"
+        for rnd in rounds:
+            expert, version, file = coord.db.execute(
+                "SELECT expert, version, file FROM versions WHERE round = ?", (rnd,)).fetchone()
+            base = load((coord.store / "weights" / coord.db.execute(
+                "SELECT file FROM versions WHERE expert = ? AND version = ?", (expert, version - 1)).fetchone()[0])
+                .read_bytes())
+            want = coord.strategy.aggregate(coord.round_updates(rnd), base)
+            got = load((coord.store / "weights" / file).read_bytes())
+            for k in want:
+                np.testing.assert_array_equal(got[k], want[k], err_msg=f"round {rnd}")
+    finally:
+        stop.set()
+        coord.close()
+
+
+def test_enrolment_is_bounded_and_its_secret_rotates(fleet_run, tmp_path):
+    secrets_file = tmp_path / "secrets.txt"
+    secrets_file.write_text("# fleet secrets\nold-secret\n")
+    coord = Coordinator(fleet_run, tmp_path / "db.sqlite", Secrets(path=secrets_file),
+                        limits=Limits(max_devices=3, enrol_per_second=1, enrol_burst=2))
+    try:
+        coord.enroll("old-secret")
+        coord.enroll("old-secret")
+        with pytest.raises(AdmissionError, match="too many enrolments") as too_fast:
+            coord.enroll("old-secret")
+        assert too_fast.value.status == 429 and too_fast.value.retry_after > 0
+        secrets_file.write_text("new-secret\n")
+        time.sleep(1.1)
+        with pytest.raises(AdmissionError, match="wrong enrolment secret"):
+            coord.enroll("old-secret")
+        coord.enroll("new-secret")
+        time.sleep(1.1)
+        with pytest.raises(AdmissionError, match="the fleet is full: 3 devices"):
+            coord.enroll("new-secret")
+    finally:
+        coord.close()
+
+
+def test_a_sample_count_above_the_ceiling_is_refused(fleet_run, tmp_path):
+    from trainer.coordinator import InvalidUpdate
+    coord = Coordinator(fleet_run, tmp_path / "db.sqlite", SECRET, limits=Limits(max_samples=500))
+    try:
+        device = coord.enroll(SECRET)["device_id"]
+        with pytest.raises(InvalidUpdate, match="at most 500"):
+            coord.assignment(device, [100] * 10)
+        a, w = honest_update(coord, device)
+        with pytest.raises(InvalidUpdate, match="<= 500"):
+            coord.submit(device, a["round"], a["expert"], a["weights_version"], 501, "k", {}, save(w),
+                         a["hyperparameters"])
+    finally:
+        coord.close()
+
+
+@needs_fashion
+@pytest.mark.slow
+def test_one_malicious_device_of_ten_cannot_steer_the_aggregate(tmp_path):
+    """Ten devices train the root expert of a partly trained run; the tenth sends, in turn,
+    huge weights, a huge sample count with a reversed update, or a sign-flipped update. With
+    the default bounds the test Information F1 stays within 0.01 of the all-honest round;
+    plain FedAvg without them is wrecked by the first two."""
+    cfg = RunConfig(dataset="fashion-mnist", train_limit=6000, test_limit=2000, clients=10, clients_per_round=5,
+                    hmoe_rounds=10, expert_width=8, seed=0)
+    cfg, prep = open_run(tmp_path / "run", cfg, resume=False)
+    fed = Federation(tmp_path / "run", "hmoe", cfg, prep)
+    fed.run(5, progress=False)
+    d, s, key = prep.data, fed.strategy, "root"
+    base = fed.weights[key]
+    honest = []
+    for c, part in enumerate(prep.parts):
+        idx, target = s.client_data(key, d.train_y, part)
+        local = s.client_config(key, 5, len(part), len(idx))
+        w, m = local_update(fed.tasks[key].net, base, d.train_x[idx], target, local, prep.normalize,
+                            s.client_seed(5, c))
+        honest.append((w, m["num_samples"]))
+    w9, n9 = honest[9]
+    attacks = {
+        "huge weights": ({k: np.full_like(v, 1e4) for k, v in w9.items()}, n9),
+        "huge sample count": ({k: base[k] - 5 * (v - base[k]) for k, v in w9.items()}, Limits.max_samples),
+        "sign flip": ({k: base[k] - (v - base[k]) for k, v in w9.items()}, n9),
+    }
+
+    def f1(strategy, results) -> float:
+        fed.weights[key] = strategy.aggregate(results, base)
+        return fed.evaluate(d.test_x, d.test_y)["info_f1"]
+
+    plain = replace(cfg, influence_bound=0.0).strategy("hmoe", fed.tree, fed.tasks)
+    clean = f1(s, honest)
+    assert abs(f1(plain, honest) - clean) < 0.01   # the bounds barely touch an honest round
+    for name, attack in attacks.items():
+        bounded = f1(s, honest[:9] + [attack])
+        print(f"{name}: all honest {clean:.4f}, bounded {bounded:.4f}, plain FedAvg "
+              f"{f1(plain, honest[:9] + [attack]):.4f}")
+        assert abs(bounded - clean) <= 0.01, (name, clean, bounded)
+        if name != "sign flip":
+            assert f1(plain, honest[:9] + [attack]) < clean - 0.05, name   # what the bounds prevent
