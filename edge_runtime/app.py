@@ -1,10 +1,17 @@
-"""The local HTTP app: POST /predict, GET /health, GET /experts (FastAPI, no torch)."""
+"""The local HTTP app: POST /predict, GET /health, GET /experts (FastAPI, no torch).
+
+Every request is bounded: bodies are read with a size limit while they stream (multipart
+included, parsed only once the whole bounded body is in memory) and a time limit (408 for
+a body that never arrives); image decoding and inference run in a small worker pool, and
+requests beyond what it can queue get 503, so the event loop, and /health, stay free."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
@@ -22,10 +29,13 @@ def resident_mb() -> float:
 
 def create_app(bundle: str | os.PathLike, memory_budget_mb: float | None = None, token: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, max_pixels: int = MAX_PIXELS, threads: int = 1,
-               decoder: str = "greedy") -> FastAPI:
+               decoder: str = "greedy", workers: int = 2, max_queued: int = 64,
+               body_timeout: float = 30.0) -> FastAPI:
     engine = Engine(bundle, memory_budget_mb=memory_budget_mb, threads=threads)
     parse_decoder(decoder)
     lock = threading.Lock()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hmoe-predict")
+    busy = [0]   # requests in the pool or waiting for it (the event loop is the only writer)
     app = FastAPI(title="hmoe-edge", description="Hierarchical mixture-of-experts inference on this device.")
     app.state.engine = engine
 
@@ -39,33 +49,51 @@ def create_app(bundle: str | os.PathLike, memory_budget_mb: float | None = None,
         if not hmac.compare_digest(header[7:].strip().encode(), token.encode()):
             raise HTTPException(403, "wrong token")
 
+    async def read_limited(request: Request, limit: int) -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise ImageError(f"body larger than the limit of {max_body_bytes} bytes", 413)
+        return b"".join(chunks)
+
     async def read_image(request: Request) -> bytes:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_body_bytes + 64 * 1024:
             raise ImageError(f"body of {length} bytes; the limit is {max_body_bytes}", 413)
-        ctype = request.headers.get("content-type", "")
-        if ctype.startswith("multipart/form-data"):
-            form = await request.form(max_files=1, max_fields=4, max_part_size=max_body_bytes)
-            part = form.get("file") or form.get("image")
-            if part is None or isinstance(part, str):
-                raise ImageError("multipart body without a 'file' (or 'image') part holding the image", 400)
-            data = await part.read(max_body_bytes + 1)
-        else:
-            data = b""
-            async for chunk in request.stream():
-                data += chunk
-                if len(data) > max_body_bytes:
-                    break
+        try:   # the multipart envelope may add up to 64 KiB around the image
+            body = await asyncio.wait_for(read_limited(request, max_body_bytes + 64 * 1024), body_timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise ImageError(f"the body did not arrive within {body_timeout:g} s", 408) from None
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            if len(body) > max_body_bytes:
+                raise ImageError(f"image larger than the limit of {max_body_bytes} bytes", 413)
+            return body
+
+        async def replay() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        form = await Request(request.scope, replay).form(max_files=1, max_fields=4, max_part_size=max_body_bytes)
+        part = form.get("file") or form.get("image")
+        if part is None or isinstance(part, str):
+            raise ImageError("multipart body without a 'file' (or 'image') part holding the image", 400)
+        data = await part.read(max_body_bytes + 1)
         if len(data) > max_body_bytes:
             raise ImageError(f"image larger than the limit of {max_body_bytes} bytes", 413)
         return data
+
+    def work(data: bytes, spec: str):
+        x = decode_image(data, engine.bundle.input_spec, max_body_bytes, max_pixels)
+        with lock:
+            return engine.predict(x[None], spec)[0]
 
     @app.exception_handler(ImageError)
     async def _image_error(_request: Request, exc: ImageError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
     @app.get("/health")
-    def health() -> dict:
+    async def health() -> dict:
         return {"status": "ok", "bundle": str(engine.bundle.root), "experts": len(engine.bundle.experts),
                 "input": list(engine.bundle.input_spec.shape)}
 
@@ -84,14 +112,18 @@ def create_app(bundle: str | os.PathLike, memory_budget_mb: float | None = None,
             parse_decoder(spec)
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from None
-        x = decode_image(await read_image(request), engine.bundle.input_spec, max_body_bytes, max_pixels)
+        if busy[0] >= workers + max_queued:
+            raise HTTPException(503, f"busy: {busy[0]} predictions in progress; retry shortly",
+                                headers={"Retry-After": "1"})
+        busy[0] += 1
         try:
-            with lock:
-                pred = engine.predict(x[None], spec)[0]
+            pred = await asyncio.wrap_future(pool.submit(work, await read_image(request), spec))
         except (InputError, DecodeError) as exc:
             raise HTTPException(422, str(exc)) from None
         except BundleError as exc:
             raise HTTPException(500, f"bundle problem: {exc}") from None
+        finally:
+            busy[0] -= 1
         return {**pred.to_dict(), "decode": spec}
 
     return app

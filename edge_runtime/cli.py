@@ -55,7 +55,7 @@ def _serve(args: argparse.Namespace) -> int:
     from edge_runtime.app import create_app
     app = create_app(args.bundle, memory_budget_mb=args.memory_budget_mb, token=args.token,
                      max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels, threads=args.threads,
-                     decoder=args.decode)
+                     decoder=args.decode, workers=args.workers, body_timeout=args.body_timeout)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer TOKEN' (default: $HMOE_EDGE_TOKEN, or none)")
     p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="largest accepted upload")
     p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest accepted image (width x height)")
+    p.add_argument("--workers", type=int, default=2, help="threads that decode images and run the experts")
+    p.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request body may take to arrive (408)")
     p.add_argument("--log-level", default="warning")
     p.set_defaults(run=_serve)
     p = sub.add_parser("train", help="train one expert on local labelled images under a memory cap")

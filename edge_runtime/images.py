@@ -12,6 +12,7 @@ from hierarchy.spec import InputSpec
 
 MAX_BODY_BYTES = 8 * 1024 * 1024
 MAX_PIXELS = 4096 * 4096
+MAX_SIDE = 8192          # a 1 x 16,000,000 image is within MAX_PIXELS but costs seconds to decode
 FORMATS = ("PNG", "JPEG")
 MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "I;16", "I")
 
@@ -45,8 +46,9 @@ def decode_pixels(data: bytes, spec: InputSpec, max_bytes: int = MAX_BODY_BYTES,
             if im.format not in FORMATS:
                 raise ImageError(f"a {im.format} image; expected PNG or JPEG", 415)
             w, h = im.size
-            if w * h > max_pixels:
-                raise ImageError(f"image of {w}x{h} pixels; the limit is {max_pixels} pixels", 413)
+            if w * h > max_pixels or max(w, h) > MAX_SIDE:
+                raise ImageError(f"image of {w}x{h} pixels; the limit is {max_pixels} pixels and {MAX_SIDE} "
+                                 "on a side", 413)
             if im.mode not in MODES:
                 raise ImageError(f"image mode {im.mode!r} has an unsupported channel layout; expected "
                                  "grayscale, RGB or RGBA", 422)

@@ -47,7 +47,8 @@ def edge_exe() -> str:
 def server(bundle_dir):
     port = free_port()
     proc = subprocess.Popen([edge_exe(), "serve", "--bundle", str(bundle_dir), "--port", str(port),
-                             "--token", TOKEN, "--max-body-bytes", "200000", "--max-pixels", "65536"],
+                             "--token", TOKEN, "--max-body-bytes", "200000", "--max-pixels", "65536",
+                             "--body-timeout", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     for _ in range(150):
@@ -124,6 +125,8 @@ def test_experts_endpoint(server):
     ("truncated png", dict(content=png(seed=3)[:60], headers=AUTH), 422, "corrupt or truncated"),
     ("gif", dict(content=None, headers=AUTH), 415, "GIF"),
     ("too many pixels", dict(content=png(size=(300, 300)), headers=AUTH), 413, "pixels"),
+    ("too long a side", dict(content=None, headers=AUTH), 413, "on a side"),
+    ("chunked multipart too large", dict(content=None, headers=AUTH), 413, "limit"),
     ("body too large", dict(content=b"\x89PNG" + b"0" * 300000, headers=AUTH), 413, "limit"),
     ("bad decoder", dict(content=png(), headers=AUTH, params={"decode": "beam:0"}), 422, "unknown decoder"),
     ("multipart without file", dict(files={"other": ("a", b"x")}, headers=AUTH), 400, "'file'"),
@@ -134,6 +137,18 @@ def test_bad_input_gets_a_clear_4xx_and_server_keeps_serving(server, name, kwarg
         buf = io.BytesIO()
         Image.new("L", (10, 10)).save(buf, "GIF")
         kwargs["content"] = buf.getvalue()
+    if name == "too long a side":   # 9,000 x 1 is within --max-pixels, but not within a side's limit
+        buf = io.BytesIO()
+        Image.new("L", (9000, 1)).save(buf, "PNG")
+        kwargs["content"] = buf.getvalue()
+    if name == "chunked multipart too large":   # no Content-Length: refused while streaming, never spooled whole
+        def body():
+            yield b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n\r\n"
+            for _ in range(400):
+                yield b"\0" * 65536
+            yield b"\r\n--b--\r\n"
+        kwargs["content"] = body()
+        kwargs["headers"] = {**AUTH, "Content-Type": "multipart/form-data; boundary=b"}
     if name == "float image":
         buf = io.BytesIO()
         Image.fromarray(np.zeros((8, 8), dtype=np.float32), "F").save(buf, "TIFF")
@@ -195,3 +210,59 @@ def test_inference_path_never_loads_torch(bundle_dir):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_body_that_never_arrives_gets_408(server):
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                  "Content-Type: image/png\r\nContent-Length: 1000\r\n\r\n".encode())
+        started = time.monotonic()
+        reply = s.recv(4096).decode()
+    assert reply.startswith("HTTP/1.1 408") and "did not arrive" in reply, reply
+    assert time.monotonic() - started < 8
+    assert httpx.post(server + "/predict", content=png(), headers=AUTH).status_code == 200
+
+
+def test_health_answers_while_a_prediction_is_stuck_in_decoding(bundle_dir, monkeypatch):
+    """Decoding runs in the worker pool, not on the event loop: with a decode held mid-way,
+    /health still answers, and the held prediction completes once released."""
+    import threading
+
+    import uvicorn
+
+    import edge_runtime.app as edge_app
+    release, entered = threading.Event(), threading.Event()
+    real = edge_app.decode_image
+
+    def held(*args, **kwargs):
+        entered.set()
+        release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(edge_app, "decode_image", held)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(edge_app.create_app(bundle_dir), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            if server.started:
+                break
+            time.sleep(0.05)
+        result = {}
+        predicting = threading.Thread(target=lambda: result.update(r=httpx.post(url + "/predict", content=png(),
+                                                                                timeout=60)))
+        predicting.start()
+        assert entered.wait(30)
+        assert httpx.get(url + "/health", timeout=5).status_code == 200   # answered while the decode is held
+        assert predicting.is_alive()
+        release.set()
+        predicting.join(30)
+        assert result["r"].status_code == 200
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join(10)
