@@ -327,3 +327,24 @@ def test_sync_refuses_hyperparameters_it_does_not_know(run, tmp_path):
         server.should_exit = True
         thread.join(10)
         coord.close()
+
+
+def test_small_requests_cannot_cost_much(run, tmp_path):
+    """A large or deeply nested /enroll body, and an update whose safetensors header lists
+    many tiny tensors, are refused before they are parsed whole."""
+    server = Server(run, tmp_path / "state.sqlite", min_updates=10)
+    try:
+        url = server.url
+        assert httpx.post(url + "/enroll", content=b"{" + b" " * 100_000 + b"}").status_code == 413
+        nested = '{"secret": ' + "[" * 2000 + "]" * 2000 + "}"
+        assert httpx.post(url + "/enroll", content=nested).status_code == 422
+        auth = enrol(url)
+        a = httpx.get(url + "/assignment", headers=auth).json()
+        many = save({f"t{i}": np.zeros(1, dtype=np.float32) for i in range(100_000)})
+        started = time.monotonic()
+        r = post_update(url, auth, a, many)
+        assert r.status_code == 422 and "header" in r.json()["detail"], r.text
+        assert time.monotonic() - started < 5
+        assert server.status()["updates_received"] == 0
+    finally:
+        server.stop()
