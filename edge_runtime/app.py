@@ -14,12 +14,32 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from edge_runtime.bundle import BundleError
 from edge_runtime.engine import Engine, InputError
 from edge_runtime.images import MAX_BODY_BYTES, MAX_PIXELS, ImageError, decode_image
 from hierarchy.decode import DecodeError, parse_decoder
+
+# The OpenAPI description tells the truth about every request and answer, errors included,
+# so schema-driven tools can test the service (tests/test_api_fuzz.py does).
+ERROR_BODY = {"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}
+WHY = {400: "empty body, or a multipart body without a 'file' part", 401: "no bearer token", 403: "wrong token",
+       408: "the body did not arrive in time", 413: "body or image over the limits",
+       415: "not a PNG or JPEG image", 422: "a corrupt image, an unsupported layout or an unknown decoder",
+       500: "the bundle on disk is damaged", 503: "too many predictions waiting; see Retry-After"}
+STRING_LIST = {"type": "array", "items": {"type": "string"}}
+PREDICTION = {"type": "object", "required": ["leaf", "node", "path", "step_probs", "prob", "experts_evaluated", "decode"],
+              "properties": {"leaf": {"type": "string"}, "node": {"type": "string"}, "path": STRING_LIST,
+                             "step_probs": {"type": "array", "items": {"type": "number"}}, "prob": {"type": "number"},
+                             "experts_evaluated": {"type": "integer"}, "decode": {"type": "string"}}}
+IMAGE = {"type": "string", "format": "binary"}
+
+
+def documented(ok: dict, *codes: int) -> dict:
+    return {200: {"description": "OK", "content": {"application/json": {"schema": ok}}},
+            **{c: {"description": WHY[c], "content": {"application/json": {"schema": ERROR_BODY}}} for c in codes}}
 
 
 def resident_mb() -> float:
@@ -38,6 +58,11 @@ def create_app(bundle: str | os.PathLike, memory_budget_mb: float | None = None,
     busy = [0]   # requests in the pool or waiting for it (the event loop is the only writer)
     app = FastAPI(title="hmoe-edge", description="Hierarchical mixture-of-experts inference on this device.")
     app.state.engine = engine
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        what = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', '')}" for e in exc.errors())
+        return JSONResponse({"detail": f"invalid request ({what})"}, status_code=422)
 
     def authorize(request: Request) -> None:
         if token is None:
@@ -92,19 +117,23 @@ def create_app(bundle: str | os.PathLike, memory_budget_mb: float | None = None,
     async def _image_error(_request: Request, exc: ImageError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
-    @app.get("/health")
+    @app.get("/health", responses=documented({"type": "object"}))
     async def health() -> dict:
         return {"status": "ok", "bundle": str(engine.bundle.root), "experts": len(engine.bundle.experts),
                 "input": list(engine.bundle.input_spec.shape)}
 
-    @app.get("/experts")
+    @app.get("/experts", responses=documented({"type": "object"}, 401, 403))
     def experts(request: Request) -> dict:
         authorize(request)
         s = engine.stats
         return {"loaded": engine.loaded, "available": list(engine.entries), "hits": s.hits, "misses": s.misses,
                 "evictions": s.evictions, "memory_budget_mb": memory_budget_mb, "resident_mb": resident_mb()}
 
-    @app.post("/predict")
+    @app.post("/predict", responses=documented(PREDICTION, 400, 401, 403, 408, 413, 415, 422, 500, 503),
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "image/png": {"schema": IMAGE}, "image/jpeg": {"schema": IMAGE},
+                  "multipart/form-data": {"schema": {"type": "object", "properties": {"file": IMAGE},
+                                                     "required": ["file"]}}}}})
     async def predict(request: Request, decode: str | None = None) -> dict:
         authorize(request)
         spec = decode or decoder

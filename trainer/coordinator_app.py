@@ -13,6 +13,7 @@ import json
 from concurrent.futures import Future
 
 from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -27,6 +28,42 @@ from trainer.coordinator import (
 MAX_JSON_BYTES = 4096
 UPDATE_HEADERS = ("X-Round, X-Expert, X-Base-Version, X-Samples, X-Idempotency-Key, X-Hyperparameters, and "
                   "optional X-Client-Samples and X-Metrics")
+
+# The OpenAPI description tells the truth about every request and answer, errors included,
+# so schema-driven tools can test the service (tests/test_api_fuzz.py does).
+ERROR_BODY = {"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}
+WHY = {401: "no bearer token", 403: "wrong secret, unknown token, or the fleet is full",
+       404: "unknown expert", 409: "a stale or duplicate update (go on with the next round)",
+       413: "body over the limit", 422: "an invalid request; the detail says what was wrong",
+       429: "too many enrolments; see Retry-After"}
+
+
+def errors(*codes: int) -> dict:
+    return {c: {"description": WHY[c], "content": {"application/json": {"schema": ERROR_BODY}}} for c in codes}
+
+
+def ok(schema: dict, media: str = "application/json") -> dict:
+    return {200: {"description": "OK", "content": {media: {"schema": schema}}}}
+
+
+def obj(**props) -> dict:
+    return {"type": "object", "properties": props, "required": list(props)}
+
+
+INT, STR, NUM = {"type": "integer"}, {"type": "string"}, {"type": "number"}
+ASSIGNMENT = obj(round=INT, expert=STR, weights_version=INT, deadline=NUM, children={"type": "array", "items": STR},
+                 seed=INT, hyperparameters={"type": "object"}, samples={"type": ["integer", "null"]})
+UPDATE_PARAMETERS = [
+    {"name": name, "in": "header", "required": required, "schema": schema, "description": text}
+    for name, required, schema, text in (
+        ("X-Round", True, INT, "the round the update was trained for"),
+        ("X-Expert", True, STR, "the round's expert"),
+        ("X-Base-Version", True, INT, "the weights version it started from"),
+        ("X-Samples", True, {"type": "integer", "minimum": 1}, "samples under the expert it trained on"),
+        ("X-Client-Samples", False, {"type": "integer", "minimum": 1}, "all of the device's samples"),
+        ("X-Hyperparameters", True, STR, "JSON object: the hyper-parameters it trained with"),
+        ("X-Idempotency-Key", True, STR, "1 to 128 characters; the same key twice counts once"),
+        ("X-Metrics", False, STR, "JSON object of the device's own figures"))]
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -52,8 +89,14 @@ def parse_json(text: str | bytes, what: str) -> object:
 
 def create_app(coord: Coordinator, max_update_bytes: int = MAX_UPDATE_BYTES) -> FastAPI:
     app = FastAPI(title="hmoe coordinator", description="Federated rounds over HTTP; every decision is the "
-                  "run's strategy's, as in the simulation.")
+                  "run's strategy's, as in the simulation. Every request but /enroll and /status needs "
+                  "'Authorization: Bearer <token>'.")
     app.state.coordinator = coord
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        what = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', '')}" for e in exc.errors())
+        return JSONResponse({"detail": f"invalid request ({what})"}, status_code=422)
 
     def device(request: Request) -> str:
         header = request.headers.get("authorization", "")
@@ -76,8 +119,10 @@ def create_app(coord: Coordinator, max_update_bytes: int = MAX_UPDATE_BYTES) -> 
         except InvalidUpdate as exc:
             raise HTTPException(422, str(exc)) from None
 
-    @app.post("/enroll")
-    async def enroll(request: Request) -> dict:
+    @app.post("/enroll", responses={**ok(obj(device_id=STR, token=STR, index=INT)), **errors(403, 413, 422, 429)},
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
+                  "type": "object", "properties": {"secret": STR, "name": STR}, "required": ["secret"]}}}}})
+    async def enroll(request: Request) -> JSONResponse:
         body = parse_json(await read_body(request, MAX_JSON_BYTES), "the body")
         if not isinstance(body, dict) or not isinstance(body.get("secret"), str):
             raise HTTPException(422, "expected JSON {\"secret\": \"...\", \"name\": \"...\"}")
@@ -87,7 +132,7 @@ def create_app(coord: Coordinator, max_update_bytes: int = MAX_UPDATE_BYTES) -> 
             headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after else None
             raise HTTPException(exc.status, str(exc), headers=headers) from None
 
-    @app.get("/assignment")
+    @app.get("/assignment", responses={**ok(ASSIGNMENT), **errors(401, 403, 409, 422)})
     async def assignment(request: Request, counts: str | None = None) -> JSONResponse:
         """``counts``: the device's samples per label, comma-separated in the hierarchy's leaf order.
         Answered from memory on the event loop; only excusing a device (no sample under the
@@ -109,12 +154,13 @@ def create_app(coord: Coordinator, max_update_bytes: int = MAX_UPDATE_BYTES) -> 
             await call(coord.excuse_later, dev, a["round"], "no samples under the expert")
         return JSONResponse(a)
 
-    @app.get("/manifest")
+    @app.get("/manifest", responses={**ok({"type": "object"}), **errors(401, 403)})
     async def manifest(request: Request) -> JSONResponse:
         device(request)
         return JSONResponse(coord.manifest())
 
-    @app.get("/weights/{expert}")
+    @app.get("/weights/{expert}", responses={**ok({"type": "string", "format": "binary"}, "application/octet-stream"),
+                                             **errors(401, 403, 404, 422)}, response_class=Response)
     async def weights(expert: str, request: Request) -> Response:
         device(request)
         if expert not in coord.tasks:
@@ -123,8 +169,11 @@ def create_app(coord: Coordinator, max_update_bytes: int = MAX_UPDATE_BYTES) -> 
         return Response(data, media_type="application/octet-stream",
                         headers={"X-Weights-Version": str(version), "X-Expert": expert})
 
-    @app.post("/update")
-    async def update(request: Request) -> dict:
+    @app.post("/update", responses={**ok(obj(accepted={"type": "boolean"}, duplicate={"type": "boolean"}, round=INT,
+                                                expert=STR)), **errors(401, 403, 409, 413, 422)},
+              openapi_extra={"parameters": UPDATE_PARAMETERS, "requestBody": {"required": True, "content": {
+                  "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
+    async def update(request: Request) -> JSONResponse:
         dev = device(request)
         body = await read_body(request, max_update_bytes)
         h = dict(request.headers)   # one pass over the raw headers, then O(1) lookups
@@ -141,14 +190,14 @@ def create_app(coord: Coordinator, max_update_bytes: int = MAX_UPDATE_BYTES) -> 
         return JSONResponse(await call(coord.submit_later, dev, rnd, expert, base, samples, key, metrics, body, hp,
                                        client_samples))
 
-    @app.post("/decline")
+    @app.post("/decline", responses={**ok(obj(excused={"type": "boolean"}, round=INT)), **errors(401, 403, 409, 422)})
     async def decline(request: Request, round: int, reason: str = "declined") -> dict:
         """The device sends nothing this round (for example: its local training diverged)."""
         dev = device(request)
         await call(coord.excuse_later, dev, round, reason[:200])
         return {"excused": True, "round": round}
 
-    @app.get("/status")
+    @app.get("/status", responses=ok({"type": "object"}))
     async def status() -> dict:
         await run_in_threadpool(coord.tick)
         return await run_in_threadpool(coord.status)
