@@ -159,32 +159,32 @@ class Coordinator:
 
     # ------------------------------------------------------------- set-up
     def _bootstrap(self, db: Path) -> None:
-        if True:   # before the writer thread starts: nothing else touches the database yet
-            saved = self.db.execute("SELECT value FROM meta WHERE key = 'strategy'").fetchone()
-            if saved is None:   # first start: the schedule's state as the run left it
-                state = {**load_strategy_state(self.run_dir), "schedule": self.strategy.schedule_name}
+        """Before the writer thread starts: nothing else touches the database yet."""
+        saved = self.db.execute("SELECT value FROM meta WHERE key = 'strategy'").fetchone()
+        if saved is None:   # first start: the schedule's state as the run left it
+            state = {**load_strategy_state(self.run_dir), "schedule": self.strategy.schedule_name}
+            self.strategy.restore(state)
+            self.db.execute("INSERT INTO meta VALUES ('strategy', ?)", (json.dumps(self.strategy.state()),))
+        else:
+            state = json.loads(saved[0])
+            if state["schedule"] != self.strategy.schedule_name:
+                raise CoordinatorError(f"{db} was created with schedule {state['schedule']!r}; this start asks "
+                                       f"for {self.strategy.schedule_name!r}: restart with --schedule "
+                                       f"{state['schedule']} or use a new --db")
+            try:
                 self.strategy.restore(state)
-                self.db.execute("INSERT INTO meta VALUES ('strategy', ?)", (json.dumps(self.strategy.state()),))
-            else:
-                state = json.loads(saved[0])
-                if state["schedule"] != self.strategy.schedule_name:
-                    raise CoordinatorError(f"{db} was created with schedule {state['schedule']!r}; this start asks "
-                                           f"for {self.strategy.schedule_name!r}: restart with --schedule "
-                                           f"{state['schedule']} or use a new --db")
-                try:
-                    self.strategy.restore(state)
-                except StrategyError as exc:
-                    raise CoordinatorError(f"{db}: {exc}") from None
-            if self.db.execute("SELECT COUNT(*) FROM versions").fetchone()[0] == 0:
-                for key in self.tasks:
-                    path = self.store / "weights" / f"{self.tasks[key].file_stem}-v0.safetensors"
-                    weights, _, _ = load_checkpoint(self._checkpoint_path(key))
-                    write_bytes_atomic(path, save(weights))
-                    self.db.execute("INSERT INTO versions VALUES (?, 0, ?, NULL)", (key, path.name))
-            if self.db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0] == 0:
-                self._open_round(0)
-            self._repair_checkpoints()
-            self._reload()
+            except StrategyError as exc:
+                raise CoordinatorError(f"{db}: {exc}") from None
+        if self.db.execute("SELECT COUNT(*) FROM versions").fetchone()[0] == 0:
+            for key in self.tasks:
+                path = self.store / "weights" / f"{self.tasks[key].file_stem}-v0.safetensors"
+                weights, _, _ = load_checkpoint(self._checkpoint_path(key))
+                write_bytes_atomic(path, save(weights))
+                self.db.execute("INSERT INTO versions VALUES (?, 0, ?, NULL)", (key, path.name))
+        if self.db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0] == 0:
+            self._open_round(0)
+        self._repair_checkpoints()
+        self._reload()
 
     def _reload(self) -> None:
         """Memory from the database: after start-up, and after a transaction that failed."""
@@ -195,7 +195,7 @@ class Coordinator:
         self._load_current()
 
     def _load_current(self) -> None:
-        """The open round and its answer count, kept in memory so reads do not wait on the database."""
+        """The open round and who answered it, kept in memory so reads do not wait on the database."""
         r = self.db.execute("SELECT round, expert, base_version, deadline FROM rounds WHERE aggregated IS NULL "
                             "ORDER BY round DESC LIMIT 1").fetchone()
         self._current = {"round": r[0], "expert": r[1], "weights_version": r[2], "deadline": r[3]}
@@ -204,7 +204,6 @@ class Coordinator:
                              self.db.execute("SELECT device FROM updates WHERE round = ?", (r[0],))}
         self._answered_by.update({d: "was excused from" for (d,) in
                                   self.db.execute("SELECT device FROM excused WHERE round = ?", (r[0],))})
-        self._answered = len(self._answered_by)
 
     def _checkpoint_path(self, key: str) -> Path:
         return self.run_dir / "experts" / f"{self.tasks[key].file_stem}.safetensors"
@@ -280,7 +279,7 @@ class Coordinator:
         n = self._read("SELECT COUNT(*) FROM updates WHERE round = ?", (cur["round"],))[0][0]
         done = self._read("SELECT COUNT(*) FROM rounds WHERE aggregated IS NOT NULL")[0][0]
         total = self._read("SELECT COUNT(*) FROM updates")[0][0]
-        return {**cur, "updates_received": n, "answered": self._answered, "min_updates": self.min_updates,
+        return {**cur, "updates_received": n, "answered": len(self._answered_by), "min_updates": self.min_updates,
                 "versions": dict(self._versions), "rounds_aggregated": done, "updates_total": total,
                 "schedule": self.strategy.schedule_name, "last_aggregation": self.last_aggregation}
 
@@ -361,7 +360,6 @@ class Coordinator:
             raise StaleUpdate(f"device {device} {self._answered_by[device]} round {rnd}")
         self.db.execute("INSERT INTO excused VALUES (?, ?, ?)", (rnd, device, reason))
         self._answered_by[device] = "was excused from"
-        self._answered += 1
 
     # ------------------------------------------------------------- updates
     def check_update(self, expert: str, body: bytes) -> Weights:
@@ -446,7 +444,6 @@ class Coordinator:
                         (rnd, device, expert, idem_key, samples, hyperparameters, metrics, offset, len(body),
                          time.time()))
         self._answered_by[device] = "already sent an update for"
-        self._answered += 1
         return {"accepted": True, "duplicate": False, "round": rnd, "expert": expert}
 
     def _log_path(self, rnd: int) -> Path:
@@ -565,7 +562,7 @@ class Coordinator:
             done.set_result(None)
 
     def due(self) -> bool:
-        return self._answered >= self.min_updates or time.time() >= self._current["deadline"]
+        return len(self._answered_by) >= self.min_updates or time.time() >= self._current["deadline"]
 
     def tick(self) -> None:
         """Close the open round when ``min_updates`` devices answered it or its deadline passed
