@@ -21,7 +21,6 @@ from trainer.checkpoint import CheckpointError, load_checkpoint
 from trainer.datasets import Dataset
 from trainer.nets import build_net, num_params
 from trainer.run import RunError, load_input_spec, load_run_config
-from trainer.strategy import make_tasks
 
 
 class ExportError(HmoeError, ValueError):
@@ -53,7 +52,7 @@ def _load_nets(run: Path, tree: Hierarchy, shape: tuple[int, int, int], cfg) -> 
     """Expert networks by node name (and the flat one, if trained) from their checkpoints."""
     from trainer.client import load_numpy
     experts = {}
-    for key, task in make_tasks(tree, "hmoe", shape, cfg.expert_width, cfg.depth).items():
+    for key, task in cfg.tasks("hmoe", tree, shape).items():
         path = run / "experts" / f"{task.file_stem}.safetensors"
         try:
             weights, net_cfg, meta = load_checkpoint(path)

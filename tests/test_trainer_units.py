@@ -141,3 +141,38 @@ def test_clip_norm_bounds_each_step():
     assert free > 0.02
     assert step_norm(0.01) == pytest.approx(0.01, rel=1e-3)
     assert step_norm(10 * free) == pytest.approx(free, rel=1e-5)
+
+
+def test_expert_widths_by_rule():
+    from trainer.strategy import expert_widths
+    tree = load_taxonomy("fashion-mnist")      # root 10 leaves, Clothes 6, Goods 4, Tops 3, Shoes 3
+    assert expert_widths(tree, "", 16) == {}
+    assert expert_widths(tree, "leaves:4", 16) == {"root": 16, "Clothes": 10, "Goods": 6, "Tops": 5, "Shoes": 5}
+    assert expert_widths(tree, "map:Shoes=4,Goods=8", 16) == {"Shoes": 4, "Goods": 8}
+    tasks = make_tasks(tree, "hmoe", (1, 28, 28), 16, widths=expert_widths(tree, "leaves:4", 16))
+    sizes = {k: analytic_bytes(t.net, 32)["total"] for k, t in tasks.items()}
+    assert sizes["Shoes"] < sizes["Goods"] < sizes["Clothes"] < sizes["root"]
+    for rule, words in (("map:Hats=4", "'Hats' is not an expert"), ("map:Shoes=0", "positive integer"),
+                        ("leaves:x", "leaves:MIN"), ("bytes:3", "unknown expert widths rule")):
+        with pytest.raises(ValueError, match=words):
+            expert_widths(tree, rule, 16)
+
+
+def test_a_run_with_expert_widths_trains_exports_and_refuses_a_bad_rule_before_writing(tmp_path):
+    from dataclasses import replace
+
+    from exporter.bundle import export_run
+    from tests.conftest import CFG
+    from trainer.simulation import Federation, open_run
+    bad = replace(CFG, expert_widths="map:Hats=2")
+    with pytest.raises(ValueError, match="Hats"):
+        open_run(tmp_path / "bad", bad, resume=False)
+    assert not (tmp_path / "bad" / "config.json").exists()
+    cfg = replace(CFG, expert_width=8, expert_widths="leaves:2", hmoe_rounds=5)
+    cfg, prep = open_run(tmp_path / "run", cfg, resume=False)
+    fed = Federation(tmp_path / "run", "hmoe", cfg, prep)
+    fed.run(progress=False)
+    widths = {k: t.net.width for k, t in fed.tasks.items()}
+    assert widths == {"root": 8, "Clothes": 5, "Goods": 3, "Tops": 2, "Shoes": 2}
+    result = export_run(tmp_path / "run", tmp_path / "bundle", progress=False, validate_images=50)
+    assert {r["model"]: r["params"] for r in result.rows}["Shoes"] < {r["model"]: r["params"] for r in result.rows}["root"]

@@ -43,6 +43,9 @@ def _add_run_flags(p: argparse.ArgumentParser, defaults: RunConfig) -> None:
     g = p.add_argument_group("networks and local training")
     g.add_argument("--expert-width", type=int, default=defaults.expert_width, help="channels of an expert's first conv")
     g.add_argument("--flat-width", type=int, default=defaults.flat_width, help="channels of the flat model's first conv")
+    g.add_argument("--expert-widths", default=defaults.expert_widths,
+                   help="per-expert widths: leaves:MIN (--expert-width scaled by the node's share of the leaves, at "
+                        "least MIN) or map:NODE=W,NODE=W (default: every expert --expert-width)")
     g.add_argument("--local-epochs", type=int, default=defaults.local.epochs)
     g.add_argument("--batch-size", type=int, default=defaults.local.batch_size)
     g.add_argument("--lr", type=float, default=defaults.local.lr)
@@ -82,6 +85,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
                      dropout=args.dropout, seed=args.seed, train_limit=args.train_limit,
                      test_limit=args.test_limit, hmoe_rounds=args.hmoe_rounds,
                      flat_rounds=args.flat_rounds, schedule=args.schedule, expert_width=args.expert_width,
+                     expert_widths=args.expert_widths,
                      flat_width=args.flat_width, local=local, lr_decay=args.lr_decay,
                      balanced_epochs=args.balanced_epochs, aggregation=args.aggregation,
                      influence_bound=args.influence_bound, device=args.device)

@@ -42,7 +42,7 @@ from trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from trainer.config import LocalConfig
 from trainer.fedavg import Weights
 from trainer.run import load_strategy_state, run_files
-from trainer.strategy import StrategyError, make_tasks
+from trainer.strategy import StrategyError
 
 MAX_UPDATE_BYTES = 16 * 1024 * 1024
 MAX_BATCH = 512          # writes committed together by the writer thread
@@ -135,7 +135,7 @@ class Coordinator:
         self.secrets = secret if isinstance(secret, Secrets) else Secrets(secret)
         self.limits, self._enrol_bucket = limits, TokenBucket(limits.enrol_per_second, limits.enrol_burst)
         self.min_updates, self.round_seconds = min_updates, round_seconds
-        self.tasks = make_tasks(self.tree, "hmoe", self.spec.shape, self.cfg.expert_width, self.cfg.depth)
+        self.tasks = self.cfg.tasks("hmoe", self.tree, self.spec.shape)
         self.strategy = self.cfg.strategy("hmoe", self.tree, self.tasks, schedule=schedule)
         self.expected = {k: {n: (s, np.dtype(np.float32)) for n, s in t.net.param_shapes().items()}
                          for k, t in self.tasks.items()}

@@ -13,7 +13,7 @@ from hierarchy.errors import HmoeError
 from hierarchy.spec import InputSpec
 from hierarchy.tree import write_text_atomic
 from trainer.config import LocalConfig
-from trainer.strategy import Strategy, Task
+from trainer.strategy import Strategy, Task, expert_widths, make_tasks
 
 INPUT_SPEC = "input.json"
 
@@ -42,6 +42,7 @@ class RunConfig:
     flat_rounds: int = 40
     schedule: str = "round-robin"
     expert_width: int = 16
+    expert_widths: str = ""       # per-expert widths: leaves:MIN (by share of leaves) | map:NODE=W,... | "" (all equal)
     flat_width: int = 32
     depth: int = 0
     local: LocalConfig = field(default_factory=LocalConfig)
@@ -67,6 +68,11 @@ class RunConfig:
     def width(self, kind: str) -> int:
         return self.expert_width if kind == "hmoe" else self.flat_width
 
+    def tasks(self, kind: str, tree: Hierarchy, in_shape: tuple[int, int, int]) -> dict[str, Task]:
+        """The networks of model family ``kind``, experts sized by ``expert_widths``."""
+        widths = expert_widths(tree, self.expert_widths, self.expert_width) if kind == "hmoe" else None
+        return make_tasks(tree, kind, in_shape, self.width(kind), self.depth, widths=widths)
+
     def strategy(self, kind: str, tree: Hierarchy, tasks: dict[str, Task], shares: dict[str, float] | None = None,
                  schedule: str | None = None) -> Strategy:
         """The strategy of model family ``kind`` (the flat model has one task: round-robin)."""
@@ -83,19 +89,24 @@ def load_run_config(run_dir: Path) -> RunConfig:
     return RunConfig.from_dict(json.loads(path.read_text()))
 
 
-def start_run(run_dir: Path, cfg: RunConfig, resume: bool) -> RunConfig:
-    """Create a run directory, or reopen one with ``resume`` (its saved config wins,
-    except the round counts, which may be raised to continue training)."""
+def merged_config(run_dir: Path, cfg: RunConfig, resume: bool) -> RunConfig:
+    """The config a run continues with: a new run's own, or with ``resume`` the saved one
+    (the round counts may be raised to continue training). Writes nothing."""
     path = Path(run_dir) / "config.json"
-    if path.exists():
-        if not resume:
-            raise RunError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-        saved = load_run_config(run_dir)
-        cfg = RunConfig.from_dict({**saved.to_dict(), "hmoe_rounds": max(saved.hmoe_rounds, cfg.hmoe_rounds),
-                                   "flat_rounds": max(saved.flat_rounds, cfg.flat_rounds),
-                                   "device": cfg.device})
+    if not path.exists():
+        return cfg
+    if not resume:
+        raise RunError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    saved = load_run_config(run_dir)
+    return RunConfig.from_dict({**saved.to_dict(), "hmoe_rounds": max(saved.hmoe_rounds, cfg.hmoe_rounds),
+                                "flat_rounds": max(saved.flat_rounds, cfg.flat_rounds), "device": cfg.device})
+
+
+def start_run(run_dir: Path, cfg: RunConfig, resume: bool) -> RunConfig:
+    """Create a run directory, or reopen one with ``resume`` (see ``merged_config``)."""
+    cfg = merged_config(run_dir, cfg, resume)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(cfg.to_dict(), indent=1) + "\n")
+    write_text_atomic(Path(run_dir) / "config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
     return cfg
 
 

@@ -27,8 +27,8 @@ from trainer.evaluate import evaluate_flat, evaluate_hmoe, validation_error
 from trainer.fedavg import Weights
 from trainer.nets import ConvNet, build_net
 from trainer.partition import partition
-from trainer.run import RunConfig, start_run, write_input_spec
-from trainer.strategy import Task, make_tasks, stable_seed
+from trainer.run import RunConfig, merged_config, start_run, write_input_spec
+from trainer.strategy import Task, stable_seed
 
 
 @dataclass
@@ -67,8 +67,10 @@ def open_run(run_dir: Path, cfg: RunConfig, resume: bool, data: Dataset | None =
     """Create (or with ``resume`` reopen) a run directory and its data: the run records its
     hierarchy and input specification from the start, so nothing downstream loads the data
     set to learn them."""
-    cfg = start_run(run_dir, cfg, resume)
+    cfg = merged_config(run_dir, cfg, resume)
     prep = prepare(cfg, data)
+    cfg.tasks("hmoe", prep.data.tree, prep.data.shape)   # a bad --expert-widths fails before anything is written
+    cfg = start_run(run_dir, cfg, resume)
     prep.data.tree.to_json(Path(run_dir) / "hierarchy.json")
     write_input_spec(run_dir, prep.data.input_spec)
     return cfg, prep
@@ -103,7 +105,7 @@ class Federation:
     def __init__(self, run_dir: str | os.PathLike, kind: str, cfg: RunConfig, prep: Prepared) -> None:
         self.run_dir, self.kind, self.cfg, self.prep = Path(run_dir), kind, cfg, prep
         self.tree = prep.data.tree
-        self.tasks = make_tasks(self.tree, kind, prep.data.shape, cfg.width(kind), cfg.depth)
+        self.tasks = cfg.tasks(kind, self.tree, prep.data.shape)
         self.strategy = cfg.strategy(kind, self.tree, self.tasks, task_shares(self.tree, self.tasks, prep.data.train_y))
         self.clients = SimulatedClients(cfg.seed, cfg.clients, cfg.clients_per_round, cfg.dropout)
         self.state_path = self.run_dir / f"state-{kind}.json"

@@ -46,15 +46,45 @@ class Task:
 
 
 def make_tasks(tree: Hierarchy, kind: str, in_shape: tuple[int, int, int], width: int,
-               depth: int = 0, hidden: int = 0) -> dict[str, Task]:
-    """``kind`` hmoe: one task per expert node; flat: a single task over all leaves."""
+               depth: int = 0, hidden: int = 0, widths: dict[str, int] | None = None) -> dict[str, Task]:
+    """``kind`` hmoe: one task per expert node (of width ``widths[name]`` where given, else
+    ``width``); flat: a single task over all leaves."""
     if kind == "flat":
         return {FLAT: Task(FLAT, -1, NetConfig(in_shape, tree.num_leaves, width, depth, hidden).resolved())}
     if kind != "hmoe":
         raise UsageError(f"unknown model kind {kind!r}; expected hmoe or flat")
-    return {tree.names[e]: Task(tree.names[e], int(e),
-                                NetConfig(in_shape, int(tree.num_children[e]), width, depth, hidden).resolved())
+    widths = widths or {}
+    return {tree.names[e]: Task(tree.names[e], int(e), NetConfig(in_shape, int(tree.num_children[e]),
+                                                             widths.get(tree.names[e], width), depth, hidden).resolved())
             for e in tree.experts}
+
+
+def expert_widths(tree: Hierarchy, rule: str, width: int) -> dict[str, int]:
+    """Width per expert from a rule, so small subtrees get small experts:
+    '' every expert ``width``; 'leaves:MIN' ``width`` scaled by the node's share of the
+    leaves, at least MIN; 'map:NODE=W,NODE=W' the given nodes, the others ``width``."""
+    kind, _, arg = rule.partition(":")
+    names = [tree.names[e] for e in tree.experts]
+    if not rule:
+        return {}
+    if kind == "leaves":
+        try:
+            least = int(arg)
+        except ValueError:
+            raise UsageError(f"expert widths {rule!r}: expected leaves:MIN with an integer MIN") from None
+        leaves = tree.num_leaf_descendants
+        return {tree.names[e]: max(least, round(width * int(leaves[e]) / int(leaves[0]))) for e in tree.experts}
+    if kind == "map":
+        out = {}
+        for item in filter(None, arg.split(",")):
+            node, _, w = item.partition("=")
+            if node not in names:
+                raise UsageError(f"expert widths {rule!r}: {node!r} is not an expert; experts are {', '.join(names)}")
+            if not w.isdigit() or int(w) < 1:
+                raise UsageError(f"expert widths {rule!r}: width {w!r} for {node!r}; expected a positive integer")
+            out[node] = int(w)
+        return out
+    raise UsageError(f"unknown expert widths rule {rule!r}; expected leaves:MIN or map:NODE=W,...")
 
 
 def stable_seed(*parts: object) -> int:
