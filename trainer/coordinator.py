@@ -255,7 +255,9 @@ class Coordinator:
             return self._reader.execute(sql, args).fetchall()
 
     def version(self, expert: str) -> int:
-        return self._read("SELECT MAX(version) FROM versions WHERE expert = ?", (expert,))[0][0]
+        """The latest committed version (the writer reads its own view with ``_version(self.db, ...)``)."""
+        with self._read_lock:
+            return self._version(self._reader, expert)
 
     def weights_file(self, expert: str, version: int | None = None) -> Path:
         version = self.version(expert) if version is None else version
