@@ -9,9 +9,11 @@ from pathlib import Path
 from hierarchy.errors import UsageError
 from trainer.cli import command
 from trainer.config import LocalConfig
+from trainer.fleet import CostBook, Fleet
 from trainer.partition import PARTITIONS
 from trainer.run import RunConfig, RunError, load_run_config
 from trainer.schedules import SCHEDULES
+from trainer.strategy import ASSIGNMENTS
 
 # The demo's defaults (README): 20 clients, Dirichlet(0.5) non-IID, 5 clients a round, SGD
 # (lr 0.05, momentum 0.9, cosine decay), one local epoch (experts: balanced by data share);
@@ -62,7 +64,16 @@ def _add_run_flags(p: argparse.ArgumentParser, defaults: RunConfig) -> None:
     g.add_argument("--influence-bound", type=float, default=defaults.influence_bound,
                    help="a client's change from the round's weights and its sample count count at most this many "
                         "times the round's median (0: off)")
-    g.add_argument("--device", default=defaults.device, help="cpu | cuda (when available)")
+    g = p.add_argument_group("fleet (device tiers; see trainer/fleet.py)")
+    g.add_argument("--fleet", metavar="FILE",
+                   help="JSON fleet file: tiers (name, share of clients, memory_mb, speed) and deadline_s; a client "
+                        "is asked only for tasks whose predicted round fits its tier (default: no limits)")
+    g.add_argument("--assignment", choices=list(ASSIGNMENTS), default=defaults.assignment,
+                   help="one: a round trains the schedule's task; resource-aware: each client trains the most "
+                        "useful expert it can afford, so a round can train several")
+    g.add_argument("--fleet-costs", metavar="FILE",
+                   help="take per-round costs from this costs.json (of an earlier run) instead of measuring them")
+    p.add_argument("--device", default=defaults.device, help="cpu | cuda (when available)")
     p.add_argument("--cost-clients", type=int, default=3,
                    help="clients whose local update is measured per expert, each in its own process (0: skip)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -88,15 +99,18 @@ def _config(args: argparse.Namespace) -> RunConfig:
                      expert_widths=args.expert_widths,
                      flat_width=args.flat_width, local=local, lr_decay=args.lr_decay,
                      balanced_epochs=args.balanced_epochs, aggregation=args.aggregation,
-                     influence_bound=args.influence_bound, device=args.device)
+                     influence_bound=args.influence_bound, device=args.device,
+                     fleet=Fleet.load(args.fleet).to_dict() if args.fleet else None, assignment=args.assignment)
 
 
 def train_run(out: Path, cfg: RunConfig, kinds: list[str], resume: bool, cost_clients: int,
-              progress: bool = True) -> dict:
+              progress: bool = True, fleet_costs: CostBook | None = None) -> dict:
     """Train (or continue) the given model families, then evaluate, measure cost, report."""
     from trainer.report import build_report, prepared_feds
     from trainer.simulation import open_run
-    cfg, prep = open_run(out, cfg, resume)
+    if cfg.fleet and progress and not (out / "costs.json").exists():
+        print("measuring per-round costs for the fleet's predictions (fresh processes, a few seconds a network)")
+    cfg, prep = open_run(out, cfg, resume, kinds=tuple(kinds), seed_book=fleet_costs)
     feds = prepared_feds(out, cfg, prep, kinds)
     for fed in feds.values():
         fed.run(progress=progress)
@@ -107,10 +121,12 @@ def train_run(out: Path, cfg: RunConfig, kinds: list[str], resume: bool, cost_cl
 
 
 def _train(args: argparse.Namespace) -> int:
-    from trainer.report import summary, table1
+    from trainer.report import fleet_table, summary, table1
     report = train_run(Path(args.out), _config(args), _kinds(args.model), args.resume, args.cost_clients,
-                       not args.no_progress)
+                       not args.no_progress, CostBook.load(args.fleet_costs) if args.fleet_costs else None)
     print(table1(summary(report)))
+    if "fleet" in report:
+        print(fleet_table(report))
     print(f"\nrun directory: {args.out} (report.json, plots/)")
     return 0
 

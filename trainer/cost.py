@@ -21,7 +21,8 @@ MB = 1024 * 1024
 
 def measure_update(net: NetConfig, weights: Weights, x: np.ndarray, y: np.ndarray, local: LocalConfig,
                    mean: tuple[float, ...], std: tuple[float, ...], seed: int, device: str = "cpu",
-                   threads: int | None = None, timeout: float = 1800, repeats: int = 3) -> dict:
+                   threads: int | None = None, timeout: float = 1800, repeats: int = 3,
+                   micro_batch: int | None = None) -> dict:
     """Run one local update in a new Python process (trainer.cost_worker) and return
     its peak RSS growth over the idle process (MB) and its wall time (ms, the median of
     ``repeats`` identical updates in that process)."""
@@ -32,7 +33,8 @@ def measure_update(net: NetConfig, weights: Weights, x: np.ndarray, y: np.ndarra
         np.save(tmp_path / "y.npy", np.asarray(y, dtype=np.int64))
         save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(tmp_path / "w.safetensors"))
         spec = {"net": json.loads(net.to_json()), "local": local.to_dict(), "mean": list(mean), "std": list(std),
-                "seed": seed, "device": device, "threads": threads, "repeats": repeats}
+                "seed": seed, "device": device, "threads": threads, "repeats": repeats,
+                "micro_batch": micro_batch}
         (tmp_path / "spec.json").write_text(json.dumps(spec))
         proc = subprocess.run([sys.executable, "-m", "trainer.cost_worker", tmp], capture_output=True,
                               text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -81,3 +83,26 @@ def task_cost(net: NetConfig, weights: Weights, clients: list[tuple[np.ndarray, 
         "params": analytic["params"] // 4,
         "runs": runs,
     }
+
+
+def measure_profile(net: NetConfig, local: LocalConfig, x: np.ndarray, y: np.ndarray, mean: tuple[float, ...],
+                    std: tuple[float, ...], seed: int, device: str = "cpu", samples: int = 1024) -> dict:
+    """What a fleet's predictions need of one network (trainer.fleet.CostBook): time per
+    sample and epoch and peak memory growth, at full batch and at micro-batch 1 (the
+    smallest the memory-capped trainer uses); each in a fresh process, one epoch on at most
+    ``samples`` (full batch) or ``samples // 4`` (micro-batch 1) of the given samples."""
+    import torch
+
+    from trainer.client import to_numpy
+    from trainer.nets import build_net
+    torch.manual_seed(seed)
+    weights = to_numpy(build_net(net))
+    one = LocalConfig(**{**local.to_dict(), "epochs": 1})
+    full = measure_update(net, weights, x[:samples], y[:samples], one, mean, std, seed, device, threads=1)
+    n1 = max(1, samples // 4)
+    mb1 = measure_update(net, weights, x[:n1], y[:n1], one, mean, std, seed, device, threads=1, repeats=1,
+                         micro_batch=1)
+    return {"ms_per_sample": full["time_ms"] / full["samples"], "mem_mb": full["mem_mb"],
+            "ms_per_sample_mb1": mb1["time_ms"] / mb1["samples"], "mem_mb_mb1": mb1["mem_mb"],
+            "params": sum(int(np.prod(s)) for s in net.param_shapes().values()),
+            "measured": {"full_batch": full, "micro_batch_1": mb1}}

@@ -3,7 +3,8 @@
 Usage: python -m trainer.cost_worker DIR   (DIR holds spec.json, x.npy, y.npy, w.safetensors)
 
 Memory is the peak growth of the first update; time is the median over ``repeats``
-identical updates (spec.json, default 1).
+identical updates (spec.json, default 1). ``micro_batch`` in spec.json splits every batch
+as the memory-capped trainer does (the update is the same; peak memory follows it).
 """
 
 from __future__ import annotations
@@ -92,22 +93,23 @@ def main(folder: str) -> int:
     weights = load_file(str(d / "w.safetensors"))
     normalize = Normalizer(tuple(spec["mean"]), tuple(spec["std"]))
     device = spec.get("device", "cpu")
+    micro = spec.get("micro_batch")
     warm_up(net, local, normalize, device)
     gc.collect()
-    result: dict = {"device": device, "samples": int(len(y))}
+    result: dict = {"device": device, "samples": int(len(y)), "micro_batch": micro}
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        _, metrics = local_update(net, weights, x, y, local, normalize, spec["seed"], device)
+        _, metrics = local_update(net, weights, x, y, local, normalize, spec["seed"], device, micro)
         result.update(mem_mb=(torch.cuda.max_memory_allocated() - base) / MB, method="torch.cuda.max_memory_allocated")
     else:
         baseline = psutil.Process().memory_info().rss
         if reset_peak() and _status_kb("VmHWM") is not None:
-            _, metrics = local_update(net, weights, x, y, local, normalize, spec["seed"], device)
+            _, metrics = local_update(net, weights, x, y, local, normalize, spec["seed"], device, micro)
             peak, method = _status_kb("VmHWM") * 1024, "VmHWM after clear_refs"
         else:
             with Sampler() as s:
-                _, metrics = local_update(net, weights, x, y, local, normalize, spec["seed"], device)
+                _, metrics = local_update(net, weights, x, y, local, normalize, spec["seed"], device, micro)
             peak, method = s.peak, "psutil RSS sampling"
         result.update(mem_mb=max(0, peak - baseline) / MB, baseline_mb=baseline / MB, peak_mb=peak / MB,
                       method=method)
@@ -115,7 +117,7 @@ def main(folder: str) -> int:
     # one run of a few hundred ms on a shared machine swings by +-30%.
     times = [metrics["train_seconds"] * 1000.0]
     for _ in range(int(spec.get("repeats", 1)) - 1):
-        _, again = local_update(net, weights, x, y, local, normalize, spec["seed"], device)
+        _, again = local_update(net, weights, x, y, local, normalize, spec["seed"], device, micro)
         times.append(again["train_seconds"] * 1000.0)
     result["times_ms"] = times
     result["time_ms"] = float(np.median(times))

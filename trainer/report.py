@@ -15,7 +15,7 @@ from trainer.cost import summarize_costs, task_cost
 from trainer.evaluate import expert_accuracy
 from trainer.plots import plot_cost_per_task, plot_metric_vs_round
 from trainer.run import RunConfig
-from trainer.simulation import Federation, Prepared
+from trainer.simulation import Federation, Prepared, data_used, fleet_report
 from trainer.strategy import stable_seed
 
 HMOE_DECODERS = ["greedy", "beam:2", "threshold:0.5"]
@@ -53,7 +53,8 @@ def evaluate_family(fed: Federation, decoders: list[str] | None = None) -> dict:
     log = fed.state["log"]
     out["rounds"] = fed.state["completed_rounds"]
     out["total_client_seconds"] = float(sum(e["client_seconds"] for e in log))
-    out["rounds_per_task"] = {k: sum(e["task"] == k for e in log) for k in fed.tasks}
+    out["data_used"] = data_used(fed)
+    out["rounds_per_task"] = {k: sum(k in e.get("tasks", {e["task"]: 1}) for e in log) for k in fed.tasks}
     if fed.kind == "hmoe":
         out["experts"] = {}
         for key, task in fed.tasks.items():
@@ -105,6 +106,9 @@ def build_report(run_dir: Path, cfg: RunConfig, feds: dict[str, Federation], cos
                                "test": int(len(next(iter(feds.values())).prep.data.test_y))}})
     for kind, fed in feds.items():
         report[kind] = {**evaluate_family(fed), "log": fed.state["log"]}
+    fleet = fleet_report(feds)
+    if fleet is not None:
+        report["fleet"] = fleet
     if cost_clients > 0:
         per_task = dict(report.get("cost", {}).get("per_task", {}))
         for fed in feds.values():
@@ -172,6 +176,20 @@ def table1(s: dict) -> str:
         if kind in s:
             lines.append(f"{kind}: {s[kind]['rounds']} rounds, total client training time "
                          f"{s[kind]['total_client_seconds']:.0f} s, leaf accuracy {s[kind]['leaf_accuracy']:.4f}")
+    return "\n".join(lines)
+
+
+def fleet_table(report: dict) -> str:
+    """Per model family: how much of the fleet's data and rounds it could use."""
+    f = report["fleet"]
+    tiers = ", ".join(f"{t['name']} {t['share']:.0%} ({t['memory_mb']:g} MB, speed {t['speed']:g})"
+                      for t in f["fleet"]["tiers"])
+    lines = [f"fleet: {tiers}; deadline {f['fleet']['deadline_s']:g} s",
+             f"{'model':<8}{'data used':>11}{'client-rounds':>15}{'not asked (unfit)':>19}{'device s':>10}  per tier"]
+    for kind, r in f["families"].items():
+        per = ", ".join(f"{k} {v}" for k, v in r["trained_client_rounds_per_tier"].items())
+        lines.append(f"{kind:<8}{r['data_used']:>11.1%}{r['trained_client_rounds']:>15}{r['unfit_client_rounds']:>19}"
+                     f"{r['device_seconds']:>10.0f}  {per}")
     return "\n".join(lines)
 
 

@@ -51,6 +51,8 @@ class RunConfig:
     lr_decay: str = "cosine"      # cosine: client lr falls from lr to lr/10 over the run; none: constant
     aggregation: str = "fedavg"   # fedavg | median | trimmed-mean[:SHARE]
     influence_bound: float = 3.0  # a client's change and sample count count at most this x the round's median
+    fleet: dict | None = None     # device tiers and round deadline (trainer.fleet); None: every client can train anything
+    assignment: str = "one"       # one: a round trains one task; resource-aware: each client its most useful affordable task
     device: str = "cpu"
 
     def to_dict(self) -> dict:
@@ -79,7 +81,8 @@ class RunConfig:
         hmoe = kind == "hmoe"
         return Strategy(tree, tasks, (schedule or self.schedule) if hmoe else "round-robin", self.seed, self.local,
                         self.rounds(kind), self.balanced_epochs and hmoe, self.lr_decay, shares,
-                        aggregation=self.aggregation, influence_bound=self.influence_bound)
+                        aggregation=self.aggregation, influence_bound=self.influence_bound,
+                        assignment=self.assignment if hmoe else "one")
 
 
 def load_run_config(run_dir: Path) -> RunConfig:

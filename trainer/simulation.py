@@ -22,12 +22,14 @@ from hierarchy.errors import UsageError
 from hierarchy.tree import write_text_atomic
 from trainer.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from trainer.client import Normalizer, load_numpy, local_update, to_numpy
+from trainer.config import LocalConfig
 from trainer.datasets import Dataset, load_dataset
 from trainer.evaluate import evaluate_flat, evaluate_hmoe, validation_error
 from trainer.fedavg import Weights
+from trainer.fleet import CostBook, Fleet, FleetCosts, Prediction
 from trainer.nets import ConvNet, build_net
 from trainer.partition import partition
-from trainer.run import RunConfig, merged_config, start_run, write_input_spec
+from trainer.run import RunConfig, RunError, merged_config, start_run, write_input_spec
 from trainer.strategy import Task, stable_seed
 
 
@@ -63,16 +65,34 @@ def prepare(cfg: RunConfig, data: Dataset | None = None) -> Prepared:
     return Prepared(data, val_idx, parts, Normalizer(data.mean, data.std))
 
 
-def open_run(run_dir: Path, cfg: RunConfig, resume: bool, data: Dataset | None = None) -> tuple[RunConfig, Prepared]:
+def open_run(run_dir: Path, cfg: RunConfig, resume: bool, data: Dataset | None = None,
+             kinds: tuple[str, ...] = ("hmoe", "flat"), seed_book: CostBook | None = None) -> tuple[RunConfig, Prepared]:
     """Create (or with ``resume`` reopen) a run directory and its data: the run records its
     hierarchy and input specification from the start, so nothing downstream loads the data
-    set to learn them."""
+    set to learn them. With a fleet, the costs of the ``kinds``' networks are measured (or
+    taken from ``seed_book``) and a fleet that cannot train is refused, before anything is
+    written."""
     cfg = merged_config(run_dir, cfg, resume)
     prep = prepare(cfg, data)
-    cfg.tasks("hmoe", prep.data.tree, prep.data.shape)   # a bad --expert-widths fails before anything is written
+    tree = prep.data.tree
+    families = {k: cfg.tasks(k, tree, prep.data.shape) for k in ("hmoe", *kinds)}   # a bad --expert-widths fails here
+    book = None
+    if cfg.fleet:
+        fleet = Fleet.from_dict(cfg.fleet, "fleet")
+        tasks = [t for k in kinds for t in families[k].values()]
+        book, changed = run_costs(run_dir, tasks, cfg, prep, seed_book)
+        samples = {k: client_task_samples(tree, families[k], prep) for k in kinds}
+        # HMoE's point is that every tier has an expert to train: a tier that fits none is an
+        # error; a flat-only run is the baseline whose weak devices never train: a warning
+        for warning in FleetCosts(fleet, cfg.clients, cfg.seed, book, cfg.local).check(
+                [(t.key, t.net, [n[t.key] for n in samples[k]]) for k in kinds for t in families[k].values()],
+                idle_tiers="hmoe" not in kinds):
+            print(f"warning: {warning}", file=sys.stderr)
     cfg = start_run(run_dir, cfg, resume)
-    prep.data.tree.to_json(Path(run_dir) / "hierarchy.json")
+    tree.to_json(Path(run_dir) / "hierarchy.json")
     write_input_spec(run_dir, prep.data.input_spec)
+    if book is not None and changed:
+        write_text_atomic(Path(run_dir) / COSTS, json.dumps(book.to_dict(), indent=1) + "\n")
     return cfg, prep
 
 
@@ -95,6 +115,48 @@ class SimulatedClients:
         return bool(np.random.default_rng([self.seed, rnd, client, 11]).random() < self.dropout)
 
 
+COSTS = "costs.json"
+
+
+def run_costs(run_dir: Path, tasks: list[Task], cfg: RunConfig, prep: Prepared,
+              seed_book: CostBook | None = None) -> tuple[CostBook, bool]:
+    """The run's measured per-round costs: those kept in ``costs.json`` from an earlier
+    start of the run, else ``seed_book``'s where it has the network, else measured here
+    (each network in fresh processes, on the first training samples under its task).
+    Returns the book and whether it changed (the caller writes it)."""
+    from trainer.cost import measure_profile
+    from trainer.report import machine_info
+    path = Path(run_dir) / COSTS
+    book = CostBook.load(path) if path.exists() else CostBook()
+    missing = {t.net.to_json(): t for t in tasks if book.get(t.net, cfg.local) is None}
+    changed = bool(missing) or not path.exists()
+    for net_json, t in list(missing.items()):
+        found = seed_book.get(t.net, cfg.local) if seed_book is not None else None
+        if found is not None:
+            book.add(t.net, cfg.local, {k: v for k, v in found.items() if k != "key"})
+            del missing[net_json]
+    d = prep.data
+    pool = np.setdiff1d(np.arange(len(d.train_y)), prep.val_idx)
+    for t in missing.values():
+        idx, target = t.select(d.tree, d.train_y[pool])
+        chosen = pool[idx][:1024]
+        book.add(t.net, cfg.local, {"task": t.key, **measure_profile(
+            t.net, cfg.local, d.train_x[chosen], target[:1024], d.mean, d.std,
+            stable_seed(cfg.seed, "fleet-cost", t.key), cfg.device)})
+    if missing:
+        book.meta = {"machine": machine_info(), "method": "cost worker, one torch thread, a fresh process per "
+                     "figure: full batch (median of 3 epochs over up to 1024 samples) and micro-batch 1 (one epoch "
+                     "over up to 256 samples); memory is the peak RSS growth over the warmed-up idle process"}
+    return book, changed
+
+
+def client_task_samples(tree: Hierarchy, tasks: dict[str, Task], prep: Prepared) -> list[dict[str, int]]:
+    """Per client, how many of its samples each task trains on."""
+    leaf_mask = {k: t.select(tree, np.arange(tree.num_leaves))[0] for k, t in tasks.items()}
+    counts = [np.bincount(prep.data.train_y[p], minlength=tree.num_leaves) for p in prep.parts]
+    return [{k: int(c[m].sum()) for k, m in leaf_mask.items()} for c in counts]
+
+
 def task_shares(tree: Hierarchy, tasks: dict[str, Task], labels: np.ndarray) -> dict[str, float]:
     return {k: float(t.select(tree, labels)[0].mean()) for k, t in tasks.items()}
 
@@ -109,6 +171,15 @@ class Federation:
         self.strategy = cfg.strategy(kind, self.tree, self.tasks, task_shares(self.tree, self.tasks, prep.data.train_y))
         self.clients = SimulatedClients(cfg.seed, cfg.clients, cfg.clients_per_round, cfg.dropout)
         self.state_path = self.run_dir / f"state-{kind}.json"
+        self.task_n = client_task_samples(self.tree, self.tasks, prep)
+        self.fleet: FleetCosts | None = None
+        if cfg.fleet:
+            costs = self.run_dir / COSTS
+            if not costs.is_file():
+                raise RunError(f"{run_dir}: the run has a fleet but no {COSTS} (its measured per-round costs); "
+                               "open it with `hmoe train --resume`, which measures them")
+            self.fleet = FleetCosts(Fleet.from_dict(cfg.fleet, f"{run_dir}/config.json fleet"), cfg.clients,
+                                    cfg.seed, CostBook.load(costs), cfg.local)
         self.weights: dict[str, Weights] = {}
         self.state = {"completed_rounds": 0, "versions": {}, "log": []}
         self._load_or_init()
@@ -144,19 +215,20 @@ class Federation:
             self.state["strategy"] = self.strategy.state()
             write_text_atomic(self.state_path, json.dumps(self.state, indent=1) + "\n")
 
-    def _commit(self, rnd: int, key: str, new: Weights | None, entry: dict) -> None:
-        path = self.checkpoint_path(key)
-        pending = path.with_name(path.name + ".pending")
-        if new is not None:
-            save_checkpoint(pending, new, self.tasks[key].net, {"node": key, "round": rnd})
+    def _commit(self, rnd: int, updated: dict[str, Weights], entry: dict) -> None:
+        """Write the round's new weights as pending files, commit the state, then rename."""
+        pendings = {}
+        for key, new in updated.items():
+            path = self.checkpoint_path(key)
+            pendings[key] = path.with_name(path.name + ".pending")
+            save_checkpoint(pendings[key], new, self.tasks[key].net, {"node": key, "round": rnd})
             self.state["versions"][key] = rnd
         self.state["completed_rounds"] = rnd + 1
         self.state["log"].append(entry)
         self.state["strategy"] = self.strategy.state()
         write_text_atomic(self.state_path, json.dumps(self.state, indent=1) + "\n")
-        if new is not None:
-            os.replace(pending, path)
-            self.weights[key] = new
+        for key, pending in pendings.items():
+            os.replace(pending, self.checkpoint_path(key))
 
     # --------------------------------------------------------------- models
     def net(self, key: str) -> ConvNet:
@@ -182,38 +254,69 @@ class Federation:
         return evaluate_flat(self.tree, self.net("flat"), x, y, self.prep.normalize, decoder or "leaf",
                              self.cfg.device)
 
+    # ----------------------------------------------------------------- fleet
+    def predict(self, client: int, key: str, local: LocalConfig) -> Prediction | None:
+        """The predicted cost of ``client``'s round of ``key`` (None without a fleet)."""
+        if self.fleet is None:
+            return None
+        return self.fleet.predict(client, self.tasks[key].net, self.task_n[client][key], local)
+
+    def can_take(self, client: int, key: str) -> bool:
+        """Whether the client holds samples under ``key`` and, in a fleet, can afford one epoch of it."""
+        if self.fleet is None:
+            return self.task_n[client][key] > 0
+        return self.fleet.can_take(client, self.tasks[key].net, self.task_n[client][key])
+
+    def max_epochs(self, client: int, key: str) -> int:
+        return self.fleet.max_epochs(client, self.tasks[key].net, self.task_n[client][key]) if self.fleet else 0
+
     # ---------------------------------------------------------------- rounds
     def step(self, rnd: int) -> dict:
-        """Run round ``rnd``: choose the task, train sampled clients, aggregate, commit."""
+        """Run round ``rnd``: the strategy assigns tasks to the reachable clients that can
+        afford them, they train, each task aggregates its results, the round commits."""
         d, s = self.prep.data, self.strategy
-        key = s.choose_task(rnd)
-        task = self.tasks[key]
-        results, skipped, dropped, diverged, seconds, losses, configs = [], [], [], [], [], [], {}
+        reached, dropped = [], []
         for client in self.clients.sample(rnd):
-            if self.clients.drops_out(rnd, client):
-                dropped.append(client)
-                continue
+            (dropped if self.clients.drops_out(rnd, client) else reached).append(client)
+        offers = {c: {k for k in self.tasks if self.can_take(c, k)} for c in reached}
+        plan = s.assign(rnd, offers)
+        first = s.order(rnd)[0]
+        skipped, unfit = [], []
+        for c in reached:
+            if c not in plan:
+                has_data = self.task_n[c][first] if s.assignment == "one" else any(self.task_n[c].values())
+                (unfit if has_data else skipped).append(c)
+        by_task: dict[str, list] = {}
+        diverged, seconds, device_seconds, losses, configs = [], [], [], [], {}
+        for client, key in plan.items():
+            task = self.tasks[key]
             idx, target = s.client_data(key, d.train_y, self.prep.parts[client])
-            if not len(idx):
-                skipped.append(client)
-                continue
-            local = s.client_config(key, rnd, len(self.prep.parts[client]), len(idx))
+            local = s.client_config(key, rnd, len(self.prep.parts[client]), len(idx), self.max_epochs(client, key))
             configs[str(client)] = local.to_dict()
+            pred = self.predict(client, key, local)
+            if pred is not None:
+                device_seconds.append(pred.seconds)
             new, metrics = local_update(task.net, self.weights[key], d.train_x[idx], target, local,
                                         self.prep.normalize, s.client_seed(rnd, client), self.cfg.device)
             seconds.append(metrics["train_seconds"])
             if not np.isfinite(metrics["train_loss"]) or not all(np.isfinite(v).all() for v in new.values()):
                 diverged.append(client)   # left out, as the coordinator refuses such an update (422)
                 continue
-            results.append((new, metrics["num_samples"]))
+            by_task.setdefault(key, []).append((client, new, metrics["num_samples"]))
             losses.append(metrics["train_loss"])
-        new = s.aggregate(results, self.weights[key]) if results else None
-        entry = {"round": rnd, "task": key, "clients": len(results), "samples": sum(n for _, n in results),
+        updated = {key: s.aggregate([(w, n) for _, w, n in res], self.weights[key]) for key, res in by_task.items()}
+        entry = {"round": rnd, "task": first, "clients": sum(map(len, by_task.values())),
+                 "samples": sum(n for res in by_task.values() for _, _, n in res),
                  "skipped": skipped, "dropped": dropped, "diverged": diverged,
                  "client_seconds": float(np.sum(seconds)),
                  "lr": s.lr(rnd), "client_config": configs,
                  "train_loss": float(np.mean(losses)) if losses else None}
-        if new is not None:
+        if s.assignment != "one" or self.fleet is not None:
+            entry.update(tasks={k: [c for c, _, _ in res] for k, res in by_task.items()},
+                         assigned={str(c): k for c, k in plan.items()}, unfit=unfit)
+        if self.fleet is not None:
+            entry["device_seconds"] = float(np.sum(device_seconds))
+        for key, new in updated.items():
             self.weights[key] = new
             self._update_val_error(key)
         idx = self.prep.val_idx
@@ -221,7 +324,7 @@ class Federation:
         every = self.cfg.eval_every or max(1, total // 20)
         if len(idx) and ((rnd + 1) % every == 0 or rnd + 1 >= total):
             entry["val_info_f1"] = self.evaluate(d.train_x[idx], d.train_y[idx])["info_f1"]
-        self._commit(rnd, key, new, entry)
+        self._commit(rnd, updated, entry)
         return entry
 
     def run(self, rounds: int | None = None, progress: bool = True) -> list[dict]:
@@ -241,3 +344,50 @@ class Federation:
             print(f"warning: {self.kind}: {diverged} client update(s) diverged (non-finite loss or weights) and were left "
                   f"out of their rounds; lower --lr (now {self.cfg.local.lr:g})", file=sys.stderr)
         return self.state["log"]
+
+
+def data_used(fed: Federation) -> float:
+    """Share of the clients' training samples that some completed round trained on."""
+    used = [np.zeros(len(p), dtype=bool) for p in fed.prep.parts]
+    labels = fed.prep.data.train_y
+    for e in fed.state["log"]:
+        assigned = e.get("assigned") or {c: e["task"] for c in e.get("client_config", {})}
+        for c, key in assigned.items():
+            c = int(c)
+            if c in e.get("diverged", []):
+                continue
+            used[c] |= fed.tasks[key].select(fed.tree, labels[fed.prep.parts[c]])[0]
+    total = sum(len(p) for p in fed.prep.parts)
+    return float(sum(u.sum() for u in used) / total) if total else 0.0
+
+
+def fleet_report(feds: dict[str, Federation]) -> dict | None:
+    """The fleet, each client's tier, the measured costs, what they predict per tier and task
+    (for the tier's median client, one epoch) and what the rounds did; None without a fleet."""
+    some = next(iter(feds.values()))
+    fc = some.fleet
+    if fc is None:
+        return None
+    tiers = fc.fleet.tiers
+    out: dict = {"fleet": fc.fleet.to_dict(), "client_tiers": [tiers[t].name for t in fc.client_tier],
+                 "costs": fc.book.to_dict(), "predictions": {}, "families": {}}
+    for kind, fed in feds.items():
+        preds: dict = {}
+        for i, tier in enumerate(tiers):
+            members = [c for c, t in enumerate(fc.client_tier) if t == i]
+            if members:
+                preds[tier.name] = {key: {"samples": n, **fc.predict(members[0], task.net, n).to_dict()}
+                                    for key, task in fed.tasks.items()
+                                    for n in [int(np.median([fed.task_n[c][key] for c in members]))]}
+        log = fed.state["log"]
+        trained = [int(c) for e in log for c in e.get("assigned", {}) if int(c) not in e.get("diverged", [])]
+        out["predictions"][kind] = preds
+        out["families"][kind] = {
+            "data_used": data_used(fed),
+            "unfit_client_rounds": int(sum(len(e.get("unfit", [])) for e in log)),
+            "trained_client_rounds": len(trained),
+            "device_seconds": float(sum(e.get("device_seconds", 0.0) for e in log)),
+            "trained_client_rounds_per_tier": {t.name: sum(fc.client_tier[c] == i for c in trained)
+                                               for i, t in enumerate(tiers)},
+        }
+    return out

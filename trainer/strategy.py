@@ -18,6 +18,7 @@ from trainer.schedules import SCHEDULES, ScheduleContext, get_schedule
 
 FLAT = "flat"
 LR_DECAYS = ("cosine", "none")
+ASSIGNMENTS = ("one", "resource-aware")
 
 
 class StrategyError(HmoeError, ValueError):
@@ -103,13 +104,15 @@ class Strategy:
                  local: LocalConfig = LocalConfig(), rounds: int = 1, balanced_epochs: bool = False,
                  lr_decay: str = "none", shares: dict[str, float] | None = None,
                  val_error: dict[str, float] | None = None, aggregation: str = "fedavg",
-                 influence_bound: float = 0.0) -> None:
+                 influence_bound: float = 0.0, assignment: str = "one") -> None:
         if lr_decay not in LR_DECAYS:
             raise UsageError(f"unknown lr decay {lr_decay!r}; expected one of {', '.join(LR_DECAYS)}")
         rule, _, arg = aggregation.partition(":")
         if rule not in AGGREGATORS or (arg and rule != "trimmed-mean"):
             raise UsageError(f"unknown aggregation {aggregation!r}; expected fedavg, median or trimmed-mean[:SHARE]")
-        self.aggregation, self.influence_bound = aggregation, influence_bound
+        if assignment not in ASSIGNMENTS:
+            raise UsageError(f"unknown assignment {assignment!r}; expected one of {', '.join(ASSIGNMENTS)}")
+        self.aggregation, self.influence_bound, self.assignment = aggregation, influence_bound, assignment
         self._aggregate = (lambda r: trimmed_mean(r, float(arg))) if arg else AGGREGATORS[rule]
         self.tree, self.tasks, self.seed = tree, tasks, seed
         self.schedule_name, self.schedule = schedule, get_schedule(schedule)
@@ -119,6 +122,31 @@ class Strategy:
     # ------------------------------------------------------------- schedule
     def choose_task(self, rnd: int) -> str:
         return self.schedule(rnd, self.context)
+
+    def order(self, rnd: int) -> list[str]:
+        """Every task, most useful first in round ``rnd``: the schedule's choice, then the
+        tasks it would choose next (worst-validation: by its priority)."""
+        ctx = self.context
+        if self.needs_validation:
+            return sorted(ctx.keys, key=lambda k: (-ctx.val_error.get(k, 1.0) * ctx.shares[k], ctx.keys.index(k)))
+        out: list[str] = []
+        for step in range(rnd, rnd + 64 * len(ctx.keys)):
+            key = self.schedule(step, ctx)
+            if key not in out:
+                out.append(key)
+                if len(out) == len(ctx.keys):
+                    break
+        return out + [k for k in ctx.keys if k not in out]
+
+    def assign(self, rnd: int, offers: dict[int, set[str]]) -> dict[int, str]:
+        """Which task each reachable client trains in round ``rnd``; ``offers`` holds, per
+        client, the tasks it can afford and has samples for. 'one': the round's task, for
+        the clients that can take it; 'resource-aware': each client its most useful
+        affordable task (``order``), so every expert can be trained in the same round."""
+        order = self.order(rnd)
+        if self.assignment == "one":
+            return {c: order[0] for c in sorted(offers) if order[0] in offers[c]}
+        return {c: next(k for k in order if k in offers[c]) for c in sorted(offers) if offers[c]}
 
     @property
     def needs_validation(self) -> bool:
@@ -151,14 +179,17 @@ class Strategy:
         frac = rnd / max(1, self.rounds - 1)
         return self.local.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
-    def client_config(self, key: str, rnd: int, client_samples: int = 0, task_samples: int = 0) -> LocalConfig:
+    def client_config(self, key: str, rnd: int, client_samples: int = 0, task_samples: int = 0,
+                      max_epochs: int = 0) -> LocalConfig:
         """Hyper-parameters for training ``key`` in round ``rnd`` on a client holding
         ``client_samples`` samples, ``task_samples`` of them under the task. With balanced
         epochs an expert runs floor(client_samples / task_samples) epochs, so no expert's
-        round costs that client more than the root expert's round."""
+        round costs that client more than the root expert's round; ``max_epochs`` (0: no
+        limit) caps the balanced epochs at what the client's round deadline allows."""
         local = replace(self.local, lr=self.lr(rnd))
         if self.balanced_epochs and self.tasks[key].node >= 0 and task_samples > 0:
-            local = replace(local, epochs=local.epochs * max(1, client_samples // task_samples))
+            epochs = local.epochs * max(1, client_samples // task_samples)
+            local = replace(local, epochs=min(epochs, max(local.epochs, max_epochs)) if max_epochs else epochs)
         return local
 
     def task_samples(self, key: str, leaf_counts: np.ndarray) -> int:
