@@ -151,11 +151,14 @@ class CostBook:
         self.entries, self.meta = dict(entries or {}), dict(meta or {})
 
     @classmethod
+    def load_dict(cls, d: dict) -> "CostBook":
+        return cls({e["key"]: e for e in d["entries"]}, d.get("meta"))
+
+    @classmethod
     def load(cls, path: str | Path) -> "CostBook":
         path = Path(path)
         try:
-            d = json.loads(path.read_text())
-            return cls({e["key"]: e for e in d["entries"]}, d.get("meta"))
+            return cls.load_dict(json.loads(path.read_text()))
         except FileNotFoundError:
             raise FleetError(f"{path}: no such cost file") from None
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
