@@ -176,3 +176,12 @@ def test_a_run_with_expert_widths_trains_exports_and_refuses_a_bad_rule_before_w
     assert widths == {"root": 8, "Clothes": 5, "Goods": 3, "Tops": 2, "Shoes": 2}
     result = export_run(tmp_path / "run", tmp_path / "bundle", progress=False, validate_images=50)
     assert {r["model"]: r["params"] for r in result.rows}["Shoes"] < {r["model"]: r["params"] for r in result.rows}["root"]
+    # the bundle records each expert's network, and the edge engine serves it like uniform experts
+    import numpy as np
+
+    from edge_runtime.bundle import load_bundle
+    from edge_runtime.engine import Engine
+    bundle = load_bundle(tmp_path / "bundle")
+    assert {k: m.net["width"] for k, m in bundle.manifest.models().items() if k != "flat"} == widths
+    preds = Engine(tmp_path / "bundle").predict(prep.data.test_x[:8].astype(np.float32))
+    assert all(p.leaf and p.path[0] == "root" for p in preds)
