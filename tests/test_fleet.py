@@ -184,3 +184,25 @@ def test_cli_measures_costs_and_reports_the_fleet(tmp_path):
     out = subprocess.run(args[:7] + [str(tmp_path / "run2"), "--fleet", str(bad)], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 2 and "tier shares sum to 0.6" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_resource_aware_assignment_follows_the_schedule_and_keeps_cohorts():
+    from hierarchy import load_taxonomy
+    from trainer.strategy import Strategy, make_tasks
+    tree = load_taxonomy("fashion-mnist")
+    tasks = make_tasks(tree, "hmoe", (1, 28, 28), 4)
+    ra = Strategy(tree, tasks, "round-robin", 0, assignment="resource-aware", min_clients=2)
+    one = Strategy(tree, tasks, "round-robin", 0)
+    assert ra.order(1) == ["Clothes", "Goods", "Tops", "Shoes", "root"]
+    every = set(tasks)
+    offers = {0: every, 1: every, 2: {"Goods", "Tops"}, 3: {"Goods", "Shoes"}, 4: {"Shoes"}, 5: set()}
+    assert one.assign(1, offers) == {0: "Clothes", 1: "Clothes"}
+    # 2 and 3 form a cohort on Goods; 4 alone on Shoes finds no cohort and sits out
+    assert ra.assign(1, offers) == {0: "Clothes", 1: "Clothes", 2: "Goods", 3: "Goods"}
+    # a lone client on its first choice moves on to a choice it shares with another
+    offers = {0: every, 2: {"Goods", "Tops"}, 3: {"Tops"}}
+    assert ra.assign(1, offers) == {0: "Clothes", 2: "Tops", 3: "Tops"}
+    # the round's own task trains even with one client, as with one task a round
+    assert ra.assign(1, {0: every}) == one.assign(1, {0: every}) == {0: "Clothes"}
+    # every client able to take the round's task: the same plan as one task a round
+    assert ra.assign(3, {c: every for c in range(5)}) == one.assign(3, {c: every for c in range(5)})

@@ -71,6 +71,9 @@ def _add_run_flags(p: argparse.ArgumentParser, defaults: RunConfig) -> None:
     g.add_argument("--assignment", choices=list(ASSIGNMENTS), default=defaults.assignment,
                    help="one: a round trains the schedule's task; resource-aware: each client trains the most "
                         "useful expert it can afford, so a round can train several")
+    g.add_argument("--min-cohort", type=int, default=defaults.min_cohort,
+                   help="resource-aware: an expert other than the round's own trains only if at least this many "
+                        "clients chose it (the others move on to their next choice)")
     g.add_argument("--fleet-costs", metavar="FILE",
                    help="take per-round costs from this costs.json (of an earlier run) instead of measuring them")
     p.add_argument("--device", default=defaults.device, help="cpu | cuda (when available)")
@@ -84,7 +87,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
                         momentum=args.momentum, optimizer=args.optimizer, clip_norm=args.clip_norm)
     for name, value in (("--local-epochs", args.local_epochs), ("--batch-size", args.batch_size),
                         ("--clients", args.clients), ("--expert-width", args.expert_width),
-                        ("--flat-width", args.flat_width)):
+                        ("--flat-width", args.flat_width), ("--min-cohort", args.min_cohort)):
         if value < 1:
             raise UsageError(f"{name} must be at least 1; got {value}")
     if args.device.startswith("cuda"):
@@ -100,7 +103,8 @@ def _config(args: argparse.Namespace) -> RunConfig:
                      flat_width=args.flat_width, local=local, lr_decay=args.lr_decay,
                      balanced_epochs=args.balanced_epochs, aggregation=args.aggregation,
                      influence_bound=args.influence_bound, device=args.device,
-                     fleet=Fleet.load(args.fleet).to_dict() if args.fleet else None, assignment=args.assignment)
+                     fleet=Fleet.load(args.fleet).to_dict() if args.fleet else None, assignment=args.assignment,
+                     min_cohort=args.min_cohort)
 
 
 def train_run(out: Path, cfg: RunConfig, kinds: list[str], resume: bool, cost_clients: int,

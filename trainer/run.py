@@ -53,6 +53,7 @@ class RunConfig:
     influence_bound: float = 3.0  # a client's change and sample count count at most this x the round's median
     fleet: dict | None = None     # device tiers and round deadline (trainer.fleet); None: every client can train anything
     assignment: str = "one"       # one: a round trains one task; resource-aware: each client its most useful affordable task
+    min_cohort: int = 2           # resource-aware: a task beside the round's own trains only with this many clients
     device: str = "cpu"
 
     def to_dict(self) -> dict:
@@ -82,7 +83,7 @@ class RunConfig:
         return Strategy(tree, tasks, (schedule or self.schedule) if hmoe else "round-robin", self.seed, self.local,
                         self.rounds(kind), self.balanced_epochs and hmoe, self.lr_decay, shares,
                         aggregation=self.aggregation, influence_bound=self.influence_bound,
-                        assignment=self.assignment if hmoe else "one")
+                        assignment=self.assignment if hmoe else "one", min_clients=self.min_cohort)
 
 
 def load_run_config(run_dir: Path) -> RunConfig:

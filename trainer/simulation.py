@@ -281,11 +281,16 @@ class Federation:
         offers = {c: {k for k in self.tasks if self.can_take(c, k)} for c in reached}
         plan = s.assign(rnd, offers)
         first = s.order(rnd)[0]
-        skipped, unfit = [], []
+        skipped, unfit, no_cohort = [], [], []
         for c in reached:
-            if c not in plan:
-                has_data = self.task_n[c][first] if s.assignment == "one" else any(self.task_n[c].values())
-                (unfit if has_data else skipped).append(c)
+            if c in plan:
+                continue
+            if offers[c] and s.assignment != "one":
+                no_cohort.append(c)   # could afford a task, but too few clients chose it
+            elif self.task_n[c][first] if s.assignment == "one" else any(self.task_n[c].values()):
+                unfit.append(c)
+            else:
+                skipped.append(c)
         by_task: dict[str, list] = {}
         diverged, seconds, device_seconds, losses, configs = [], [], [], [], {}
         for client, key in plan.items():
@@ -313,7 +318,7 @@ class Federation:
                  "train_loss": float(np.mean(losses)) if losses else None}
         if s.assignment != "one" or self.fleet is not None:
             entry.update(tasks={k: [c for c, _, _ in res] for k, res in by_task.items()},
-                         assigned={str(c): k for c, k in plan.items()}, unfit=unfit)
+                         assigned={str(c): k for c, k in plan.items()}, unfit=unfit, no_cohort=no_cohort)
         if self.fleet is not None:
             entry["device_seconds"] = float(np.sum(device_seconds))
         for key, new in updated.items():
@@ -385,6 +390,7 @@ def fleet_report(feds: dict[str, Federation]) -> dict | None:
         out["families"][kind] = {
             "data_used": data_used(fed),
             "unfit_client_rounds": int(sum(len(e.get("unfit", [])) for e in log)),
+            "no_cohort_client_rounds": int(sum(len(e.get("no_cohort", [])) for e in log)),
             "trained_client_rounds": len(trained),
             "device_seconds": float(sum(e.get("device_seconds", 0.0) for e in log)),
             "trained_client_rounds_per_tier": {t.name: sum(fc.client_tier[c] == i for c in trained)

@@ -104,7 +104,7 @@ class Strategy:
                  local: LocalConfig = LocalConfig(), rounds: int = 1, balanced_epochs: bool = False,
                  lr_decay: str = "none", shares: dict[str, float] | None = None,
                  val_error: dict[str, float] | None = None, aggregation: str = "fedavg",
-                 influence_bound: float = 0.0, assignment: str = "one") -> None:
+                 influence_bound: float = 0.0, assignment: str = "one", min_clients: int = 2) -> None:
         if lr_decay not in LR_DECAYS:
             raise UsageError(f"unknown lr decay {lr_decay!r}; expected one of {', '.join(LR_DECAYS)}")
         rule, _, arg = aggregation.partition(":")
@@ -113,6 +113,7 @@ class Strategy:
         if assignment not in ASSIGNMENTS:
             raise UsageError(f"unknown assignment {assignment!r}; expected one of {', '.join(ASSIGNMENTS)}")
         self.aggregation, self.influence_bound, self.assignment = aggregation, influence_bound, assignment
+        self.min_clients = min_clients
         self._aggregate = (lambda r: trimmed_mean(r, float(arg))) if arg else AGGREGATORS[rule]
         self.tree, self.tasks, self.seed = tree, tasks, seed
         self.schedule_name, self.schedule = schedule, get_schedule(schedule)
@@ -141,12 +142,25 @@ class Strategy:
     def assign(self, rnd: int, offers: dict[int, set[str]]) -> dict[int, str]:
         """Which task each reachable client trains in round ``rnd``; ``offers`` holds, per
         client, the tasks it can afford and has samples for. 'one': the round's task, for
-        the clients that can take it; 'resource-aware': each client its most useful
-        affordable task (``order``), so every expert can be trained in the same round."""
+        the clients that can take it. 'resource-aware': each client its most useful
+        affordable task (``order``), so several experts can train in one round; a task
+        other than the round's own trains only with at least ``min_clients`` clients, since
+        one client's non-IID update would otherwise replace the expert outright: the most
+        useful group that is too small moves on to its next choices first (choices only
+        move down the order, so groups can still form further down)."""
         order = self.order(rnd)
         if self.assignment == "one":
             return {c: order[0] for c in sorted(offers) if order[0] in offers[c]}
-        return {c: next(k for k in order if k in offers[c]) for c in sorted(offers) if offers[c]}
+        choices = {c: [k for k in order if k in offers[c]] for c in sorted(offers)}
+        while True:
+            plan = {c: ks[0] for c, ks in choices.items() if ks}
+            counts = {k: list(plan.values()).count(k) for k in order}
+            small = [k for k in order[1:] if 0 < counts[k] < self.min_clients]
+            if not small:
+                return plan
+            for c, ks in choices.items():
+                if ks and ks[0] == small[0]:
+                    choices[c] = ks[1:]
 
     @property
     def needs_validation(self) -> bool:
