@@ -101,7 +101,8 @@ def run_one(job: dict, args: argparse.Namespace) -> dict:
            "--flat-rounds", str(args.rounds), "--train-limit", str(args.train_limit),
            "--test-limit", str(args.test_limit), "--expert-width", str(args.expert_width),
            "--expert-widths", args.expert_widths, "--flat-width", str(job["width"]), "--seed", str(args.seed),
-           "--device", args.device, "--cost-clients", "0", "--no-progress", "--resume"]
+           "--min-cohort", str(args.min_cohort), "--device", args.device, "--cost-clients", "0", "--no-progress",
+           "--resume"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -176,6 +177,8 @@ def main() -> int:
     p.add_argument("--deadline", type=float, default=5.0,
                    help="round deadline, seconds (default: twice the strong devices' flat-large round for the median "
                         "client, 2.5 s as measured on this project's machine)")
+    p.add_argument("--min-cohort", type=int, default=DEMO.min_cohort,
+                   help="hmoe: an expert beside the round's own trains only with this many clients")
     p.add_argument("--costs", help="take measured costs from this costs.json instead of measuring")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
