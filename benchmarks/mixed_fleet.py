@@ -1,11 +1,13 @@
 """Mixed fleets: HMoE (resource-aware) against flat softmax, large and small, as the share of
 weak devices grows.
 
-Every cell (Dirichlet alpha x weak share) trains three models on the same fleet, with the
+Every cell (Dirichlet alpha x weak share) trains four models on the same fleet, with the
 same clients, rounds and clients per round:
 
 - hmoe: experts of --expert-width scaled by --expert-widths, each client training the most
   useful expert it can afford (--assignment resource-aware);
+- hmoe-one: the same experts, one expert a round (the source paper's protocol): a client
+  that cannot afford the round's expert is not asked;
 - flat-large: flat softmax at --flat-width; clients that cannot afford its round never train;
 - flat-small: the widest flat model in --small-widths whose round the weak tier's median
   client can afford, trained by everyone who can.
@@ -40,7 +42,7 @@ from trainer.fleet import CostBook, Fleet
 from trainer.run import RunConfig
 from trainer.strategy import make_tasks
 
-MODELS = ("hmoe", "flat-large", "flat-small")
+MODELS = ("hmoe", "hmoe-one", "flat-large", "flat-small")
 
 
 def fleet_for(share: float, args: argparse.Namespace) -> Fleet:
@@ -94,9 +96,10 @@ def run_one(job: dict, args: argparse.Namespace) -> dict:
     run.parent.mkdir(parents=True, exist_ok=True)
     fleet_file = run.parent / f"fleet-weak{job['share']:.2f}.json"
     fleet_file.write_text(json.dumps(job["fleet"], indent=1) + "\n")
-    cmd = [sys.executable, "-m", "exporter.cli", "train", "--model", "hmoe" if job["model"] == "hmoe" else "flat",
+    kind = "hmoe" if job["model"].startswith("hmoe") else "flat"
+    cmd = [sys.executable, "-m", "exporter.cli", "train", "--model", kind,
            "--out", str(run), "--fleet", str(fleet_file), "--fleet-costs", str(job["costs"]),
-           "--assignment", "resource-aware", "--alpha", str(job["alpha"]), "--clients", str(args.clients),
+           "--assignment", "one" if job["model"] == "hmoe-one" else "resource-aware", "--alpha", str(job["alpha"]), "--clients", str(args.clients),
            "--clients-per-round", str(args.clients_per_round), "--hmoe-rounds", str(args.rounds),
            "--flat-rounds", str(args.rounds), "--train-limit", str(args.train_limit),
            "--test-limit", str(args.test_limit), "--expert-width", str(args.expert_width),
@@ -116,7 +119,7 @@ def run_one(job: dict, args: argparse.Namespace) -> dict:
 
 def collect(job: dict) -> dict:
     report = json.loads((Path(job["run"]) / "report.json").read_text())
-    kind = "hmoe" if job["model"] == "hmoe" else "flat"
+    kind = "hmoe" if job["model"].startswith("hmoe") else "flat"
     r = report[kind]
     fam = report["fleet"]["families"][kind]
     rule = "greedy" if kind == "hmoe" else "leaf"
@@ -144,7 +147,7 @@ def write_outputs(out: Path, rows: list[dict], meta: dict) -> None:
     alphas = sorted({r["alpha"] for r in rows}, reverse=True)
     fig, axes = plt.subplots(1, len(alphas), figsize=(5.5 * len(alphas), 4), squeeze=False)
     for ax, alpha in zip(axes[0], alphas):
-        for model, marker in zip(MODELS, "os^"):
+        for model, marker in zip(MODELS, "oDs^"):
             pts = sorted((r["weak_share"], r["info_f1"]) for r in rows if r["alpha"] == alpha and r["model"] == model)
             if pts:
                 ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], marker=marker, label=model)
@@ -180,6 +183,7 @@ def main() -> int:
     p.add_argument("--min-cohort", type=int, default=DEMO.min_cohort,
                    help="hmoe: an expert beside the round's own trains only with this many clients")
     p.add_argument("--costs", help="take measured costs from this costs.json instead of measuring")
+    p.add_argument("--collect-only", action="store_true", help="only tabulate the runs that have finished")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--device", default="cpu", help="where the runs train (costs are always measured on the CPU)")
@@ -195,15 +199,20 @@ def main() -> int:
     for alpha in args.alphas:
         for share in args.weak_shares:
             for model in args.models:
-                w = {"hmoe": args.expert_width, "flat-large": args.flat_width, "flat-small": width}[model]
+                w = {"hmoe": args.expert_width, "hmoe-one": args.expert_width, "flat-large": args.flat_width,
+                     "flat-small": width}[model]
                 jobs.append({"model": model, "alpha": alpha, "share": share, "width": w,
                              "fleet": fleet_for(share, args).to_dict(), "costs": str(out / "costs.json"),
                              "run": str(out / f"alpha{alpha:g}" / f"weak{round(100 * share)}" / model)})
     # longest first: flat-large, then hmoe, then flat-small
-    jobs.sort(key=lambda j: ("flat-large", "hmoe", "flat-small").index(j["model"]))
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        list(pool.map(lambda j: run_one(j, args), jobs))
-    rows = [collect(j) for j in jobs]
+    jobs.sort(key=lambda j: ("flat-large", "hmoe", "hmoe-one", "flat-small").index(j["model"]))
+    if not args.collect_only:
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            list(pool.map(lambda j: run_one(j, args), jobs))
+    missing = [j["run"] for j in jobs if not (Path(j["run"]) / "report.json").exists()]
+    if missing:
+        print(f"not finished (left out of the table): {missing}", file=sys.stderr)
+    rows = [collect(j) for j in jobs if j["run"] not in missing]
     from trainer.report import git_commit, machine_info
     meta = {"command": " ".join(sys.argv), "settings": {k: v for k, v in vars(args).items() if k != "out"},
             "flat_small": {"width": width, "median_client_samples": samples, "predictions": small_preds},

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import CFG
 from trainer.config import LocalConfig
-from trainer.fleet import CostBook, Fleet, FleetCosts, FleetError, Tier
+from trainer.fleet import CostBook, Fleet, FleetError, Tier
 from trainer.simulation import COSTS, Federation, open_run
 
 STRONG = {"name": "strong", "share": 0.5, "memory_mb": 64, "speed": 1.0}
@@ -206,3 +206,11 @@ def test_resource_aware_assignment_follows_the_schedule_and_keeps_cohorts():
     assert ra.assign(1, {0: every}) == one.assign(1, {0: every}) == {0: "Clothes"}
     # every client able to take the round's task: the same plan as one task a round
     assert ra.assign(3, {c: every for c in range(5)}) == one.assign(3, {c: every for c in range(5)})
+
+
+def test_the_coordinator_refuses_a_resource_aware_run(tmp_path):
+    from trainer.coordinator import Coordinator, CoordinatorError
+    cfg = replace(FCFG, assignment="resource-aware")
+    open_run(tmp_path / "run", cfg, resume=False, kinds=("hmoe",))
+    with pytest.raises(CoordinatorError, match="--assignment resource-aware; the coordinator runs one expert a round"):
+        Coordinator(tmp_path / "run", tmp_path / "c.db", "s" * 32)

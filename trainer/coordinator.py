@@ -132,6 +132,10 @@ class Coordinator:
             raise CoordinatorError(f"min_updates must be at least 1; got {min_updates}")
         self.run_dir = Path(run_dir)
         self.cfg, self.tree, self.spec = run_files(self.run_dir)
+        if self.cfg.assignment != "one":
+            raise CoordinatorError(f"{run_dir}: the run trains with --assignment {self.cfg.assignment}; the coordinator "
+                                   "runs one expert a round (its devices each report only their own data), so "
+                                   "serve a run made with --assignment one")
         self.secrets = secret if isinstance(secret, Secrets) else Secrets(secret)
         self.limits, self._enrol_bucket = limits, TokenBucket(limits.enrol_per_second, limits.enrol_burst)
         self.min_updates, self.round_seconds = min_updates, round_seconds
