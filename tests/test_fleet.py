@@ -214,3 +214,28 @@ def test_the_coordinator_refuses_a_resource_aware_run(tmp_path):
     open_run(tmp_path / "run", cfg, resume=False, kinds=("hmoe",))
     with pytest.raises(CoordinatorError, match="--assignment resource-aware; the coordinator runs one expert a round"):
         Coordinator(tmp_path / "run", tmp_path / "c.db", "s" * 32)
+
+
+def test_mixed_fleet_benchmark_runs_end_to_end(tmp_path):
+    """The benchmark at toy scale, on real Fashion-MNIST, with the committed cost file."""
+    from pathlib import Path
+
+    from tests.test_federated import fashion_available
+    if not fashion_available():
+        pytest.skip("Fashion-MNIST files not installed (make setup installs them)")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "mf"
+    args = [sys.executable, str(root / "benchmarks" / "mixed_fleet.py"), "--out", str(out), "--alphas", "0.5",
+            "--weak-shares", "0", "0.5", "--models", "hmoe", "flat-large", "--rounds", "2", "--train-limit", "2000",
+            "--test-limit", "300", "--jobs", "2", "--costs", str(root / "docs/results/mixed_fleet/costs.json")]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=root,
+                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "results.json").read_text())
+    rows = {(r["model"], r["weak_share"]): r for r in result["rows"]}
+    assert set(rows) == {("hmoe", 0.0), ("hmoe", 0.5), ("flat-large", 0.0), ("flat-large", 0.5)}
+    # weak devices cannot afford flat-large's round: at 50% weak it uses less data and asks fewer clients
+    assert rows[("flat-large", 0.5)]["client_rounds_per_tier"]["weak"] == 0
+    assert rows[("flat-large", 0.5)]["data_used"] < rows[("flat-large", 0.0)]["data_used"]
+    assert rows[("hmoe", 0.5)]["client_rounds_per_tier"]["weak"] > 0
+    assert (out / "f1_vs_weak_share.png").stat().st_size > 10_000 and "| 0.5 | 50% | hmoe |" in (out / "results.md").read_text()
