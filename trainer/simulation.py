@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +96,22 @@ def open_run(run_dir: Path, cfg: RunConfig, resume: bool, data: Dataset | None =
     return cfg, prep
 
 
+@dataclass
+class RoundPlan:
+    """A round's decisions, made by the strategy before any client trains."""
+
+    rnd: int
+    first: str                                   # the round's own task (the schedule's choice)
+    assigned: dict[int, str]                     # client -> task
+    configs: dict[int, LocalConfig] = field(default_factory=dict)
+    seeds: dict[int, int] = field(default_factory=dict)
+    dropped: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    unfit: list[int] = field(default_factory=list)
+    no_cohort: list[int] = field(default_factory=list)
+    device_seconds: float = 0.0
+
+
 class SimulatedClients:
     """What only the simulated transport decides: which clients a round reaches and which
     of them drop out (a real fleet's devices decide that themselves)."""
@@ -172,6 +188,7 @@ class Federation:
         self.clients = SimulatedClients(cfg.seed, cfg.clients, cfg.clients_per_round, cfg.dropout)
         self.state_path = self.run_dir / f"state-{kind}.json"
         self.task_n = client_task_samples(self.tree, self.tasks, prep)
+        self.client_n = [len(p) for p in prep.parts]
         self.fleet: FleetCosts | None = None
         if cfg.fleet:
             costs = self.run_dir / COSTS
@@ -271,56 +288,65 @@ class Federation:
         return self.fleet.max_epochs(client, self.tasks[key].net, self.task_n[client][key]) if self.fleet else 0
 
     # ---------------------------------------------------------------- rounds
-    def step(self, rnd: int) -> dict:
-        """Run round ``rnd``: the strategy assigns tasks to the reachable clients that can
-        afford them, they train, each task aggregates its results, the round commits."""
-        d, s = self.prep.data, self.strategy
-        reached, dropped = [], []
-        for client in self.clients.sample(rnd):
-            (dropped if self.clients.drops_out(rnd, client) else reached).append(client)
-        offers = {c: {k for k in self.tasks if self.can_take(c, k)} for c in reached}
-        plan = s.assign(rnd, offers)
+    def plan_round(self, rnd: int, reachable: list[int] | None = None) -> RoundPlan:
+        """Who trains what in round ``rnd`` and with which hyper-parameters and seed: the
+        strategy assigns tasks to the reachable clients (the simulated transport's sample,
+        less drop-outs, unless a transport says who it reached) that can afford them."""
+        s = self.strategy
+        dropped = []
+        if reachable is None:
+            reachable = []
+            for client in self.clients.sample(rnd):
+                (dropped if self.clients.drops_out(rnd, client) else reachable).append(client)
+        offers = {c: {k for k in self.tasks if self.can_take(c, k)} for c in reachable}
+        assigned = s.assign(rnd, offers)
         first = s.order(rnd)[0]
-        skipped, unfit, no_cohort = [], [], []
-        for c in reached:
-            if c in plan:
-                continue
-            if offers[c] and s.assignment != "one":
-                no_cohort.append(c)   # could afford a task, but too few clients chose it
+        plan = RoundPlan(rnd, first, assigned, dropped=dropped)
+        for c in reachable:
+            if c in assigned:
+                key = assigned[c]
+                local = s.client_config(key, rnd, self.client_n[c], self.task_n[c][key], self.max_epochs(c, key))
+                plan.configs[c] = local
+                plan.seeds[c] = s.client_seed(rnd, c)
+                pred = self.predict(c, key, local)
+                if pred is not None:
+                    plan.device_seconds += pred.seconds
+            elif offers[c] and s.assignment != "one":
+                plan.no_cohort.append(c)   # could afford a task, but too few clients chose it
             elif self.task_n[c][first] if s.assignment == "one" else any(self.task_n[c].values()):
-                unfit.append(c)
+                plan.unfit.append(c)
             else:
-                skipped.append(c)
+                plan.skipped.append(c)
+        return plan
+
+    def close_round(self, plan: RoundPlan, results: dict[int, tuple[Weights, dict]], left_out: dict | None = None) -> dict:
+        """Aggregate each task over its clients' results (``results[client]``: new weights and
+        metrics with num_samples, train_loss, train_seconds; in client order), log, commit."""
+        s, d, rnd = self.strategy, self.prep.data, plan.rnd
         by_task: dict[str, list] = {}
-        diverged, seconds, device_seconds, losses, configs = [], [], [], [], {}
-        for client, key in plan.items():
-            task = self.tasks[key]
-            idx, target = s.client_data(key, d.train_y, self.prep.parts[client])
-            local = s.client_config(key, rnd, len(self.prep.parts[client]), len(idx), self.max_epochs(client, key))
-            configs[str(client)] = local.to_dict()
-            pred = self.predict(client, key, local)
-            if pred is not None:
-                device_seconds.append(pred.seconds)
-            new, metrics = local_update(task.net, self.weights[key], d.train_x[idx], target, local,
-                                        self.prep.normalize, s.client_seed(rnd, client), self.cfg.device)
-            seconds.append(metrics["train_seconds"])
+        diverged, losses = [], []
+        for client in sorted(results):
+            new, metrics = results[client]
             if not np.isfinite(metrics["train_loss"]) or not all(np.isfinite(v).all() for v in new.values()):
                 diverged.append(client)   # left out, as the coordinator refuses such an update (422)
                 continue
-            by_task.setdefault(key, []).append((client, new, metrics["num_samples"]))
+            by_task.setdefault(plan.assigned[client], []).append((client, new, metrics["num_samples"]))
             losses.append(metrics["train_loss"])
         updated = {key: s.aggregate([(w, n) for _, w, n in res], self.weights[key]) for key, res in by_task.items()}
-        entry = {"round": rnd, "task": first, "clients": sum(map(len, by_task.values())),
+        entry = {"round": rnd, "task": plan.first, "clients": sum(map(len, by_task.values())),
                  "samples": sum(n for res in by_task.values() for _, _, n in res),
-                 "skipped": skipped, "dropped": dropped, "diverged": diverged,
-                 "client_seconds": float(np.sum(seconds)),
-                 "lr": s.lr(rnd), "client_config": configs,
+                 "skipped": plan.skipped, "dropped": plan.dropped, "diverged": diverged,
+                 "client_seconds": float(sum(m["train_seconds"] for _, m in results.values())),
+                 "lr": s.lr(rnd), "client_config": {str(c): local.to_dict() for c, local in plan.configs.items()},
                  "train_loss": float(np.mean(losses)) if losses else None}
         if s.assignment != "one" or self.fleet is not None:
             entry.update(tasks={k: [c for c, _, _ in res] for k, res in by_task.items()},
-                         assigned={str(c): k for c, k in plan.items()}, unfit=unfit, no_cohort=no_cohort)
+                         assigned={str(c): k for c, k in plan.assigned.items()}, unfit=plan.unfit,
+                         no_cohort=plan.no_cohort)
         if self.fleet is not None:
-            entry["device_seconds"] = float(np.sum(device_seconds))
+            entry["device_seconds"] = plan.device_seconds
+        if left_out:
+            entry["left_out"] = left_out
         for key, new in updated.items():
             self.weights[key] = new
             self._update_val_error(key)
@@ -331,6 +357,18 @@ class Federation:
             entry["val_info_f1"] = self.evaluate(d.train_x[idx], d.train_y[idx])["info_f1"]
         self._commit(rnd, updated, entry)
         return entry
+
+    def step(self, rnd: int) -> dict:
+        """Run round ``rnd`` in process: plan, train every assigned client, close."""
+        d, s = self.prep.data, self.strategy
+        plan = self.plan_round(rnd)
+        results = {}
+        for client, key in plan.assigned.items():
+            idx, target = s.client_data(key, d.train_y, self.prep.parts[client])
+            results[client] = local_update(self.tasks[key].net, self.weights[key], d.train_x[idx], target,
+                                           plan.configs[client], self.prep.normalize, plan.seeds[client],
+                                           self.cfg.device)
+        return self.close_round(plan, results)
 
     def run(self, rounds: int | None = None, progress: bool = True) -> list[dict]:
         from tqdm.auto import tqdm
