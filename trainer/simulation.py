@@ -271,6 +271,12 @@ class Federation:
         return evaluate_flat(self.tree, self.net("flat"), x, y, self.prep.normalize, decoder or "leaf",
                              self.cfg.device)
 
+    def use_counts(self, client: int, leaf_counts: np.ndarray) -> None:
+        """Take a client's samples per leaf as its transport reports them (a Flower node or a
+        device), instead of the simulation's own partition."""
+        self.task_n[client] = {k: self.strategy.task_samples(k, leaf_counts) for k in self.tasks}
+        self.client_n[client] = int(np.sum(leaf_counts))
+
     # ----------------------------------------------------------------- fleet
     def predict(self, client: int, key: str, local: LocalConfig) -> Prediction | None:
         """The predicted cost of ``client``'s round of ``key`` (None without a fleet)."""
