@@ -1,0 +1,182 @@
+"""HMoE on Flower: the same strategy, local update and aggregation as the project's own
+simulation, under Flower's simulation runtime; bad replies left out one by one."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+flwr = pytest.importorskip("flwr")
+
+from tests.conftest import CFG  # noqa: E402
+from trainer.fedavg import fedavg  # noqa: E402
+from trainer.simulation import Federation, open_run  # noqa: E402
+
+for _k, _v in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0"}.items():
+    os.environ.setdefault(_k, _v)
+
+SMALL = replace(CFG, clients=4, clients_per_round=3, hmoe_rounds=4)
+
+
+def test_project_fedavg_and_flowers_aggregate_arrayrecords_agree_within_float32():
+    """Same updates, same weights: both average by sample count. They differ in how: the
+    project sums in float64 in client order and rounds once; Flower sums float32 arrays in
+    reply order, so its result moves with the order by float32 rounding."""
+    from flwr.app import ArrayRecord, MetricRecord, RecordDict
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    from trainer.flower_client import from_record, to_record
+    rng = np.random.default_rng(0)
+    results = [({"w": (rng.normal(size=(64, 32)) * 10.0 ** rng.integers(-3, 3)).astype(np.float32),
+                 "b": rng.normal(size=(32,)).astype(np.float32)}, int(n)) for n in rng.integers(1, 5000, 7)]
+    ours = fedavg(results)
+    records = [RecordDict({"arrays": to_record(w), "metrics": MetricRecord({"num-examples": n})}) for w, n in results]
+    theirs = from_record(aggregate_arrayrecords(records, "num-examples"))
+    reversed_ = from_record(aggregate_arrayrecords(records[::-1], "num-examples"))
+    for name in ours:
+        scale = np.abs(ours[name]).max()
+        np.testing.assert_allclose(theirs[name], ours[name], rtol=0, atol=8 * np.finfo(np.float32).eps * scale)
+        np.testing.assert_allclose(reversed_[name], ours[name], rtol=0, atol=8 * np.finfo(np.float32).eps * scale)
+    assert isinstance(records[0]["arrays"], ArrayRecord)
+    # where they differ: ours is the float64 average rounded once; Flower's accumulates in float32
+    exact = {k: sum(w[k].astype(np.float64) * n for w, n in results) / sum(n for _, n in results) for k in ours}
+    assert max(np.abs(ours[k] - exact[k]).max() for k in ours) <= max(np.abs(theirs[k] - exact[k]).max() for k in ours)
+
+
+def _simulate(run: Path, cfg, client_app=None) -> Federation:
+    from flwr.simulation import run_simulation
+
+    from trainer.flower_app import make_server_app
+    from trainer.flower_client import make_client_app
+    from trainer.flower_cmd import backend_config
+    _, prep = open_run(run, cfg, False, kinds=("hmoe",))
+    Federation(run, "hmoe", cfg, prep)
+    run_simulation(make_server_app(str(run), round_timeout=120), client_app or make_client_app(str(run)),
+                   num_supernodes=cfg.clients, backend_config=backend_config(1, 0, 2))
+    return Federation(run, "hmoe", cfg, open_run(run, cfg, True, kinds=("hmoe",))[1])
+
+
+def test_flower_simulation_trains_the_same_experts_as_the_projects_simulation(tmp_path):
+    cfg, own_prep = open_run(tmp_path / "own", SMALL, False, kinds=("hmoe",))
+    own = Federation(tmp_path / "own", "hmoe", cfg, own_prep)
+    own.run(progress=False)
+    fl = _simulate(tmp_path / "flower", SMALL)
+    assert fl.state["completed_rounds"] == SMALL.hmoe_rounds
+    assert [e["task"] for e in fl.state["log"]] == [e["task"] for e in own.state["log"]]
+    assert [e["client_config"] for e in fl.state["log"]] == [e["client_config"] for e in own.state["log"]]
+    for key in own.tasks:
+        for name, arr in own.weights[key].items():
+            np.testing.assert_allclose(fl.weights[key][name], arr, rtol=0, atol=1e-6, err_msg=f"{key}/{name}")
+    assert (tmp_path / "flower" / "report.json").exists()
+
+
+def test_bad_replies_are_left_out_one_by_one_and_the_run_goes_on(tmp_path):
+    """Client 0 replies NaN weights, client 1 a wrong shape, client 2 zero samples, client 3
+    raises (an error reply); every round closes with whatever remains, none aborts the run."""
+    from flwr.app import Context, Message, MetricRecord
+    from flwr.clientapp import ClientApp
+
+    from trainer.flower_client import handle_query, handle_train
+    run = tmp_path / "bad"
+    app = ClientApp()
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return handle_query(msg, context, str(run))
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        client = int(context.node_config["partition-id"])
+        if client == 3:
+            raise RuntimeError("node 3's disk is full")
+        reply = handle_train(msg, context, str(run))
+        arrays = reply.content["arrays"]
+        name = next(iter(arrays.keys()))
+        from flwr.app import Array
+        if client == 0:
+            arrays[name] = Array.from_numpy_ndarray(np.full(arrays[name].shape, np.nan, dtype=np.float32))
+        elif client == 1:
+            arrays[name] = Array.from_numpy_ndarray(np.zeros((3, 3), dtype=np.float32))
+        elif client == 2:
+            reply.content["metrics"] = MetricRecord({"num-examples": 0})
+        return reply
+
+    fed = _simulate(run, replace(SMALL, clients_per_round=4), app)
+    log = fed.state["log"]
+    assert fed.state["completed_rounds"] == SMALL.hmoe_rounds
+    assert all(e["clients"] == 0 for e in log)            # every reply was bad: the experts stay as they were
+    reasons = {c: why for e in log for c, why in e.get("left_out", {}).items()}
+    assert "has shape (3, 3)" in reasons["1"] and "num-examples 0" in reasons["2"]
+    assert "node 3's disk is full" in reasons["3"]
+    assert any(0 in e["diverged"] for e in log)            # non-finite: left out as the simulation does
+
+
+def _listeners(netns_pid: int | None = None) -> list[tuple[str, str]]:
+    """(local address, process) of every listening socket, in the namespace of ``netns_pid``."""
+    cmd = ["ss", "-H", "-ltnup"]
+    if netns_pid:
+        cmd = ["nsenter", f"--net=/proc/{netns_pid}/ns/net"] + cmd
+    out = subprocess.run(cmd, capture_output=True, text=True).stdout.splitlines()
+    return [(line.split()[4], line.split("users:")[-1]) for line in out if "users:" in line]
+
+
+def _tree(pid: int) -> set[int]:
+    import psutil
+    try:
+        p = psutil.Process(pid)
+        return {pid} | {c.pid for c in p.children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+@pytest.mark.slow
+def test_hmoe_flower_cli_listens_on_loopback_only(tmp_path):
+    """Ray's gRPC servers bind every interface; `hmoe flower` runs them in a network
+    namespace whose only interface is loopback: outside it the run has no listener at all,
+    inside it every listener is reachable from loopback alone."""
+    import shutil
+    if not all(shutil.which(t) for t in ("ss", "nsenter", "unshare", "ip")) or os.geteuid() != 0:
+        pytest.skip("needs root with ss, nsenter, unshare and ip (iproute2, util-linux)")
+    args = [sys.executable, "-m", "exporter.cli", "flower", "--out", str(tmp_path / "run"), "--dataset", CFG.dataset,
+            "--clients", "4", "--clients-per-round", "2", "--hmoe-rounds", "3", "--expert-width", "4",
+            "--batch-size", "16", "--ray-cpus", "2"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    outside, inside, links = [], [], set()
+    own = os.readlink("/proc/self/ns/net")
+
+    def other_ns(pid: int) -> bool:
+        try:
+            return os.readlink(f"/proc/{pid}/ns/net") != own
+        except OSError:   # the process ended meanwhile
+            return False
+
+    try:
+        while proc.poll() is None:
+            pids = _tree(proc.pid)
+            outside += [a for a, who in _listeners() if any(f"pid={p}," in who for p in pids)]
+            ns = [p for p in pids if other_ns(p)]
+            if ns:
+                inside += [a for a, _ in _listeners(ns[0])]
+                links |= {line.split(":")[1].strip() for line in subprocess.run(
+                    ["nsenter", f"--net=/proc/{ns[0]}/ns/net", "ip", "-o", "link"], capture_output=True,
+                    text=True).stdout.splitlines()}
+            time.sleep(0.3)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    out = proc.stdout.read()
+    assert proc.returncode == 0, out[-3000:]
+    assert not outside, f"listeners outside the namespace: {outside}"
+    assert inside, "Ray's processes should listen inside the namespace"
+    assert links == {"lo"}, links   # the namespace's only interface
+    assert all(a.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:", "*:")) for a in inside), inside
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["hmoe"]["rounds"] == 3
