@@ -180,3 +180,119 @@ def test_hmoe_flower_cli_listens_on_loopback_only(tmp_path):
     assert all(a.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:", "*:")) for a in inside), inside
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["hmoe"]["rounds"] == 3
+
+
+def _free_ports(n: int) -> list[int]:
+    import socket
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class LocalFleet:
+    """A real SuperLink and SuperNodes on 127.0.0.1, each node with its own data folder;
+    every process it starts is ended by its PID (process group) on exit."""
+
+    def __init__(self, tmp: Path, parts: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        self.tmp, self.parts, self.procs = tmp, parts, []
+        self.home = tmp / "flwr-home"
+        self.home.mkdir()
+        venv_bin = str(Path(sys.executable).parent)
+        self.env = {**os.environ, "FLWR_HOME": str(self.home), "PATH": venv_bin + os.pathsep + os.environ["PATH"],
+                    "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
+
+    def _start(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "w")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def __enter__(self) -> "LocalFleet":
+        link_port, *node_ports = _free_ports(1 + len(self.parts))
+        (self.home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
+                                               f'address = "127.0.0.1:{link_port}"\ninsecure = true\n')
+        bin_ = Path(sys.executable).parent
+        self.link = self._start("superlink", [str(bin_ / "flower-superlink"), "--insecure",
+                                              "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+                                              "--port", str(link_port), "--database", str(self.tmp / "link.db")])
+        time.sleep(3)
+        self.nodes = []
+        for i, ((x, y), port) in enumerate(zip(self.parts, node_ports)):
+            folder = self.tmp / f"node{i}"
+            folder.mkdir()
+            np.savez(folder / "train.npz", images=x, labels=y)
+            self.nodes.append(self._start(f"node{i}", [
+                str(bin_ / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+                "--node-config", f'partition-id={i} data-dir="{folder}"', "--host", "127.0.0.1", "--port", str(port)]))
+        return self
+
+    def run(self, app_dir: Path, run_config: str, timeout: float = 400) -> subprocess.Popen:
+        return self._start("flwr-run", [str(Path(sys.executable).parent / "flwr"), "run", str(app_dir), "local",
+                                        "--run-config", run_config, "--stream"])
+
+    def pids(self) -> set[int]:
+        return set().union(*(_tree(p.pid) for p in self.procs))
+
+    def __exit__(self, *exc) -> None:
+        import signal
+        for proc in self.procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+
+
+def _fleet_run(tmp_path: Path, cfg, kill_node_after_round: int | None = None, timeout: float = 600):
+    root = Path(__file__).resolve().parents[1]
+    cfg, prep = open_run(tmp_path / "run", cfg, False, kinds=("hmoe",))
+    Federation(tmp_path / "run", "hmoe", cfg, prep)
+    parts = [(prep.data.train_x[p], prep.data.train_y[p]) for p in prep.parts]
+    seen: set[str] = set()
+    with LocalFleet(tmp_path, parts) as fleet:
+        run = fleet.run(root / "flower", f'run-dir="{tmp_path / "run"}" min-nodes={len(parts)} round-timeout=30.0')
+        start, killed = time.monotonic(), False
+        while run.poll() is None and time.monotonic() - start < timeout:
+            seen.update(a for a, who in _listeners() if any(f"pid={p}," in who for p in fleet.pids()))
+            state = tmp_path / "run" / "state-hmoe.json"
+            if kill_node_after_round is not None and not killed and state.exists():
+                if json.loads(state.read_text())["completed_rounds"] > kill_node_after_round:
+                    import signal
+                    os.killpg(fleet.nodes[-1].pid, signal.SIGKILL)
+                    killed = True
+            time.sleep(0.5)
+        assert run.poll() == 0, (tmp_path / "flwr-run.log").read_text()[-3000:]
+    fed = Federation(tmp_path / "run", "hmoe", cfg, open_run(tmp_path / "run", cfg, True, kinds=("hmoe",))[1])
+    return fed, seen
+
+
+@pytest.mark.slow
+def test_three_ways_agree_project_simulation_flower_simulation_and_a_real_superlink(tmp_path):
+    cfg = replace(SMALL, clients=3, clients_per_round=3, hmoe_rounds=3)
+    own_cfg, own_prep = open_run(tmp_path / "own", cfg, False, kinds=("hmoe",))
+    own = Federation(tmp_path / "own", "hmoe", own_cfg, own_prep)
+    own.run(progress=False)
+    sim = _simulate(tmp_path / "sim", cfg)
+    real, listeners = _fleet_run(tmp_path / "fleet", cfg)
+    assert real.state["completed_rounds"] == sim.state["completed_rounds"] == 3
+    for other in (sim, real):
+        for key in own.tasks:
+            for name, arr in own.weights[key].items():
+                np.testing.assert_allclose(other.weights[key][name], arr, rtol=0, atol=1e-6, err_msg=f"{key}/{name}")
+    assert listeners, "the SuperLink and SuperNodes should listen"
+    assert all(a.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:")) for a in listeners), listeners
+
+
+@pytest.mark.slow
+def test_a_supernode_killed_mid_run_leaves_the_run_to_finish_with_the_others(tmp_path):
+    cfg = replace(SMALL, clients=3, clients_per_round=3, hmoe_rounds=4)
+    fed, _ = _fleet_run(tmp_path, cfg, kill_node_after_round=0)
+    log = fed.state["log"]
+    assert fed.state["completed_rounds"] == 4
+    late = [e for e in log[2:]]   # rounds that started after the kill
+    assert all("2" in e.get("left_out", {}) or 2 in e["dropped"] for e in late), [e.get("left_out") for e in log]
+    assert all(e["clients"] >= 1 for e in late), "the others' updates still make the round"
