@@ -296,3 +296,67 @@ def test_a_supernode_killed_mid_run_leaves_the_run_to_finish_with_the_others(tmp
     late = [e for e in log[2:]]   # rounds that started after the kill
     assert all("2" in e.get("left_out", {}) or 2 in e["dropped"] for e in late), [e.get("left_out") for e in log]
     assert all(e["clients"] >= 1 for e in late), "the others' updates still make the round"
+
+
+def test_nodes_with_bad_data_are_left_out_by_name_and_the_run_goes_on(tmp_path):
+    """Node 1's data folder does not exist, node 2's data has a class the hierarchy lacks:
+    both answer the server's query with an error that names the problem, and the run
+    trains with nodes 0 and 3."""
+    from flwr.app import Context, Message
+    from flwr.clientapp import ClientApp
+
+    from trainer.flower_client import handle_query, handle_train
+    run = tmp_path / "run"
+    (tmp_path / "hats").mkdir()
+    np.savez(tmp_path / "hats" / "train.npz", images=np.zeros((2, 1, 28, 28), np.uint8), labels=np.array(["Hat"] * 2))
+    folders = {1: tmp_path / "missing", 2: tmp_path / "hats"}
+    app = ClientApp()
+
+    def with_folder(context: Context) -> Context:
+        client = int(context.node_config["partition-id"])
+        if client in folders:
+            context.node_config["data-dir"] = str(folders[client])
+        return context
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        return handle_query(msg, with_folder(context), str(run))
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return handle_train(msg, with_folder(context), str(run))
+
+    fed = _simulate(run, replace(SMALL, clients_per_round=4), app)
+    assert fed.state["completed_rounds"] == SMALL.hmoe_rounds
+    flower = json.loads((run / "report.json").read_text())["flower"]
+    reasons = " | ".join(flower["nodes_left_out"].values())
+    assert "missing: no train.npz" in reasons and "classes ['Hat'] are not leaves" in reasons, reasons
+    assert flower["clients_without_node"] == [1, 2]
+    assert all(set(e["dropped"]) == {1, 2} and e["clients"] >= 1 for e in fed.state["log"])
+
+
+def test_a_server_app_refuses_a_run_of_another_taxonomy(tmp_path):
+    from trainer.flower_app import FlowerRunError, serve
+    open_run(tmp_path / "run", SMALL, False, kinds=("hmoe",))
+    with pytest.raises(FlowerRunError, match="another hierarchy .*'synthetic:1,28,28:fashion-mnist:400', 10 leaves.* "
+                                              "taxonomy 'cifar100' \\(100 leaves\\)"):
+        serve(None, tmp_path / "run", taxonomy="cifar100")
+
+
+def test_a_flower_run_resumes_and_exports(tmp_path):
+    from exporter.bundle import export_run
+    run = tmp_path / "run"
+    _simulate(run, replace(SMALL, hmoe_rounds=2))
+    more = replace(SMALL, hmoe_rounds=4)
+    cfg, prep = open_run(run, more, True, kinds=("hmoe",))
+    from flwr.simulation import run_simulation
+
+    from trainer.flower_app import make_server_app
+    from trainer.flower_client import make_client_app
+    from trainer.flower_cmd import backend_config
+    run_simulation(make_server_app(str(run)), make_client_app(str(run)), num_supernodes=cfg.clients,
+                   backend_config=backend_config(1, 0, 2))
+    fed = Federation(run, "hmoe", cfg, open_run(run, more, True, kinds=("hmoe",))[1])
+    assert [e["round"] for e in fed.state["log"]] == [0, 1, 2, 3]
+    result = export_run(run, tmp_path / "bundle", progress=False, validate_images=20)
+    assert {r["model"] for r in result.rows} >= set(fed.tasks)

@@ -33,6 +33,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from hierarchy.errors import HmoeError
+from hierarchy.tree import write_text_atomic
 from trainer.flower_client import from_record, to_record
 from trainer.run import load_input_spec, load_run_config
 from trainer.simulation import Federation, RoundPlan, prepare
@@ -190,9 +191,13 @@ def serve(grid: Grid, run_dir: str | Path, kind: str = "hmoe", round_timeout: fl
     strategy = HmoeFlowerStrategy(fed, nodes, leaves, start)
     if rounds > 0:
         strategy.start(grid, ArrayRecord(), num_rounds=rounds, timeout=round_timeout)
-    build_report(run_dir, cfg, {kind: fed}, cost_clients=0,
-                 previous=json.loads((run_dir / "report.json").read_text()) if (run_dir / "report.json").exists()
-                 else None)
+    report = build_report(run_dir, cfg, {kind: fed}, cost_clients=0,
+                          previous=json.loads((run_dir / "report.json").read_text())
+                          if (run_dir / "report.json").exists() else None)
+    report["flower"] = {"nodes": {str(c): n for c, n in nodes.items()},
+                        "nodes_left_out": {str(n): why for n, why in errors.items()},
+                        "clients_without_node": sorted(set(range(cfg.clients)) - set(nodes))}
+    write_text_atomic(run_dir / "report.json", json.dumps(report, indent=1) + "\n")
     return strategy.entries
 
 
