@@ -30,6 +30,7 @@ from flwr.clientapp import ClientApp
 from hierarchy.errors import HmoeError
 
 _DATA: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+_PREPARED: dict[str, object] = {}   # run dir -> the simulation's data split, once per process
 
 
 class NodeDataError(HmoeError, ValueError):
@@ -93,11 +94,14 @@ def _load_simulated(run_dir: Path, client: int) -> tuple[np.ndarray, np.ndarray]
     draws it (same data, same order), so the two transports train alike."""
     from trainer.run import load_run_config
     from trainer.simulation import prepare
-    prep = prepare(load_run_config(run_dir))
+    if str(run_dir) not in _PREPARED:
+        _PREPARED.clear()
+        _PREPARED[str(run_dir)] = prepare(load_run_config(run_dir))
+    prep = _PREPARED[str(run_dir)]
     if not 0 <= client < len(prep.parts):
         raise NodeDataError(f"partition-id {client} is not a client of the run ({len(prep.parts)} clients)")
     idx = prep.parts[client]
-    return prep.data.train_x[idx], prep.data.train_y[idx]
+    return prep.data.train_x[idx], prep.data.train_y[idx]   # copies: the node's own data
 
 
 def _threads(context: Context) -> None:
