@@ -49,16 +49,23 @@ def test_project_fedavg_and_flowers_aggregate_arrayrecords_agree_within_float32(
     assert max(np.abs(ours[k] - exact[k]).max() for k in ours) <= max(np.abs(theirs[k] - exact[k]).max() for k in ours)
 
 
-def _simulate(run: Path, cfg, client_app=None) -> Federation:
-    from flwr.simulation import run_simulation
-
-    from trainer.flower_app import make_server_app
-    from trainer.flower_client import make_client_app
-    from trainer.flower_cmd import backend_config
-    _, prep = open_run(run, cfg, False, kinds=("hmoe",))
-    Federation(run, "hmoe", cfg, prep)
-    run_simulation(make_server_app(str(run), round_timeout=120), client_app or make_client_app(str(run)),
-                   num_supernodes=cfg.clients, backend_config=backend_config(1, 0, 2))
+def _simulate(run: Path, cfg, mode: str = "plain", data_dir: Path | None = None) -> Federation:
+    """Create the run here, then train it under Flower's simulation runtime in a child
+    process inside a loopback-only network namespace (tests.flower_apps)."""
+    from hierarchy.errors import UsageError
+    from trainer.flower_cmd import loopback_command
+    if not (run / "config.json").exists():
+        _, prep = open_run(run, cfg, False, kinds=("hmoe",))
+        Federation(run, "hmoe", cfg, prep)
+    cmd = [sys.executable, "-m", "tests.flower_apps", mode, str(run)] + ([str(data_dir)] if data_dir else [])
+    try:
+        cmd = loopback_command(cmd)
+    except UsageError as exc:
+        pytest.skip(f"no loopback-only network namespace here, and Ray would listen on every interface: {exc}")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return Federation(run, "hmoe", cfg, open_run(run, cfg, True, kinds=("hmoe",))[1])
 
 
@@ -79,35 +86,8 @@ def test_flower_simulation_trains_the_same_experts_as_the_projects_simulation(tm
 def test_bad_replies_are_left_out_one_by_one_and_the_run_goes_on(tmp_path):
     """Client 0 replies NaN weights, client 1 a wrong shape, client 2 zero samples, client 3
     raises (an error reply); every round closes with whatever remains, none aborts the run."""
-    from flwr.app import Context, Message, MetricRecord
-    from flwr.clientapp import ClientApp
-
-    from trainer.flower_client import handle_query, handle_train
     run = tmp_path / "bad"
-    app = ClientApp()
-
-    @app.query()
-    def query(msg: Message, context: Context) -> Message:
-        return handle_query(msg, context, str(run))
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        client = int(context.node_config["partition-id"])
-        if client == 3:
-            raise RuntimeError("node 3's disk is full")
-        reply = handle_train(msg, context, str(run))
-        arrays = reply.content["arrays"]
-        name = next(iter(arrays.keys()))
-        from flwr.app import Array
-        if client == 0:
-            arrays[name] = Array.from_numpy_ndarray(np.full(arrays[name].shape, np.nan, dtype=np.float32))
-        elif client == 1:
-            arrays[name] = Array.from_numpy_ndarray(np.zeros((3, 3), dtype=np.float32))
-        elif client == 2:
-            reply.content["metrics"] = MetricRecord({"num-examples": 0})
-        return reply
-
-    fed = _simulate(run, replace(SMALL, clients_per_round=4), app)
+    fed = _simulate(run, replace(SMALL, clients_per_round=4), "bad-replies")
     log = fed.state["log"]
     assert fed.state["completed_rounds"] == SMALL.hmoe_rounds
     assert all(e["clients"] == 0 for e in log)            # every reply was bad: the experts stay as they were
@@ -302,31 +282,10 @@ def test_nodes_with_bad_data_are_left_out_by_name_and_the_run_goes_on(tmp_path):
     """Node 1's data folder does not exist, node 2's data has a class the hierarchy lacks:
     both answer the server's query with an error that names the problem, and the run
     trains with nodes 0 and 3."""
-    from flwr.app import Context, Message
-    from flwr.clientapp import ClientApp
-
-    from trainer.flower_client import handle_query, handle_train
     run = tmp_path / "run"
     (tmp_path / "hats").mkdir()
     np.savez(tmp_path / "hats" / "train.npz", images=np.zeros((2, 1, 28, 28), np.uint8), labels=np.array(["Hat"] * 2))
-    folders = {1: tmp_path / "missing", 2: tmp_path / "hats"}
-    app = ClientApp()
-
-    def with_folder(context: Context) -> Context:
-        client = int(context.node_config["partition-id"])
-        if client in folders:
-            context.node_config["data-dir"] = str(folders[client])
-        return context
-
-    @app.query()
-    def query(msg: Message, context: Context) -> Message:
-        return handle_query(msg, with_folder(context), str(run))
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, with_folder(context), str(run))
-
-    fed = _simulate(run, replace(SMALL, clients_per_round=4), app)
+    fed = _simulate(run, replace(SMALL, clients_per_round=4), "bad-data", tmp_path)
     assert fed.state["completed_rounds"] == SMALL.hmoe_rounds
     flower = json.loads((run / "report.json").read_text())["flower"]
     reasons = " | ".join(flower["nodes_left_out"].values())
@@ -348,15 +307,8 @@ def test_a_flower_run_resumes_and_exports(tmp_path):
     run = tmp_path / "run"
     _simulate(run, replace(SMALL, hmoe_rounds=2))
     more = replace(SMALL, hmoe_rounds=4)
-    cfg, prep = open_run(run, more, True, kinds=("hmoe",))
-    from flwr.simulation import run_simulation
-
-    from trainer.flower_app import make_server_app
-    from trainer.flower_client import make_client_app
-    from trainer.flower_cmd import backend_config
-    run_simulation(make_server_app(str(run)), make_client_app(str(run)), num_supernodes=cfg.clients,
-                   backend_config=backend_config(1, 0, 2))
-    fed = Federation(run, "hmoe", cfg, open_run(run, more, True, kinds=("hmoe",))[1])
+    open_run(run, more, True, kinds=("hmoe",))   # raise the run's rounds, as `hmoe train --resume` does
+    fed = _simulate(run, more)
     assert [e["round"] for e in fed.state["log"]] == [0, 1, 2, 3]
     result = export_run(run, tmp_path / "bundle", progress=False, validate_images=20)
     assert {r["model"] for r in result.rows} >= set(fed.tasks)

@@ -50,10 +50,11 @@ def flower_simulation(out: Path, cfg: RunConfig, kind: str, resume: bool, supern
 NETNS_ENV = "HMOE_LOOPBACK_NAMESPACE"
 
 
-def run_in_loopback_namespace(argv: list[str]) -> int:
-    """Run ``hmoe ARGV`` in a new network namespace whose only interface is loopback (Linux;
-    root, or unprivileged user namespaces): Ray's gRPC servers bind every interface, and
-    there every interface is the loopback one, so nothing it opens is reachable from outside."""
+def loopback_command(cmd: list[str]) -> list[str]:
+    """``cmd`` wrapped to run in a new network namespace whose only interface is loopback
+    (Linux; root, or unprivileged user namespaces): Ray's gRPC servers bind every
+    interface, and there every interface is the loopback one, so nothing they open is
+    reachable from outside. Raises UsageError where no such namespace can be made."""
     unshare, ip = shutil.which("unshare"), shutil.which("ip")
     if not unshare or not ip:
         raise UsageError("--loopback-only needs unshare (util-linux) and ip (iproute2); install them, or pass "
@@ -64,7 +65,12 @@ def run_in_loopback_namespace(argv: list[str]) -> int:
         raise UsageError(f"cannot make a loopback-only network namespace ({probe.stderr.strip()}); run as root, "
                          "enable unprivileged user namespaces, or pass --no-loopback-only (then Ray's processes "
                          "listen on every network interface)")
-    cmd = prefix + ["sh", "-c", f'{ip} link set lo up && exec "$@"', "sh", sys.executable, "-m", "exporter.cli", *argv]
+    return prefix + ["sh", "-c", f'{ip} link set lo up && exec "$@"', "sh", *cmd]
+
+
+def run_in_loopback_namespace(argv: list[str]) -> int:
+    """Run ``hmoe ARGV`` in a loopback-only network namespace (``loopback_command``)."""
+    cmd = loopback_command([sys.executable, "-m", "exporter.cli", *argv])
     return subprocess.call(cmd, env={**os.environ, NETNS_ENV: "1"})
 
 
