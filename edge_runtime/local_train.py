@@ -14,19 +14,20 @@ are accumulated so the effective batch, and so the result, does not change.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from edge_runtime.bundle import Bundle, load_bundle
 from hierarchy.errors import HmoeError
+from trainer.memory import SAFETY, MemoryCapError, PeakMeter, plan_micro_batch, release_freed_memory, warm_up
 
-SAFETY = 0.85  # a probe must stay under this fraction of the cap
+__all__ = ["SAFETY", "PeakMeter", "TrainError", "load_local_data", "plan_micro_batch", "release_freed_memory",
+           "train_expert", "warm_up", "write_update"]
+
 
 
 class TrainError(HmoeError, ValueError):
@@ -95,98 +96,6 @@ def load_local_data(path: str | os.PathLike, bundle: Bundle) -> tuple[np.ndarray
     raise TrainError(f"{path}: expected a folder of class folders or an .npz file")
 
 
-# -------------------------------------------------------------------- memory
-def _vm_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise OSError(f"{field} not in /proc/self/status")
-
-
-class PeakMeter:
-    """Peak RSS growth over a baseline, via VmHWM reset (Linux)."""
-
-    def __init__(self) -> None:
-        gc.collect()
-        self.baseline = _vm_kb("VmRSS") * 1024
-
-    def reset(self) -> None:
-        Path("/proc/self/clear_refs").write_text("5")
-
-    def growth_mb(self) -> float:
-        return max(0, _vm_kb("VmHWM") * 1024 - self.baseline) / 2**20
-
-
-@dataclass
-class Plan:
-    micro_batch: int
-    predicted_mb: float
-    probes: dict[int, float]
-
-
-def plan_micro_batch(net_cfg, local, normalize, x: np.ndarray, y: np.ndarray, cap_mb: float,
-                     meter: PeakMeter) -> Plan:
-    """Measure one training step at micro-batches 1, 2, 4, ... up to the batch size (growth
-    over the idle baseline, so memory the allocator kept from earlier probes counts too);
-    use the largest that stayed under SAFETY x cap."""
-    from trainer.client import local_update
-    sizes = []
-    m = 1
-    while m < local.batch_size:
-        sizes.append(m)
-        m *= 2
-    sizes.append(local.batch_size)
-    probes: dict[int, float] = {}
-    chosen = None
-    for m in sizes:
-        if len(probes) >= 2:
-            # extrapolate from the last two probes; never probe a size predicted to break the cap
-            (m1, g1), (m2, g2) = list(probes.items())[-2:]
-            if g2 + (g2 - g1) / (m2 - m1) * (m - m2) > cap_mb * SAFETY:
-                break
-        meter.reset()
-        n = min(len(x), m)
-        local_update(net_cfg, None, x[:n], y[:n], _one_step(local, m), normalize, seed=0, micro_batch=m)
-        probes[m] = meter.growth_mb()
-        if probes[m] > cap_mb * SAFETY:
-            break
-        chosen = m
-        if n < m:  # fewer samples than the micro-batch: larger ones cost the same
-            chosen = local.batch_size
-            break
-    if chosen is None:
-        raise TrainError(f"memory cap {cap_mb:g} MB is too small: one sample at a time already grows memory "
-                         f"by {probes[1]:.1f} MB for this expert (we keep {SAFETY:.0%} of the cap as the "
-                         "limit); raise --memory-cap-mb")
-    return Plan(chosen, probes.get(chosen, 0.0), probes)
-
-
-def release_freed_memory() -> None:
-    """glibc: serve large blocks with mmap at a fixed threshold (no dynamic raise), so memory
-    freed by one step goes back to the system instead of staying resident; a no-op elsewhere."""
-    import ctypes
-    import ctypes.util
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 256 * 1024)   # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 512 * 1024)   # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-def _one_step(local, batch: int):
-    from dataclasses import replace
-    return replace(local, epochs=1, batch_size=batch)
-
-
-def warm_up(net_cfg, local, normalize) -> None:
-    from trainer.client import local_update
-    from trainer.nets import NetConfig
-    tiny = NetConfig(tuple(net_cfg.in_shape), 2, width=1, depth=net_cfg.depth, hidden=2)
-    local_update(tiny, None, np.zeros((2, *net_cfg.in_shape), dtype=np.uint8), np.array([0, 1]),
-                 _one_step(local, 2), normalize, seed=0)
-
-
 # ------------------------------------------------------------------- training
 def expert_weights(bundle: Bundle, expert: str) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
@@ -219,7 +128,10 @@ def train_expert(bundle: Bundle | str | os.PathLike, expert: str, x: np.ndarray,
         release_freed_memory()
         warm_up(net_cfg, local, normalize)
         meter = PeakMeter()
-        plan = plan_micro_batch(net_cfg, local, normalize, xs, target, memory_cap_mb, meter)
+        try:
+            plan = plan_micro_batch(net_cfg, local, normalize, xs, target, memory_cap_mb, meter)
+        except MemoryCapError as exc:
+            raise TrainError(str(exc)) from None
         report.update(micro_batch=plan.micro_batch, probe_growth_mb=plan.predicted_mb, probes_mb=plan.probes)
         meter.reset()
     t = time.perf_counter()

@@ -312,3 +312,35 @@ def test_a_flower_run_resumes_and_exports(tmp_path):
     assert [e["round"] for e in fed.state["log"]] == [0, 1, 2, 3]
     result = export_run(run, tmp_path / "bundle", progress=False, validate_images=20)
     assert {r["model"] for r in result.rows} >= set(fed.tasks)
+
+
+def test_client_app_trains_a_nodes_folder_under_a_memory_cap_like_without(tmp_path):
+    """The ClientApp on a node's own data folder, called directly: with memory-cap-mb (the
+    micro-batch planner probes first) it gives the update it gives without a cap."""
+    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+    from trainer.flower_app import HmoeFlowerStrategy
+    from trainer.flower_client import from_record, handle_train, to_record
+    cfg, prep = open_run(tmp_path / "run", SMALL, False, kinds=("hmoe",))
+    fed = Federation(tmp_path / "run", "hmoe", cfg, prep)
+    np.savez(tmp_path / "train.npz", images=prep.data.train_x[prep.parts[0]], labels=prep.data.train_y[prep.parts[0]])
+    strategy = HmoeFlowerStrategy(fed, {0: 1}, [fed.tree.names[i] for i in fed.tree.leaves], 0)
+    plan = fed.plan_round(0, [0])
+    key = plan.assigned[0]
+    config = ConfigRecord({"task": key, "round": 0, "partition-id": 0, "seed": plan.seeds[0],
+                           "local": json.dumps(plan.configs[0].to_dict()), "net": fed.tasks[key].net.to_json(),
+                           "targets": strategy._targets(key), "leaves": json.dumps(strategy.leaves),
+                           "shape": json.dumps(list(prep.data.shape)), "input": json.dumps(strategy.spec)})
+    from flwr.supercore.task_identity import TaskIdentity
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1   # what Flower sets in its runtime
+    msg = Message(RecordDict({"arrays": to_record(fed.weights[key]), "config": config}), dst_node_id=1,
+                  message_type=MessageType.TRAIN)
+    out = {}
+    for cap in (None, 64.0):
+        node_config = {"partition-id": 0, "data-dir": str(tmp_path)} | ({"memory-cap-mb": cap} if cap else {})
+        reply = handle_train(msg, Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
+                                          run_config={}))
+        out[cap] = from_record(reply.content["arrays"])
+        assert reply.content["metrics"]["num-examples"] == fed.task_n[0][key]
+    for name in out[None]:
+        np.testing.assert_allclose(out[64.0][name], out[None][name], rtol=0, atol=1e-5)

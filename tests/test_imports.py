@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-DEVICE_CORE = {"trainer", "trainer.config", "trainer.fedavg", "trainer.nets", "trainer.client"}
+DEVICE_CORE = {"trainer", "trainer.config", "trainer.fedavg", "trainer.nets", "trainer.client", "trainer.memory"}
 SERVER_ONLY = ("torchvision", "matplotlib", "onnx", "onnxscript", "nltk")
 
 

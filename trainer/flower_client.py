@@ -137,7 +137,7 @@ def handle_train(msg: Message, context: Context, run_dir: str | None = None) -> 
     cap = context.node_config.get("memory-cap-mb")
     micro = None
     if cap:
-        from edge_runtime.local_train import PeakMeter, plan_micro_batch, warm_up
+        from trainer.memory import PeakMeter, plan_micro_batch, warm_up
         warm_up(net, local, normalize)
         micro = plan_micro_batch(net, local, normalize, x[keep], target[keep], float(cap), PeakMeter()).micro_batch
     new, metrics = local_update(net, weights, x[keep], target[keep], local, normalize, int(cfg["seed"]),
