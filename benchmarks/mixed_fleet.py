@@ -35,8 +35,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
 from trainer.commands import DEMO
 from trainer.fleet import CostBook, Fleet
 from trainer.run import RunConfig
@@ -58,8 +56,9 @@ def base_config(args: argparse.Namespace, alpha: float) -> RunConfig:
                    flat_width=args.flat_width, seed=args.seed, assignment="resource-aware")
 
 
-def measure_costs(out: Path, args: argparse.Namespace) -> CostBook:
-    """Every network the benchmark may train, measured once here (or taken from --costs)."""
+def measure_costs(out: Path, args: argparse.Namespace):
+    """Every network the benchmark may train, measured once here (or taken from --costs);
+    returns the cost book and the data split (its clients' sample counts size flat-small)."""
     from trainer.simulation import prepare, run_costs
     path = out / "costs.json"
     seed = CostBook.load(args.costs) if args.costs else None
@@ -72,17 +71,15 @@ def measure_costs(out: Path, args: argparse.Namespace) -> CostBook:
     book, changed = run_costs(out, tasks, cfg, prep, seed)
     if changed:
         path.write_text(json.dumps(book.to_dict(), indent=1) + "\n")
-    return book
+    return book, prep
 
 
-def small_width(book: CostBook, args: argparse.Namespace, samples: int) -> tuple[int, dict]:
+def small_width(book: CostBook, args: argparse.Namespace, samples: int, tree, shape) -> tuple[int, dict]:
     """The widest flat model a weak device holding ``samples`` samples can afford."""
-    from trainer.datasets import load_dataset
     weak = fleet_for(0.5, args).tiers[1]
-    d = load_dataset(DEMO.dataset)
     preds = {}
     for w in sorted(args.small_widths, reverse=True):
-        net = make_tasks(d.tree, "flat", d.shape, w)["flat"].net
+        net = make_tasks(tree, "flat", shape, w)["flat"].net
         preds[w] = book.predict(net, DEMO.local, samples, weak, args.deadline).to_dict()
         if preds[w]["fits"]:
             return w, preds
@@ -191,9 +188,9 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    book = measure_costs(out, args)
-    samples = int(round(len(_train_pool(args)) / args.clients))
-    width, small_preds = small_width(book, args, samples)
+    book, prep = measure_costs(out, args)
+    samples = int(round(sum(map(len, prep.parts)) / args.clients))
+    width, small_preds = small_width(book, args, samples, prep.data.tree, prep.data.shape)
     print(f"flat-small: width {width} (a weak device with the median {samples} samples can afford it)")
     jobs = []
     for alpha in args.alphas:
@@ -220,12 +217,6 @@ def main() -> int:
             "costs_measured_on": book.meta.get("machine")}
     write_outputs(out, rows, meta)
     return 0
-
-
-def _train_pool(args: argparse.Namespace) -> np.ndarray:
-    from trainer.simulation import prepare
-    prep = prepare(base_config(args, args.alphas[0]))
-    return np.concatenate(prep.parts)
 
 
 if __name__ == "__main__":
