@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -87,6 +88,30 @@ def _lookup(name: str, table: dict[str, Callable[[], Hierarchy]]) -> Hierarchy:
 def load_taxonomy(name: str) -> Hierarchy:
     """A shipped taxonomy by name, or ``csv:PATH`` / ``json:PATH``."""
     return _lookup(name, TAXONOMIES)
+
+
+def read_tree(spec: str) -> Hierarchy:
+    """A tree given by the user: a file (``.csv`` of parent,child rows; ``.json`` holding
+    either a hierarchy as ``hmoe hierarchy`` writes it or a mapping parent -> [children]) or
+    a shipped taxonomy's name."""
+    path = Path(spec)
+    if not path.is_file():
+        if spec in TAXONOMIES or spec.startswith(("csv:", "json:")):
+            return load_taxonomy(spec)
+        raise HierarchyError(f"{spec}: no such file and not a shipped taxonomy; expected a .csv of parent,child "
+                             f"rows, a .json tree, or one of {', '.join(TAXONOMIES)}")
+    if path.suffix.lower() == ".csv":
+        return Hierarchy.from_csv(path)
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise HierarchyError(f"{path}: not valid JSON ({exc}); expected a tree") from None
+    if isinstance(d, dict) and "names" in d:
+        return Hierarchy.from_dict(d, str(path))
+    if not isinstance(d, dict) or not all(isinstance(v, list) for v in d.values()):
+        raise HierarchyError(f"{path}: expected a hierarchy JSON (names, parents, leaves) or a mapping "
+                             'parent -> [children], e.g. {"root": ["a", "b"]}')
+    return Hierarchy.from_edges([(p, c) for p, kids in d.items() for c in kids], source=str(path))
 
 
 def build_taxonomy(name: str) -> Hierarchy:

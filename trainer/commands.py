@@ -10,6 +10,7 @@ from hierarchy.errors import UsageError
 from trainer.cli import command
 from trainer.config import LocalConfig
 from trainer.fleet import CostBook, Fleet
+from trainer.grow import parse_arrival
 from trainer.partition import PARTITIONS
 from trainer.run import RunConfig, RunError, load_run_config
 from trainer.schedules import SCHEDULES
@@ -32,14 +33,23 @@ def _add_run_flags(p: argparse.ArgumentParser, defaults: RunConfig) -> None:
     g.add_argument("--data-root", default=defaults.data_root, help="folder holding the data sets (default: $HMOE_DATA or ./data)")
     g.add_argument("--train-limit", type=int, default=0, help="train on a seeded subsample of N images (0: all)")
     g.add_argument("--test-limit", type=int, default=0, help="evaluate on a seeded subsample of N images (0: all)")
+    g.add_argument("--tree", metavar="TREE",
+                   help="train on this taxonomy instead of the data set's (a .json or .csv file, or a shipped "
+                        "taxonomy's name); the data set's classes outside it are left out (a held-out class)")
+    g.add_argument("--arrival", metavar="LEAF,LEAF@SHARE",
+                   help="those leaves' samples are held only by a seeded SHARE of the clients (new data appears "
+                        "where it is collected); with --extend, SHARE alone means the leaves the new tree adds")
     g = p.add_argument_group("federation")
     g.add_argument("--clients", type=int, default=defaults.clients, help="number of clients K")
     g.add_argument("--clients-per-round", type=int, default=defaults.clients_per_round, help="clients sampled per round M")
     g.add_argument("--partition", choices=sorted(PARTITIONS), default=defaults.partition)
     g.add_argument("--alpha", type=float, default=defaults.alpha, help="Dirichlet concentration (non-IID-ness)")
     g.add_argument("--dropout", type=float, default=defaults.dropout, help="chance that a sampled client drops out")
-    g.add_argument("--hmoe-rounds", type=int, default=defaults.hmoe_rounds, help="HMoE rounds (each trains one expert)")
-    g.add_argument("--flat-rounds", type=int, default=defaults.flat_rounds, help="flat-softmax rounds")
+    g.add_argument("--hmoe-rounds", type=int, default=None,
+                   help=f"HMoE rounds (each trains one expert; default {defaults.hmoe_rounds}, with --extend 20 per "
+                        "expert it trains)")
+    g.add_argument("--flat-rounds", type=int, default=None,
+                   help=f"flat-softmax rounds (default {defaults.flat_rounds}, with --extend half the old run's)")
     g.add_argument("--schedule", choices=sorted(SCHEDULES), default=defaults.schedule, help="which expert a round trains")
     g.add_argument("--seed", type=int, default=defaults.seed)
     g = p.add_argument_group("networks and local training")
@@ -97,14 +107,42 @@ def _config(args: argparse.Namespace) -> RunConfig:
     return RunConfig(dataset=args.dataset, data_root=args.data_root, clients=args.clients,
                      clients_per_round=args.clients_per_round, partition=args.partition, alpha=args.alpha,
                      dropout=args.dropout, seed=args.seed, train_limit=args.train_limit,
-                     test_limit=args.test_limit, hmoe_rounds=args.hmoe_rounds,
-                     flat_rounds=args.flat_rounds, schedule=args.schedule, expert_width=args.expert_width,
+                     test_limit=args.test_limit,
+                     hmoe_rounds=_rounds(args, "hmoe_rounds"), flat_rounds=_rounds(args, "flat_rounds"), schedule=args.schedule, expert_width=args.expert_width,
                      expert_widths=args.expert_widths,
                      flat_width=args.flat_width, local=local, lr_decay=args.lr_decay,
                      balanced_epochs=args.balanced_epochs, aggregation=args.aggregation,
                      influence_bound=args.influence_bound, device=args.device,
                      fleet=Fleet.load(args.fleet).to_dict() if args.fleet else None, assignment=args.assignment,
-                     min_cohort=args.min_cohort)
+                     min_cohort=args.min_cohort, tree=_tree(args.tree),
+                     arrival=parse_arrival(args.arrival, []))
+
+
+def _rounds(args: argparse.Namespace, name: str) -> int:
+    """The rounds asked for; unset: the default, or on --resume the run's own (0 keeps the saved count)."""
+    given = getattr(args, name)
+    return given if given is not None else 0 if getattr(args, "resume", False) else getattr(RunConfig, name)
+
+
+def _tree(spec: str | None) -> dict | None:
+    from hierarchy.taxonomies import read_tree
+    return read_tree(spec).to_dict() if spec else None
+
+
+def _extended_config(args: argparse.Namespace) -> RunConfig:
+    """``--extend``: every setting from the old run but the tree, rounds, arrival and device."""
+    from hierarchy.taxonomies import read_tree
+    from trainer.grow import extension_config
+    if not args.from_run:
+        raise UsageError("--extend NEW_TREE needs --from-run DIR, the trained run to grow")
+    if args.resume:
+        return load_run_config(Path(args.out))
+    cfg, plan = extension_config(Path(args.from_run), read_tree(args.extend), _kinds(args.model), args.hmoe_rounds,
+                                 args.flat_rounds, args.arrival, args.device)
+    changed = ", ".join(f"{k} (+{len(v['added'])} -{len(v['removed'])})" for k, v in plan.changed.items())
+    print(f"growing {args.from_run}: kept {', '.join(plan.kept) or '-'}; changed {changed or '-'}; "
+          f"new {', '.join(plan.new) or '-'}")
+    return cfg
 
 
 def train_run(out: Path, cfg: RunConfig, kinds: list[str], resume: bool, cost_clients: int,
@@ -115,6 +153,9 @@ def train_run(out: Path, cfg: RunConfig, kinds: list[str], resume: bool, cost_cl
     if cfg.fleet and progress and not (out / "costs.json").exists():
         print("measuring per-round costs for the fleet's predictions (fresh processes, a few seconds a network)")
     cfg, prep = open_run(out, cfg, resume, kinds=tuple(kinds), seed_book=fleet_costs)
+    if cfg.extends:
+        from trainer.grow import seed_extension
+        seed_extension(out, cfg, prep.data.tree, prep.data.shape, kinds)
     feds = prepared_feds(out, cfg, prep, kinds)
     for fed in feds.values():
         fed.run(progress=progress)
@@ -125,10 +166,15 @@ def train_run(out: Path, cfg: RunConfig, kinds: list[str], resume: bool, cost_cl
 
 
 def _train(args: argparse.Namespace) -> int:
-    from trainer.report import fleet_table, summary, table1
-    report = train_run(Path(args.out), _config(args), _kinds(args.model), args.resume, args.cost_clients,
+    from trainer.report import extension_table, fleet_table, summary, table1
+    if args.from_run and not args.extend:
+        raise UsageError("--from-run DIR is for growing a run: pass --extend NEW_TREE too")
+    cfg = _extended_config(args) if args.extend else _config(args)
+    report = train_run(Path(args.out), cfg, _kinds(args.model), args.resume, args.cost_clients,
                        not args.no_progress, CostBook.load(args.fleet_costs) if args.fleet_costs else None)
     print(table1(summary(report)))
+    if "extension" in report:
+        print(extension_table(report))
     if "fleet" in report:
         print(fleet_table(report))
     print(f"\nrun directory: {args.out} (report.json, plots/)")
@@ -141,6 +187,12 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=["hmoe", "flat", "both"], default="both")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last completed round")
+    g = p.add_argument_group("growing a trained run (trainer/grow.py)")
+    g.add_argument("--extend", metavar="NEW_TREE",
+                   help="grow --from-run onto this taxonomy: experts whose children are unchanged are kept (bit for "
+                        "bit), changed ones keep their old children's outputs, new ones start fresh; only changed and "
+                        "new experts train. Settings come from the old run, except rounds, --arrival and --device")
+    g.add_argument("--from-run", metavar="DIR", help="the trained run (simulation or coordinator) to grow")
     _add_run_flags(p, RunConfig())
     p.set_defaults(run=_train)
 

@@ -52,6 +52,20 @@ class NetConfig:
         shapes["head.3.bias"] = (cfg.num_outputs,)
         return shapes
 
+    def forward_macs(self) -> int:
+        """Multiply-accumulates of one sample's forward pass (convolutions and dense layers;
+        ReLU and pooling are not counted). A training step costs about three times this
+        (forward, and backward through activations and weights): the deterministic measure of
+        client compute (docs/COSTS.md) that does not move with the machine's load."""
+        cfg = self.resolved()
+        c, h, w = cfg.in_shape
+        macs = 0
+        for i in range(cfg.depth):
+            out = cfg.width * 2 ** i
+            macs += out * c * 9 * h * w
+            c, h, w = out, h // 2, w // 2
+        return macs + c * h * w * cfg.hidden + cfg.hidden * cfg.num_outputs
+
 
 @dataclass(frozen=True)
 class LocalConfig:

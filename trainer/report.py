@@ -53,6 +53,7 @@ def evaluate_family(fed: Federation, decoders: list[str] | None = None) -> dict:
     log = fed.state["log"]
     out["rounds"] = fed.state["completed_rounds"]
     out["total_client_seconds"] = float(sum(e["client_seconds"] for e in log))
+    out["total_client_gmacs"] = float(sum(e.get("client_gmacs", 0.0) for e in log))
     out["data_used"] = data_used(fed)
     out["rounds_per_task"] = {k: sum(k in e.get("tasks", {e["task"]: 1}) for e in log) for k in fed.tasks}
     if fed.kind == "hmoe":
@@ -106,6 +107,8 @@ def build_report(run_dir: Path, cfg: RunConfig, feds: dict[str, Federation], cos
                                "test": int(len(next(iter(feds.values())).prep.data.test_y))}})
     for kind, fed in feds.items():
         report[kind] = {**evaluate_family(fed), "log": fed.state["log"]}
+    if cfg.extends:
+        report["extension"] = extension_report(cfg, report, list(feds))
     fleet = fleet_report(feds)
     if fleet is not None:
         report["fleet"] = fleet
@@ -190,6 +193,34 @@ def fleet_table(report: dict) -> str:
         per = ", ".join(f"{k} {v}" for k, v in r["trained_client_rounds_per_tier"].items())
         lines.append(f"{kind:<8}{r['data_used']:>11.1%}{r['trained_client_rounds']:>15}{r['unfit_client_rounds']:>19}"
                      f"{r['device_seconds']:>10.0f}  {per}")
+    return "\n".join(lines)
+
+
+def extension_report(cfg: RunConfig, report: dict, kinds: list[str]) -> dict:
+    """What growing the run kept, changed and added, and the compute it spent, beside what the
+    run it grew from spent (from that run's report.json, where it has one)."""
+    ext = cfg.extends
+    old_report = Path(ext["from_run"]) / "report.json"
+    before = json.loads(old_report.read_text()) if old_report.is_file() else {}
+    fields = ("rounds", "total_client_gmacs", "total_client_seconds")
+    return {**ext, "trained": cfg.train_only,
+            "spent": {k: {f: report[k].get(f) for f in fields} for k in kinds},
+            "from_run_spent": {k: {f: before[k].get(f) for f in fields} for k in kinds if k in before}}
+
+
+def extension_table(report: dict) -> str:
+    e = report["extension"]
+    changed = ", ".join(f"{k} (+{', '.join(v['added']) or '-'})" for k, v in e["changed"].items()) or "-"
+    lines = [f"\ngrown from {e['from_run']}: added leaves {', '.join(e['added_leaves']) or '-'}",
+             f"  kept (bit for bit): {', '.join(e['kept']) or '-'}", f"  changed: {changed}",
+             f"  new: {', '.join(e['new']) or '-'}",
+             f"{'model':<8}{'rounds':>8}{'client GMAC':>14}{'client s':>10}{'info F1':>9}"
+             f"{'old run GMAC':>14}"]
+    for kind, spent in e["spent"].items():
+        old = e["from_run_spent"].get(kind, {}).get("total_client_gmacs")
+        f1 = report[kind]["test"]["greedy" if kind == "hmoe" else "leaf"]["info_f1"]
+        lines.append(f"{kind:<8}{spent['rounds']:>8}{spent['total_client_gmacs']:>14.1f}"
+                     f"{spent['total_client_seconds']:>10.1f}{f1:>9.4f}{'-' if old is None else f'{old:.1f}':>14}")
     return "\n".join(lines)
 
 

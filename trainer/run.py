@@ -54,6 +54,12 @@ class RunConfig:
     fleet: dict | None = None     # device tiers and round deadline (trainer.fleet); None: every client can train anything
     assignment: str = "one"       # one: a round trains one task; resource-aware: each client its most useful affordable task
     min_cohort: int = 2           # resource-aware: a task beside the round's own trains only with this many clients
+    tree: dict | None = None      # the run's own taxonomy (Hierarchy.to_dict); None: the data set's. The data
+                                  # set's classes outside it are left out (a held-out class)
+    arrival: dict | None = None   # {"leaves": [...], "clients": SHARE}: those leaves' samples are held only by a
+                                  # seeded SHARE of the clients (new data appears where it is collected)
+    train_only: list | None = None   # HMoE: the experts rounds train (None: all); set by growing a run
+    extends: dict | None = None   # a grown run: the run it grew from and which experts were kept, changed, new
     device: str = "cpu"
 
     def to_dict(self) -> dict:
@@ -80,6 +86,10 @@ class RunConfig:
                  schedule: str | None = None) -> Strategy:
         """The strategy of model family ``kind`` (the flat model has one task: round-robin)."""
         hmoe = kind == "hmoe"
+        if hmoe and self.train_only is not None:
+            tasks = {k: t for k, t in tasks.items() if k in self.train_only}
+            if not tasks:
+                raise RunError(f"the run trains only {self.train_only}, none of which is an expert of its tree")
         return Strategy(tree, tasks, (schedule or self.schedule) if hmoe else "round-robin", self.seed, self.local,
                         self.rounds(kind), self.balanced_epochs and hmoe, self.lr_decay, shares,
                         aggregation=self.aggregation, influence_bound=self.influence_bound,

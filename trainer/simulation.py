@@ -56,13 +56,67 @@ def limit(data: Dataset, train: int, test: int, seed: int) -> Dataset:
 
 
 def prepare(cfg: RunConfig, data: Dataset | None = None) -> Prepared:
+    """Split the data set: validation indices and client partitions. The split is made over
+    the data set's every class, and a run with its own tree (``cfg.tree``) then leaves out the
+    classes outside it, so a run that holds a class out and the run that later adds it give
+    each client the same samples of the other classes."""
     data = limit(data or load_dataset(cfg.dataset, cfg.data_root), cfg.train_limit, cfg.test_limit, cfg.seed)
     rng = np.random.default_rng([cfg.seed, 3])
     order = rng.permutation(len(data.train_y))
     n_val = int(round(cfg.val_fraction * len(order)))
     val_idx, pool = np.sort(order[:n_val]), order[n_val:]
     parts = [np.sort(pool[p]) for p in partition(cfg.partition, data.train_y[pool], cfg.clients, cfg.seed, cfg.alpha)]
+    if cfg.tree is not None:
+        data, val_idx, parts = restrict(data, Hierarchy.from_dict(cfg.tree, "config.json tree"), val_idx, parts)
+    if cfg.arrival:
+        parts = arrive(data, parts, cfg.arrival, cfg.seed)
     return Prepared(data, val_idx, parts, Normalizer(data.mean, data.std))
+
+
+def restrict(data: Dataset, tree: Hierarchy, val_idx: np.ndarray,
+             parts: list[np.ndarray]) -> tuple[Dataset, np.ndarray, list[np.ndarray]]:
+    """The data set under ``tree``: samples of its leaves only, labelled in its leaf order
+    (the data set's class order), with the validation and client indices moved along."""
+    classes = [data.tree.names[v] for v in data.tree.leaf_order]
+    leaves = [tree.names[v] for v in tree.leaf_order]
+    unknown = [n for n in leaves if n not in classes]
+    if unknown:
+        raise UsageError(f"the tree's leaves {unknown[:5]} are not classes of {data.name}; its classes are "
+                         f"{', '.join(classes)}")
+    tree = tree.with_leaf_order([c for c in classes if c in leaves])
+    remap = np.full(len(classes), -1, dtype=np.int64)
+    for new, name in enumerate(c for c in classes if c in leaves):
+        remap[classes.index(name)] = new
+    keep = remap[data.train_y] >= 0
+    position = np.cumsum(keep) - 1
+    keep_test = remap[data.test_y] >= 0
+    data = replace(data, tree=tree, train_x=data.train_x[keep], train_y=remap[data.train_y[keep]],
+                   test_x=data.test_x[keep_test], test_y=remap[data.test_y[keep_test]])
+    return data, position[val_idx[keep[val_idx]]], [position[p[keep[p]]] for p in parts]
+
+
+def arrive(data: Dataset, parts: list[np.ndarray], arrival: dict, seed: int) -> list[np.ndarray]:
+    """Where new classes are collected: the samples of ``arrival['leaves']`` go to a seeded
+    share ``arrival['clients']`` of the clients (dealt round-robin in a seeded order; the
+    others' samples of those leaves move there, so the class keeps all its data)."""
+    tree = data.tree
+    leaves = list(arrival.get("leaves", []))
+    share = float(arrival.get("clients", 1.0))
+    names = [tree.names[v] for v in tree.leaf_order]
+    unknown = [n for n in leaves if n not in names]
+    if unknown or not leaves:
+        raise UsageError(f"arrival leaves {unknown or leaves}: expected leaves of the run's tree ({', '.join(names)})")
+    if not 0.0 < share <= 1.0:
+        raise UsageError(f"arrival share of clients {share}; expected a number in (0, 1]")
+    labels = np.array([names.index(n) for n in leaves])
+    rng = np.random.default_rng(stable_seed(seed, "arrival", *leaves))
+    holders = np.sort(rng.choice(len(parts), max(1, int(round(share * len(parts)))), replace=False))
+    moving = np.concatenate([p[np.isin(data.train_y[p], labels)] for p in parts])
+    moving = moving[rng.permutation(len(moving))]
+    out = [p[~np.isin(data.train_y[p], labels)] for p in parts]
+    for j, c in enumerate(holders):
+        out[c] = np.sort(np.concatenate([out[c], moving[j::len(holders)]]))
+    return out
 
 
 def open_run(run_dir: Path, cfg: RunConfig, resume: bool, data: Dataset | None = None,
@@ -274,7 +328,10 @@ class Federation:
     def use_counts(self, client: int, leaf_counts: np.ndarray) -> None:
         """Take a client's samples per leaf as its transport reports them (a Flower node or a
         device), instead of the simulation's own partition."""
-        self.task_n[client] = {k: self.strategy.task_samples(k, leaf_counts) for k in self.tasks}
+        leaf_counts = np.asarray(leaf_counts, dtype=np.int64)
+        self.strategy.task_samples(self.strategy.order(0)[0], leaf_counts)   # checks the counts' shape
+        self.task_n[client] = {k: int(leaf_counts[t.select(self.tree, np.arange(self.tree.num_leaves))[0]].sum())
+                               for k, t in self.tasks.items()}
         self.client_n[client] = int(np.sum(leaf_counts))
 
     # ----------------------------------------------------------------- fleet
@@ -343,6 +400,7 @@ class Federation:
                  "samples": sum(n for res in by_task.values() for _, _, n in res),
                  "skipped": plan.skipped, "dropped": plan.dropped, "diverged": diverged,
                  "client_seconds": float(sum(m["train_seconds"] for _, m in results.values())),
+                 "client_gmacs": self.client_gmacs(plan, results),
                  "lr": s.lr(rnd), "client_config": {str(c): local.to_dict() for c, local in plan.configs.items()},
                  "train_loss": float(np.mean(losses)) if losses else None}
         if s.assignment != "one" or self.fleet is not None:
@@ -363,6 +421,11 @@ class Federation:
             entry["val_info_f1"] = self.evaluate(d.train_x[idx], d.train_y[idx])["info_f1"]
         self._commit(rnd, updated, entry)
         return entry
+
+    def client_gmacs(self, plan: RoundPlan, results: dict[int, tuple[Weights, dict]]) -> float:
+        """The round's client compute, counted (docs/COSTS.md): samples x epochs x 3 x forward MACs."""
+        return float(sum(m["num_samples"] * plan.configs[c].epochs * 3 * self.tasks[plan.assigned[c]].net.forward_macs()
+                         for c, (_, m) in results.items()) / 1e9)
 
     def step(self, rnd: int) -> dict:
         """Run round ``rnd`` in process: plan, train every assigned client, close."""
