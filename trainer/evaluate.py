@@ -27,10 +27,12 @@ def predict_probs(net: ConvNet, x: np.ndarray, normalize: Normalizer, batch: int
     return np.concatenate(out)
 
 
-def _scores(tree: Hierarchy, y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+def _scores(tree: Hierarchy, y: np.ndarray, pred: np.ndarray) -> dict:
     gt = tree.leaves[y]
     s = summarize(tree, gt, pred)
     s["leaf_accuracy"] = float(np.mean(pred == gt)) if len(gt) else float("nan")
+    s["leaf_recall"] = {tree.names[int(v)]: float(np.mean(pred[gt == v] == v)) for v in tree.leaf_order
+                        if (gt == v).any()}   # per class: a grown class's own figure
     return s
 
 
