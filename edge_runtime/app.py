@@ -30,10 +30,12 @@ WHY = {400: "empty body, or a multipart body without a 'file' part", 401: "no be
        415: "not a PNG or JPEG image", 422: "a corrupt image, an unsupported layout or an unknown decoder",
        500: "the bundle on disk is damaged", 503: "too many predictions waiting; see Retry-After"}
 STRING_LIST = {"type": "array", "items": {"type": "string"}}
-PREDICTION = {"type": "object", "required": ["leaf", "node", "path", "step_probs", "prob", "experts_evaluated", "decode"],
+PREDICTION = {"type": "object", "required": ["leaf", "node", "path", "step_probs", "prob", "experts_evaluated", "decode",
+                                             "subtree", "bundle_root"],
               "properties": {"leaf": {"type": "string"}, "node": {"type": "string"}, "path": STRING_LIST,
                              "step_probs": {"type": "array", "items": {"type": "number"}}, "prob": {"type": "number"},
-                             "experts_evaluated": {"type": "integer"}, "decode": {"type": "string"}}}
+                             "experts_evaluated": {"type": "integer"}, "decode": {"type": "string"},
+                             "subtree": {"type": "boolean"}, "bundle_root": {"type": "string"}}}
 IMAGE = {"type": "string", "format": "binary"}
 
 
@@ -58,6 +60,10 @@ def create_app(bundle: str | os.PathLike, memory_budget_mb: float | None = None,
     busy = [0]   # requests in the pool or waiting for it (the event loop is the only writer)
     app = FastAPI(title="hmoe-edge", description="Hierarchical mixture-of-experts inference on this device.")
     app.state.engine = engine
+    # a personalised bundle holds one subtree: every answer is a node inside it (the best one for
+    # an input of another class), and says so
+    subtree_of = engine.bundle.manifest.subtree_of
+    scope = {"subtree": subtree_of is not None, "bundle_root": engine.tree.names[0]}
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -120,7 +126,8 @@ def create_app(bundle: str | os.PathLike, memory_budget_mb: float | None = None,
     @app.get("/health", responses=documented({"type": "object"}))
     async def health() -> dict:
         return {"status": "ok", "bundle": str(engine.bundle.root), "experts": len(engine.bundle.experts),
-                "input": list(engine.bundle.input_spec.shape)}
+                "input": list(engine.bundle.input_spec.shape), **scope,
+                "leaves": [engine.tree.names[v] for v in engine.tree.leaf_order]}
 
     @app.get("/experts", responses=documented({"type": "object"}, 401, 403))
     def experts(request: Request) -> dict:
@@ -153,6 +160,6 @@ def create_app(bundle: str | os.PathLike, memory_budget_mb: float | None = None,
             raise HTTPException(500, f"bundle problem: {exc}") from None
         finally:
             busy[0] -= 1
-        return {**pred.to_dict(), "decode": spec}
+        return {**pred.to_dict(), "decode": spec, **scope}
 
     return app

@@ -32,6 +32,9 @@ def _predict(args: argparse.Namespace) -> int:
     from edge_runtime.engine import Engine
     from edge_runtime.images import ImageError, decode_image
     engine = Engine(args.bundle, memory_budget_mb=args.memory_budget_mb, threads=args.threads)
+    if engine.bundle.manifest.subtree_of and not args.json:
+        print(f"note: this bundle holds only the subtree under {engine.tree.names[0]}: every answer is a node inside "
+              "it, the best one for an image of another class", file=sys.stderr)
     failed = 0
     for name in args.images:
         try:
@@ -42,7 +45,8 @@ def _predict(args: argparse.Namespace) -> int:
             continue
         pred = engine.predict(x[None], args.decode)[0]
         if args.json:
-            print(json.dumps({"image": name, **pred.to_dict()}))
+            print(json.dumps({"image": name, **pred.to_dict(), "subtree": engine.bundle.manifest.subtree_of is not None,
+                              "bundle_root": engine.tree.names[0]}))
         else:
             steps = " > ".join(f"{n} ({p:.2f})" for n, p in zip(pred.path[1:], pred.step_probs[1:]))
             print(f"{name}: {pred.node}  [{pred.path[0]} > {steps}]  p={pred.prob:.3f}")
@@ -118,8 +122,16 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _sync(args: argparse.Namespace) -> int:
     from edge_runtime.sync import sync
+    subtree = args.subtree
+    if args.bundle:   # a personalised (subtree) bundle: train only what it carries
+        carried = load_bundle(args.bundle).manifest.subtree_of
+        if subtree and carried and subtree != carried:
+            raise UsageError(f"--subtree {subtree} but --bundle {args.bundle} holds the subtree {carried}")
+        subtree = subtree or carried
+    if subtree:
+        print(f"this device carries the subtree {subtree}: it trains only the experts inside it")
     done = sync(args.server, args.token, args.data, args.memory_cap_mb, args.rounds, args.state,
-                poll=args.poll, name=args.name, until_round=args.until_round)
+                poll=args.poll, name=args.name, until_round=args.until_round, subtree=subtree)
     print(f"took part in {done} rounds")
     return 0
 
@@ -187,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", default=None, help="state file (default: next to --data)")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between assignment polls while waiting")
     p.add_argument("--name", default="", help="a name for this device in the coordinator")
+    p.add_argument("--bundle", help="the bundle this device serves: a subtree bundle (hmoe export --subtree) makes it "
+                   "train only the experts inside its subtree")
+    p.add_argument("--subtree", help="train only the experts inside this node's subtree (the others' rounds are "
+                   "excused)")
     p.set_defaults(run=_sync)
     return parser
 

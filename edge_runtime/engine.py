@@ -210,6 +210,20 @@ class Engine:
                                   experts_evaluated=int(d.experts_evaluated[i])))
         return out
 
+    def greedy_from(self, node: str, x: np.ndarray) -> list[str]:
+        """Greedy decisions started at ``node`` instead of the root: what this bundle's experts
+        say inside one subtree (a subtree bundle's answers must equal the full bundle's here)."""
+        x = self.check_input(x)
+        start = self.tree.index(node)
+        out = []
+        for i in range(len(x)):
+            v = start
+            while self.tree.num_children[v] > 0:
+                kids = self.tree.children(v)
+                v = int(kids[0] if len(kids) == 1 else kids[int(np.argmax(self.run(self.tree.names[v], x[i:i + 1])[0]))])
+            out.append(self.tree.names[v])
+        return out
+
     def flat_nodes(self, x: np.ndarray) -> np.ndarray:
         if "flat" not in self.entries:
             raise BundleError(f"{self.bundle.root}: no flat model in this bundle")

@@ -69,9 +69,11 @@ def bundle_from_manifest(manifest: dict) -> Bundle:
 
 def sync(server: str, secret: str, data: str | os.PathLike, memory_cap_mb: float | None, rounds: int | None = None,
          state_file: str | os.PathLike | None = None, poll: float = 1.0, name: str = "",
-         log=print, until_round: int | None = None) -> int:
+         log=print, until_round: int | None = None, subtree: str | None = None) -> int:
     """Take part in ``rounds`` rounds (None: until stopped, or until the coordinator's open round
-    reaches ``until_round``). Returns the rounds this device sent an update for.
+    reaches ``until_round``). Returns the rounds this device sent an update for. A device that
+    carries only a ``subtree`` (a personalised bundle) trains only the experts inside it: the
+    coordinator excuses it from the others' rounds.
 
     The device decides nothing: it tells the coordinator its samples per label, and trains with
     the hyper-parameters and seed the run's strategy gives it, which the update carries back."""
@@ -103,7 +105,7 @@ def sync(server: str, secret: str, data: str | os.PathLike, memory_cap_mb: float
 
     done = 0
     while rounds is None or done < rounds:
-        r = client.request("GET", "/assignment", params={"counts": counts})
+        r = client.request("GET", "/assignment", params={"counts": counts, **({"subtree": subtree} if subtree else {})})
         if r.status_code != 200:
             raise SyncError(f"assignment refused ({r.status_code}): {r.text}")
         a = r.json()
@@ -113,8 +115,8 @@ def sync(server: str, secret: str, data: str | os.PathLike, memory_cap_mb: float
             time.sleep(poll)
             continue
         expert, rnd = a["expert"], a["round"]
-        if not a.get("samples"):   # the coordinator has excused us: nothing under this expert here
-            log(f"round {rnd}: no local samples under {expert}; skipping")
+        if not a.get("samples"):   # the coordinator has excused us: nothing under this expert here, or outside our subtree
+            log(f"round {rnd}: {a.get('excused') or f'no local samples under {expert}'}; skipping")
             finish(rnd)
             continue
         r = client.request("GET", f"/weights/{expert}")

@@ -293,19 +293,29 @@ class Coordinator:
         return self._manifest
 
     def assignment(self, device: str | None = None, leaf_counts: list[int] | None = None,
-                   excuse: bool = True) -> dict:
+                   excuse: bool = True, subtree: str | None = None) -> dict:
         """The open round for a device, with the hyper-parameters and seed the strategy gives it.
 
         ``leaf_counts`` (the device's samples per label) let the strategy balance epochs as the
         simulation does; a device with no sample under the round's expert is excused from it
         (here, or by the caller when ``excuse`` is False). Call ``tick`` first to close a round
-        whose deadline passed."""
+        whose deadline passed. A device that carries only a ``subtree`` (a personalised bundle)
+        trains only experts inside it: for any other round it is excused likewise."""
         cur = self.current()
         key, rnd = cur["expert"], cur["round"]
+        outside = None
+        if subtree is not None:
+            if subtree not in self.tree._index:
+                raise InvalidUpdate(f"unknown subtree node {subtree!r}; nodes with experts are {', '.join(self.tasks)}")
+            if not self.tree.ancestor_mask[self.tasks[key].node, self.tree.index(subtree)]:
+                outside = f"the round's expert {key} is outside the device's subtree {subtree}"
         out = {**cur, "children": [self.tree.names[c] for c in self.tree.children(self.tasks[key].node)],
                "seed": self.strategy.client_seed(rnd, self._index.get(device, -1))}
         if leaf_counts is None:
-            out.update(hyperparameters=self.strategy.client_config(key, rnd).to_dict(), samples=None)
+            out.update(hyperparameters=self.strategy.client_config(key, rnd).to_dict(), samples=0 if outside else None,
+                       excused=outside)
+            if outside and device is not None and excuse:
+                self.excuse(device, rnd, outside)
             return out
         try:
             samples = self.strategy.task_samples(key, np.asarray(leaf_counts))
@@ -314,10 +324,12 @@ class Coordinator:
         if sum(leaf_counts) > self.limits.max_samples:
             raise InvalidUpdate(f"{sum(leaf_counts)} samples declared; a device may claim at most "
                                 f"{self.limits.max_samples}")
+        if outside:
+            samples = 0
         out.update(hyperparameters=self.strategy.client_config(key, rnd, int(sum(leaf_counts)), samples).to_dict(),
-                   samples=samples)
+                   samples=samples, excused=outside or ("no samples under the expert" if samples == 0 else None))
         if samples == 0 and device is not None and excuse:
-            self.excuse(device, rnd, "no samples under the expert")
+            self.excuse(device, rnd, out["excused"])
         return out
 
     # ------------------------------------------------------------- devices

@@ -52,7 +52,8 @@ def obj(**props) -> dict:
 
 INT, STR, NUM = {"type": "integer"}, {"type": "string"}, {"type": "number"}
 ASSIGNMENT = obj(round=INT, expert=STR, weights_version=INT, deadline=NUM, children={"type": "array", "items": STR},
-                 seed=INT, hyperparameters={"type": "object"}, samples={"type": ["integer", "null"]})
+                 seed=INT, hyperparameters={"type": "object"}, samples={"type": ["integer", "null"]},
+                 excused={"type": ["string", "null"]})
 UPDATE_PARAMETERS = [
     {"name": name, "in": "header", "required": required, "schema": schema, "description": text}
     for name, required, schema, text in (
@@ -133,8 +134,9 @@ def create_app(coord: Coordinator, max_update_bytes: int = MAX_UPDATE_BYTES) -> 
             raise HTTPException(exc.status, str(exc), headers=headers) from None
 
     @app.get("/assignment", responses={**ok(ASSIGNMENT), **errors(401, 403, 409, 422)})
-    async def assignment(request: Request, counts: str | None = None) -> JSONResponse:
-        """``counts``: the device's samples per label, comma-separated in the hierarchy's leaf order.
+    async def assignment(request: Request, counts: str | None = None, subtree: str | None = None) -> JSONResponse:
+        """``counts``: the device's samples per label, comma-separated in the hierarchy's leaf order;
+        ``subtree``: the node a personalised device carries (it is excused from other experts' rounds).
         Answered from memory on the event loop; only excusing a device (no sample under the
         round's expert) writes, and that runs in the thread pool."""
         dev = device(request)
@@ -147,11 +149,11 @@ def create_app(coord: Coordinator, max_update_bytes: int = MAX_UPDATE_BYTES) -> 
         if coord.due():
             await run_in_threadpool(coord.tick)
         try:
-            a = coord.assignment(dev, leaf_counts, excuse=False)
+            a = coord.assignment(dev, leaf_counts, excuse=False, subtree=subtree)
         except InvalidUpdate as exc:
             raise HTTPException(422, str(exc)) from None
         if a["samples"] == 0:
-            await call(coord.excuse_later, dev, a["round"], "no samples under the expert")
+            await call(coord.excuse_later, dev, a["round"], a["excused"])
         return JSONResponse(a)
 
     @app.get("/manifest", responses={**ok({"type": "object"}), **errors(401, 403)})
