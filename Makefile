@@ -5,12 +5,13 @@ STAMP    := $(VENV)/.hmoe-installed
 APT_PKGS := dataset-fashion-mnist wordnet-base wordnet-sense-index iproute2
 PYTEST_ARGS ?=
 
-.PHONY: setup system-packages test test-fast demo clean help
+.PHONY: setup system-packages test test-fast demo device-check clean help
 
 help:
 	@echo "make test       set up (.venv, Debian data packages) and run the whole test suite"
 	@echo "make test-fast  the same without tests marked slow"
 	@echo "make demo       set up, then train HMoE and flat softmax on real Fashion-MNIST"
+	@echo "make device-check  (root) the edge runtime on an emulated arm64 Debian userland (after make demo)"
 
 setup: system-packages $(STAMP)
 
@@ -39,6 +40,13 @@ test-fast: setup
 
 demo: setup
 	$(VENV)/bin/hmoe demo --out runs/demo
+
+# The device path on 64-bit ARM (README, "Boards"): needs root and binfmt_misc; says so and
+# exits 0 where they are missing. DEVICE_CHECK_ARGS="--train" adds a local training round.
+DEVICE_CHECK_ARGS ?=
+device-check: setup
+	@test -f runs/demo/bundle/manifest.json || $(MAKE) demo
+	$(PY) benchmarks/device_check.py $(DEVICE_CHECK_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache
