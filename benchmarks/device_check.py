@@ -358,16 +358,19 @@ def serve_and_ask(popen, cmd: list[str], images: list) -> dict:
     return serve
 
 
-def check_train(ul: Userland, wheel: Path, images: list, result: dict, timeout: float) -> bool:
-    """One local training round with the device extra (torch's aarch64 wheel) under a memory cap."""
+def check_train(ul: Userland, wheel: Path, images: list, result: dict, timeout: float, torch: str) -> bool:
+    """One local training round with the device extra (torch's aarch64 wheel) under a memory cap.
+    ``torch`` pins the release: on aarch64, PyPI's torch 2.9.1 is a CPU build (about 0.7 GB
+    installed) while its newest releases are CUDA builds of several GB, which no board wants."""
     import io
 
     import numpy as np
     from PIL import Image
     log("installing the device extra (torch for aarch64) inside the userland; this takes a while")
     try:
-        venv, seconds = ul.venv("venv-device", [f"/opt/hmoe/{wheel.name}[device]", f"/opt/hmoe/{wheel.name}[edge]"],
-                                timeout=timeout)
+        venv, seconds = ul.venv(f"venv-device-torch{torch or '-default'}",
+                                [f"/opt/hmoe/{wheel.name}[device]", f"/opt/hmoe/{wheel.name}[edge]",
+                                 *([f"torch=={torch}"] if torch else [])], timeout=timeout)
     except (RuntimeError, subprocess.TimeoutExpired) as exc:
         result["train"] = {"ok": False, "error": str(exc)[-1500:]}
         return False
@@ -465,6 +468,8 @@ def main() -> int:
     p.add_argument("--images", type=int, default=20, help="Fashion-MNIST test images to predict")
     p.add_argument("--train", action="store_true", help="also install the device extra and train one round")
     p.add_argument("--train-timeout", type=float, default=3600)
+    p.add_argument("--torch", default="2.9.1", help="with --train: the torch release to install ('' for pip's "
+                   "choice; on aarch64 PyPI's 2.9.1 is a CPU build, its newest are CUDA builds of several GB)")
     p.add_argument("--matrix", nargs="*", default=None, metavar="VERSION",
                    help="boundary search: onnxruntime releases to try creating a session with (no edge check)")
     p.add_argument("--cpus", nargs="+", default=["default"], help="with --matrix: QEMU_CPU values to try")
@@ -493,7 +498,7 @@ def main() -> int:
             images = test_images(bundle, args.images)
             ok = check_edge(ul, wheel, bundle, images, args.onnxruntime, result)
             if args.train:
-                ok = check_train(ul, wheel, images, result, args.train_timeout) and ok
+                ok = check_train(ul, wheel, images, result, args.train_timeout, args.torch) and ok
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
     write(Path(args.out), result)
     log("passed" if ok else "FAILED")

@@ -52,6 +52,11 @@ def common(args: argparse.Namespace) -> list[str]:
             "--device", args.device, "--cost-clients", "0", "--no-progress"]
 
 
+def settings(args: argparse.Namespace) -> list[str]:
+    """Run settings of the old and scratch runs (a grown run takes its old run's)."""
+    return ["--min-children", str(args.min_children)]
+
+
 def jobs_for(out: Path, args: argparse.Namespace) -> list[dict]:
     full = out / "full-tree.json"
     full.write_text(json.dumps(FASHION_MNIST_TREE, indent=1) + "\n")
@@ -65,10 +70,11 @@ def jobs_for(out: Path, args: argparse.Namespace) -> list[dict]:
         rounds = ["--hmoe-rounds", str(args.hmoe_rounds), "--flat-rounds", str(args.flat_rounds)]
         old = out / name / "old"
         jobs.append({"scenario": name, "run": "old", "dir": str(old),
-                     "cmd": ["train", "--model", "both", "--tree", str(held), "--out", str(old), *rounds]})
+                     "cmd": ["train", "--model", "both", "--tree", str(held), "--out", str(old), *rounds,
+                             *settings(args)]})
         jobs.append({"scenario": name, "run": "scratch", "dir": str(out / name / "scratch"),
                      "cmd": ["train", "--model", "both", "--tree", str(full), "--arrival", arrival,
-                             "--out", str(out / name / "scratch"), *rounds]})
+                             "--out", str(out / name / "scratch"), *rounds, *settings(args)]})
         jobs.append({"scenario": name, "run": "grown", "dir": str(out / name / "grown"), "after": str(old),
                      "cmd": ["train", "--model", "both", "--extend", str(full), "--from-run", str(old),
                              "--arrival", f"{args.arrival_share:g}", "--out", str(out / name / "grown"),
@@ -198,6 +204,8 @@ def main() -> int:
     p.add_argument("--flat-rounds", type=int, default=40, help="old and scratch flat rounds (the demo's)")
     p.add_argument("--grow-rounds", type=int, default=20, help="grown HMoE: rounds per expert it trains")
     p.add_argument("--flat-grow-rounds", type=int, default=20, help="grown flat: fine-tuning rounds")
+    p.add_argument("--min-children", type=int, default=1,
+                   help="HMoE: a client trains an expert only with samples of this many of its children (hmoe train)")
     p.add_argument("--train-limit", type=int, default=0, help="subsample the training set (0: all)")
     p.add_argument("--test-limit", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)

@@ -207,3 +207,22 @@ def test_a_grown_coordinator_run_trains_only_the_changed_expert(grown):
         assert set(coord.tasks) == {"root", "Clothes", "Goods", "Tops", "Shoes"}   # it serves them all
     finally:
         coord.close()
+
+
+def test_min_children_excuses_a_client_that_holds_one_child_of_an_expert():
+    """A client whose samples under an expert all belong to one child can only teach it to
+    answer that child (the new-subtree benchmark's Goods expert fell to 0.49 that way)."""
+    from trainer.strategy import Strategy, usable_samples
+    t = tree(FASHION_MNIST_TREE)
+    tasks = make_tasks(t, "hmoe", (1, 28, 28), 4)
+    names = [t.names[v] for v in t.leaf_order]
+    bags_only = np.zeros(len(names), dtype=np.int64)
+    bags_only[names.index("Bag")] = 30
+    bags_only[names.index("Coat")] = 5
+    assert usable_samples(t, tasks["Goods"], bags_only) == 30
+    assert usable_samples(t, tasks["Goods"], bags_only, min_children=2) == 0
+    assert usable_samples(t, tasks["root"], bags_only, min_children=2) == 35     # Clothes and Goods
+    s = Strategy(t, tasks, "round-robin", 0, min_children=2)
+    both = bags_only.copy()
+    both[names.index("Sandal")] = 7
+    assert s.task_samples("Goods", bags_only) == 0 and s.task_samples("Goods", both) == 37

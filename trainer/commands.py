@@ -65,6 +65,9 @@ def _add_run_flags(p: argparse.ArgumentParser, defaults: RunConfig) -> None:
     g.add_argument("--optimizer", choices=["sgd", "adam"], default=defaults.local.optimizer)
     g.add_argument("--clip-norm", type=float, default=defaults.local.clip_norm,
                    help="clip each batch's gradient to this L2 norm (0: off)")
+    g.add_argument("--min-children", type=int, default=defaults.min_children,
+                   help="HMoE: a client trains an expert only if it holds samples of at least this many of the "
+                        "expert's children (a client with one child's samples can only teach it to answer that child)")
     g.add_argument("--balanced-epochs", action=argparse.BooleanOptionalAction, default=defaults.balanced_epochs,
                    help="HMoE: local epochs = floor(1 / expert's data share), so each round does about the root's work")
     g.add_argument("--lr-decay", choices=["cosine", "none"], default=defaults.lr_decay,
@@ -97,7 +100,8 @@ def _config(args: argparse.Namespace) -> RunConfig:
                         momentum=args.momentum, optimizer=args.optimizer, clip_norm=args.clip_norm)
     for name, value in (("--local-epochs", args.local_epochs), ("--batch-size", args.batch_size),
                         ("--clients", args.clients), ("--expert-width", args.expert_width),
-                        ("--flat-width", args.flat_width), ("--min-cohort", args.min_cohort)):
+                        ("--flat-width", args.flat_width), ("--min-cohort", args.min_cohort),
+                        ("--min-children", args.min_children)):
         if value < 1:
             raise UsageError(f"{name} must be at least 1; got {value}")
     if args.device.startswith("cuda"):
@@ -114,7 +118,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
                      balanced_epochs=args.balanced_epochs, aggregation=args.aggregation,
                      influence_bound=args.influence_bound, device=args.device,
                      fleet=Fleet.load(args.fleet).to_dict() if args.fleet else None, assignment=args.assignment,
-                     min_cohort=args.min_cohort, tree=_tree(args.tree),
+                     min_cohort=args.min_cohort, min_children=args.min_children, tree=_tree(args.tree),
                      arrival=parse_arrival(args.arrival, []))
 
 

@@ -327,10 +327,16 @@ class Coordinator:
         if outside:
             samples = 0
         out.update(hyperparameters=self.strategy.client_config(key, rnd, int(sum(leaf_counts)), samples).to_dict(),
-                   samples=samples, excused=outside or ("no samples under the expert" if samples == 0 else None))
+                   samples=samples, excused=outside or (None if samples else self._why_no_samples(key, leaf_counts)))
         if samples == 0 and device is not None and excuse:
             self.excuse(device, rnd, out["excused"])
         return out
+
+    def _why_no_samples(self, key: str, leaf_counts: list[int]) -> str:
+        mask, _ = self.tasks[key].select(self.tree, np.arange(self.tree.num_leaves))
+        if np.asarray(leaf_counts)[mask].sum() == 0:
+            return "no samples under the expert"
+        return f"samples under fewer than {self.strategy.min_children} of the expert's children (--min-children)"
 
     # ------------------------------------------------------------- devices
     def enroll(self, secret: str, name: str = "") -> dict:

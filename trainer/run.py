@@ -54,6 +54,7 @@ class RunConfig:
     fleet: dict | None = None     # device tiers and round deadline (trainer.fleet); None: every client can train anything
     assignment: str = "one"       # one: a round trains one task; resource-aware: each client its most useful affordable task
     min_cohort: int = 2           # resource-aware: a task beside the round's own trains only with this many clients
+    min_children: int = 1         # HMoE: a client trains an expert only if it holds samples of this many of its children
     tree: dict | None = None      # the run's own taxonomy (Hierarchy.to_dict); None: the data set's. The data
                                   # set's classes outside it are left out (a held-out class)
     arrival: dict | None = None   # {"leaves": [...], "clients": SHARE}: those leaves' samples are held only by a
@@ -93,7 +94,8 @@ class RunConfig:
         return Strategy(tree, tasks, (schedule or self.schedule) if hmoe else "round-robin", self.seed, self.local,
                         self.rounds(kind), self.balanced_epochs and hmoe, self.lr_decay, shares,
                         aggregation=self.aggregation, influence_bound=self.influence_bound,
-                        assignment=self.assignment if hmoe else "one", min_clients=self.min_cohort)
+                        assignment=self.assignment if hmoe else "one", min_clients=self.min_cohort,
+                        min_children=self.min_children)
 
 
 def load_run_config(run_dir: Path) -> RunConfig:

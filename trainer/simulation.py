@@ -30,7 +30,7 @@ from trainer.fleet import CostBook, Fleet, FleetCosts, Prediction
 from trainer.nets import ConvNet, build_net
 from trainer.partition import partition
 from trainer.run import RunConfig, RunError, merged_config, start_run, write_input_spec
-from trainer.strategy import Task, stable_seed
+from trainer.strategy import Task, stable_seed, usable_samples
 
 
 @dataclass
@@ -135,7 +135,7 @@ def open_run(run_dir: Path, cfg: RunConfig, resume: bool, data: Dataset | None =
         fleet = Fleet.from_dict(cfg.fleet, "fleet")
         tasks = [t for k in kinds for t in families[k].values()]
         book, changed = run_costs(run_dir, tasks, cfg, prep, seed_book)
-        samples = {k: client_task_samples(tree, families[k], prep) for k in kinds}
+        samples = {k: client_task_samples(tree, families[k], prep, cfg.min_children) for k in kinds}
         # HMoE's point is that every tier has an expert to train: a tier that fits none is an
         # error; a flat-only run is the baseline whose weak devices never train: a warning
         for warning in FleetCosts(fleet, cfg.clients, cfg.seed, book, cfg.local).check(
@@ -220,11 +220,11 @@ def run_costs(run_dir: Path, tasks: list[Task], cfg: RunConfig, prep: Prepared,
     return book, changed
 
 
-def client_task_samples(tree: Hierarchy, tasks: dict[str, Task], prep: Prepared) -> list[dict[str, int]]:
-    """Per client, how many of its samples each task trains on."""
-    leaf_mask = {k: t.select(tree, np.arange(tree.num_leaves))[0] for k, t in tasks.items()}
+def client_task_samples(tree: Hierarchy, tasks: dict[str, Task], prep: Prepared,
+                        min_children: int = 1) -> list[dict[str, int]]:
+    """Per client, how many of its samples each task trains on (``usable_samples``)."""
     counts = [np.bincount(prep.data.train_y[p], minlength=tree.num_leaves) for p in prep.parts]
-    return [{k: int(c[m].sum()) for k, m in leaf_mask.items()} for c in counts]
+    return [{k: usable_samples(tree, t, c, min_children) for k, t in tasks.items()} for c in counts]
 
 
 def task_shares(tree: Hierarchy, tasks: dict[str, Task], labels: np.ndarray) -> dict[str, float]:
@@ -241,7 +241,7 @@ class Federation:
         self.strategy = cfg.strategy(kind, self.tree, self.tasks, task_shares(self.tree, self.tasks, prep.data.train_y))
         self.clients = SimulatedClients(cfg.seed, cfg.clients, cfg.clients_per_round, cfg.dropout)
         self.state_path = self.run_dir / f"state-{kind}.json"
-        self.task_n = client_task_samples(self.tree, self.tasks, prep)
+        self.task_n = client_task_samples(self.tree, self.tasks, prep, cfg.min_children if kind == "hmoe" else 1)
         self.client_n = [len(p) for p in prep.parts]
         self.fleet: FleetCosts | None = None
         if cfg.fleet:
@@ -330,7 +330,7 @@ class Federation:
         device), instead of the simulation's own partition."""
         leaf_counts = np.asarray(leaf_counts, dtype=np.int64)
         self.strategy.task_samples(self.strategy.order(0)[0], leaf_counts)   # checks the counts' shape
-        self.task_n[client] = {k: int(leaf_counts[t.select(self.tree, np.arange(self.tree.num_leaves))[0]].sum())
+        self.task_n[client] = {k: usable_samples(self.tree, t, leaf_counts, self.strategy.min_children)
                                for k, t in self.tasks.items()}
         self.client_n[client] = int(np.sum(leaf_counts))
 

@@ -46,6 +46,17 @@ class Task:
         return FLAT if self.node < 0 else f"{self.node:04d}-{slug}"
 
 
+def usable_samples(tree: Hierarchy, task: Task, leaf_counts: np.ndarray, min_children: int = 1) -> int:
+    """How many of a client's samples (``leaf_counts``: per label) ``task`` trains on: those
+    under it, or none when they fall under fewer than ``min_children`` of an expert's
+    children (such a client's update can only teach the expert to answer one child)."""
+    mask, child = task.select(tree, np.arange(tree.num_leaves))
+    held = np.asarray(leaf_counts, dtype=np.int64)[mask]
+    if task.node >= 0 and min_children > 1 and len(np.unique(child[held > 0])) < min_children:
+        return 0
+    return int(held.sum())
+
+
 def make_tasks(tree: Hierarchy, kind: str, in_shape: tuple[int, int, int], width: int,
                depth: int = 0, hidden: int = 0, widths: dict[str, int] | None = None) -> dict[str, Task]:
     """``kind`` hmoe: one task per expert node (of width ``widths[name]`` where given, else
@@ -104,7 +115,8 @@ class Strategy:
                  local: LocalConfig = LocalConfig(), rounds: int = 1, balanced_epochs: bool = False,
                  lr_decay: str = "none", shares: dict[str, float] | None = None,
                  val_error: dict[str, float] | None = None, aggregation: str = "fedavg",
-                 influence_bound: float = 0.0, assignment: str = "one", min_clients: int = 2) -> None:
+                 influence_bound: float = 0.0, assignment: str = "one", min_clients: int = 2,
+                 min_children: int = 1) -> None:
         if lr_decay not in LR_DECAYS:
             raise UsageError(f"unknown lr decay {lr_decay!r}; expected one of {', '.join(LR_DECAYS)}")
         rule, _, arg = aggregation.partition(":")
@@ -113,7 +125,7 @@ class Strategy:
         if assignment not in ASSIGNMENTS:
             raise UsageError(f"unknown assignment {assignment!r}; expected one of {', '.join(ASSIGNMENTS)}")
         self.aggregation, self.influence_bound, self.assignment = aggregation, influence_bound, assignment
-        self.min_clients = min_clients
+        self.min_clients, self.min_children = min_clients, min_children
         self._aggregate = (lambda r: trimmed_mean(r, float(arg))) if arg else AGGREGATORS[rule]
         self.tree, self.tasks, self.seed = tree, tasks, seed
         self.schedule_name, self.schedule = schedule, get_schedule(schedule)
@@ -207,12 +219,12 @@ class Strategy:
         return local
 
     def task_samples(self, key: str, leaf_counts: np.ndarray) -> int:
-        """How many of a client's samples (``leaf_counts``: its samples per label) ``key`` trains on."""
+        """How many of a client's samples (``leaf_counts``: its samples per label) ``key`` trains on
+        (``usable_samples``: none when they fall under fewer than ``min_children`` children)."""
         leaf_counts = np.asarray(leaf_counts, dtype=np.int64)
         if leaf_counts.shape != (self.tree.num_leaves,) or (leaf_counts < 0).any():
             raise UsageError(f"label counts must be {self.tree.num_leaves} non-negative integers, one per leaf")
-        mask, _ = self.tasks[key].select(self.tree, np.arange(self.tree.num_leaves))
-        return int(leaf_counts[mask].sum())
+        return usable_samples(self.tree, self.tasks[key], leaf_counts, self.min_children)
 
     def client_seed(self, rnd: int, client: int) -> int:
         return stable_seed(self.seed, rnd, client)
