@@ -70,13 +70,13 @@ def jobs_for(out: Path, args: argparse.Namespace) -> list[dict]:
         rounds = ["--hmoe-rounds", str(args.hmoe_rounds), "--flat-rounds", str(args.flat_rounds)]
         old = out / name / "old"
         jobs.append({"scenario": name, "run": "old", "dir": str(old),
-                     "cmd": ["train", "--model", "both", "--tree", str(held), "--out", str(old), *rounds,
+                     "cmd": ["train", "--model", args.model, "--tree", str(held), "--out", str(old), *rounds,
                              *settings(args)]})
         jobs.append({"scenario": name, "run": "scratch", "dir": str(out / name / "scratch"),
-                     "cmd": ["train", "--model", "both", "--tree", str(full), "--arrival", arrival,
+                     "cmd": ["train", "--model", args.model, "--tree", str(full), "--arrival", arrival,
                              "--out", str(out / name / "scratch"), *rounds, *settings(args)]})
         jobs.append({"scenario": name, "run": "grown", "dir": str(out / name / "grown"), "after": str(old),
-                     "cmd": ["train", "--model", "both", "--extend", str(full), "--from-run", str(old),
+                     "cmd": ["train", "--model", args.model, "--extend", str(full), "--from-run", str(old),
                              "--arrival", f"{args.arrival_share:g}", "--out", str(out / name / "grown"),
                              "--flat-rounds", str(args.flat_grow_rounds)],
                      "grow_rounds_per_expert": args.grow_rounds})
@@ -128,7 +128,8 @@ def curve(report: dict, kind: str) -> list[tuple[float, float]]:
 def collect(out: Path, scenario: str) -> dict:
     reports = {r: json.loads((out / scenario / r / "report.json").read_text()) for r in ("old", "scratch", "grown")}
     rows = []
-    for kind, rule in (("hmoe", "greedy"), ("flat", "leaf")):
+    kinds = [k for k in ("hmoe", "flat") if k in reports["grown"]]
+    for kind, rule in [(k, r) for k, r in (("hmoe", "greedy"), ("flat", "leaf")) if k in kinds]:
         for run in ("old", "grown", "scratch"):
             r = reports[run][kind]
             t = r["test"][rule]
@@ -140,14 +141,14 @@ def collect(out: Path, scenario: str) -> dict:
     by = {(r["model"], r["run"]): r for r in rows}
     ext = reports["grown"]["extension"]
     summary = {}
-    for kind in ("hmoe", "flat"):
+    for kind in kinds:
         g, s = by[(kind, "grown")], by[(kind, "scratch")]
         summary[kind] = {"f1_ratio": g["info_f1"] / s["info_f1"], "compute_ratio": g["client_gmacs"] / s["client_gmacs"],
                          "compute_ratio_with_old_run": (g["client_gmacs"] + by[(kind, "old")]["client_gmacs"])
                          / s["client_gmacs"]}
-    h = summary["hmoe"]
+    h = summary.get("hmoe")
     summary["goal"] = {"f1_ratio_at_least": GOAL_F1, "compute_ratio_at_most": GOAL_COMPUTE,
-                       "met": bool(h["f1_ratio"] >= GOAL_F1 and h["compute_ratio"] <= GOAL_COMPUTE)}
+                       "met": bool(h and h["f1_ratio"] >= GOAL_F1 and h["compute_ratio"] <= GOAL_COMPUTE)}
     return {"scenario": scenario, "new_leaves": SCENARIOS[scenario]["new"],
             "plan": {k: ext[k] for k in ("kept", "changed", "new")}, "rows": rows, "summary": summary}
 
@@ -204,6 +205,8 @@ def main() -> int:
     p.add_argument("--flat-rounds", type=int, default=40, help="old and scratch flat rounds (the demo's)")
     p.add_argument("--grow-rounds", type=int, default=20, help="grown HMoE: rounds per expert it trains")
     p.add_argument("--flat-grow-rounds", type=int, default=20, help="grown flat: fine-tuning rounds")
+    p.add_argument("--model", choices=["hmoe", "flat", "both"], default="both",
+                   help="which models to train (the flat model does not depend on --min-children)")
     p.add_argument("--min-children", type=int, default=1,
                    help="HMoE: a client trains an expert only with samples of this many of its children (hmoe train)")
     p.add_argument("--train-limit", type=int, default=0, help="subsample the training set (0: all)")
