@@ -43,23 +43,26 @@ def edge_exe() -> str:
     return shutil.which("hmoe-edge", path=str(Path(sys.executable).parent))
 
 
-@pytest.fixture(scope="module")
-def server(bundle_dir):
+def start_serve(bundle, *flags: str) -> tuple[subprocess.Popen, str]:
+    """`hmoe-edge serve` on a free loopback port, once /health answers."""
     port = free_port()
-    proc = subprocess.Popen([edge_exe(), "serve", "--bundle", str(bundle_dir), "--port", str(port),
-                             "--token", TOKEN, "--max-body-bytes", "200000", "--max-pixels", "65536",
-                             "--body-timeout", "2"],
+    proc = subprocess.Popen([edge_exe(), "serve", "--bundle", str(bundle), "--port", str(port), *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     for _ in range(150):
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
+                return proc, url
         except httpx.HTTPError:
             time.sleep(0.1)
-    else:
-        proc.kill()
-        raise RuntimeError(proc.stderr.read().decode())
+    proc.kill()
+    raise RuntimeError(proc.stderr.read().decode())
+
+
+@pytest.fixture(scope="module")
+def server(bundle_dir):
+    proc, url = start_serve(bundle_dir, "--token", TOKEN, "--max-body-bytes", "200000", "--max-pixels", "65536",
+                            "--body-timeout", "2")
     yield url
     proc.terminate()
     proc.wait(10)

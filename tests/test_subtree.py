@@ -5,7 +5,6 @@ it trains only the experts inside it."""
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -15,7 +14,7 @@ import pytest
 from edge_runtime.engine import Engine
 from exporter.bundle import export_run
 from tests.test_coordinator import SECRET, Server, enrol, make_run
-from tests.test_edge_app import free_port, png
+from tests.test_edge_app import png, start_serve
 from trainer.run import load_hierarchy
 
 BIN = Path(sys.executable).parent
@@ -48,17 +47,8 @@ def test_a_subtree_bundle_decides_as_the_full_model_inside_its_subtree(run_dir, 
 
 
 def test_serving_a_subtree_bundle_says_so(goods, bundle_dir):
-    port = free_port()
-    proc = subprocess.Popen([str(BIN / "hmoe-edge"), "serve", "--bundle", str(goods), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_serve(goods)
     try:
-        for _ in range(150):
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
         health = httpx.get(url + "/health").json()
         assert health["subtree"] is True and health["bundle_root"] == "Goods"
         assert set(health["leaves"]) == {"Bag", "Sandal", "Sneaker", "Ankle boot"}
