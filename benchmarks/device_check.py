@@ -114,6 +114,7 @@ class Userland:
             return
         tmp = self.root.with_name(self.root.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
         log(f"building the arm64 Debian {SUITE} userland in {self.root} (once; a few minutes)")
         t = time.perf_counter()
         r = run(["mmdebstrap", "--arch=arm64", "--variant=minbase", f"--include={ROOT_PACKAGES}", SUITE, str(tmp)])
