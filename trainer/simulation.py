@@ -328,8 +328,7 @@ class Federation:
     def use_counts(self, client: int, leaf_counts: np.ndarray) -> None:
         """Take a client's samples per leaf as its transport reports them (a Flower node or a
         device), instead of the simulation's own partition."""
-        leaf_counts = np.asarray(leaf_counts, dtype=np.int64)
-        self.strategy.task_samples(self.strategy.order(0)[0], leaf_counts)   # checks the counts' shape
+        leaf_counts = self.strategy.check_counts(leaf_counts)
         self.task_n[client] = {k: usable_samples(self.tree, t, leaf_counts, self.strategy.min_children)
                                for k, t in self.tasks.items()}
         self.client_n[client] = int(np.sum(leaf_counts))

@@ -221,10 +221,14 @@ class Strategy:
     def task_samples(self, key: str, leaf_counts: np.ndarray) -> int:
         """How many of a client's samples (``leaf_counts``: its samples per label) ``key`` trains on
         (``usable_samples``: none when they fall under fewer than ``min_children`` children)."""
+        return usable_samples(self.tree, self.tasks[key], self.check_counts(leaf_counts), self.min_children)
+
+    def check_counts(self, leaf_counts: np.ndarray) -> np.ndarray:
+        """A client's samples per label as integers, or a UsageError saying what was expected."""
         leaf_counts = np.asarray(leaf_counts, dtype=np.int64)
         if leaf_counts.shape != (self.tree.num_leaves,) or (leaf_counts < 0).any():
             raise UsageError(f"label counts must be {self.tree.num_leaves} non-negative integers, one per leaf")
-        return usable_samples(self.tree, self.tasks[key], leaf_counts, self.min_children)
+        return leaf_counts
 
     def client_seed(self, rnd: int, client: int) -> int:
         return stable_seed(self.seed, rnd, client)
