@@ -150,11 +150,11 @@ def extension_config(from_run: Path, new_tree: Hierarchy, kinds: list[str], hmoe
 
 
 def seed_extension(run_dir: Path, cfg: RunConfig, tree: Hierarchy, shape: tuple[int, int, int],
-                   kinds: list[str]) -> dict[str, str]:
+                   kinds: list[str]) -> None:
     """Write the starting checkpoints of a grown run that are not there yet (so a start that
     was cut off and resumed writes the rest): kept experts' files copied byte for byte,
     changed experts and the flat model extended (``extend_weights``), new experts left to
-    the federation's own initialisation. Returns what was written, per checkpoint."""
+    the federation's own initialisation."""
     import torch
 
     from trainer.checkpoint import load_checkpoint, save_checkpoint
@@ -164,7 +164,6 @@ def seed_extension(run_dir: Path, cfg: RunConfig, tree: Hierarchy, shape: tuple[
     ext, run_dir = cfg.extends, Path(run_dir)
     old = Path(ext["from_run"])
     old_cfg, old_tree, _ = run_files(old)
-    written: dict[str, str] = {}
 
     def fresh(key: str, task: Task) -> Weights:   # what Federation would initialise it to
         torch.manual_seed(stable_seed(cfg.seed, "init", key))
@@ -180,13 +179,11 @@ def seed_extension(run_dir: Path, cfg: RunConfig, tree: Hierarchy, shape: tuple[
             dst.parent.mkdir(parents=True, exist_ok=True)
             if key in ext["kept"]:
                 shutil.copyfile(src, dst)
-                written[key] = "kept"
             else:
                 weights, _, _ = load_checkpoint(src)
                 start = extend_weights(weights, _children(old_tree, key), _children(tree, key),
                                        fresh(key, new_tasks[key]))
                 save_checkpoint(dst, start, new_tasks[key].net, {"node": key, "round": None, "grown_from": str(src)})
-                written[key] = "changed"
     if "flat" in kinds and not (run_dir / "flat.safetensors").exists():
         task = make_tasks(tree, "flat", shape, cfg.flat_width, cfg.depth)[FLAT]
         weights, net, _ = load_checkpoint(old / "flat.safetensors")
@@ -196,5 +193,3 @@ def seed_extension(run_dir: Path, cfg: RunConfig, tree: Hierarchy, shape: tuple[
         start = extend_weights(weights, _leaves(old_tree), _leaves(tree), fresh(FLAT, task))
         save_checkpoint(run_dir / "flat.safetensors", start, task.net,
                         {"node": FLAT, "round": None, "grown_from": str(old / "flat.safetensors")})
-        written[FLAT] = "changed"
-    return written
