@@ -34,18 +34,20 @@ def machine() -> dict:
             "memory_gb": round(psutil.virtual_memory().total / 2**30, 2), "platform": platform.platform()}
 
 
-def inference(bundle: str | os.PathLike, images: np.ndarray, modes=MODES, threads: int = 1) -> dict:
+def inference(bundle: str | os.PathLike, images: np.ndarray, modes=MODES, threads: int = 1,
+              variant: str = "fp32") -> dict:
     """Per mode: median and p95 latency (batch 1) and resident memory the loaded models add over
-    the ready engine (and over onnxruntime merely imported)."""
+    the ready engine (and over onnxruntime merely imported); ``variant`` int8 uses the bundle's
+    quantized models."""
     b = load_bundle(bundle)
     out = {}
     with tempfile.TemporaryDirectory(prefix="hmoe-bench-") as tmp:
         np.save(Path(tmp) / "x.npy", np.ascontiguousarray(images, dtype=np.float32))
         for mode in modes:
-            if mode == "flat" and b.flat is None:
+            if mode == "flat" and (b.flat is None or (variant == "int8" and "flat" not in b.int8_entries())):
                 continue
             proc = subprocess.run([sys.executable, "-m", "edge_runtime.bench_worker", str(bundle), mode,
-                                   str(Path(tmp) / "x.npy"), str(threads)], capture_output=True, text=True)
+                                   str(Path(tmp) / "x.npy"), str(threads), variant], capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"bench worker ({mode}) failed: {proc.stderr.strip()[-1500:]}")
             out[mode] = json.loads(proc.stdout.strip().splitlines()[-1])

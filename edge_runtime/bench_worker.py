@@ -1,8 +1,9 @@
 """Child process of edge_runtime.bench: one loading mode, latency and resident memory.
 
-Usage: python -m edge_runtime.bench_worker BUNDLE MODE IMAGES.npy THREADS
+Usage: python -m edge_runtime.bench_worker BUNDLE MODE IMAGES.npy THREADS [VARIANT]
 MODE: path (greedy, only the experts a decision visits, cache bounded to one path),
 all (every expert preloaded, not the flat model), flat (the flat model alone).
+VARIANT: fp32 (default) or int8 (the bundle's quantized models).
 
 Resident memory is read three times: idle (onnxruntime imported, manifest read),
 ready (the engine open, which pays onnxruntime's once-per-process start-up with a
@@ -24,7 +25,7 @@ def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def main(bundle: str, mode: str, images: str, threads: int) -> int:
+def main(bundle: str, mode: str, images: str, threads: int, variant: str = "fp32") -> int:
     import onnxruntime  # noqa: F401  (part of the idle runtime)
 
     from edge_runtime.bundle import load_bundle
@@ -37,11 +38,12 @@ def main(bundle: str, mode: str, images: str, threads: int) -> int:
     # model (edge_runtime.engine.warm_up_runtime): "ready" is the engine open, no expert loaded.
     t = time.perf_counter()
     if mode == "path":
-        longest = max((sum(b.experts[b.tree.names[v]].bytes for v in b.tree.path(int(leaf))
-                           if b.tree.names[v] in b.experts) for leaf in b.tree.leaves), default=0)
-        engine = Engine(b, memory_budget_mb=longest / 2**20, threads=threads)
+        models = b.int8_entries() if variant == "int8" else b.experts
+        longest = max((sum(models[b.tree.names[v]].bytes for v in b.tree.path(int(leaf))
+                           if b.tree.names[v] in models) for leaf in b.tree.leaves), default=0)
+        engine = Engine(b, memory_budget_mb=longest / 2**20, threads=threads, variant=variant)
     elif mode in ("all", "flat"):
-        engine = Engine(b, threads=threads)
+        engine = Engine(b, threads=threads, variant=variant)
     else:
         raise SystemExit(f"unknown mode {mode!r}; expected path, all or flat")
     open_ms = (time.perf_counter() - t) * 1000
@@ -55,23 +57,27 @@ def main(bundle: str, mode: str, images: str, threads: int) -> int:
     first_ms = (time.perf_counter() - t) * 1000
     after_one = rss_mb()
     loaded_after_one = list(engine.loaded)
-    times = []
+    times, evaluated = [], []
     for i in range(len(x)):
         t = time.perf_counter()
-        run(i)
+        r = run(i)
         times.append((time.perf_counter() - t) * 1000)
+        if mode != "flat":
+            evaluated.append(r[0].experts_evaluated)
     out = {"mode": mode, "idle_mb": idle, "ready_mb": ready, "resident_mb": after_one,
            "added_mb": after_one - ready, "added_mb_over_import": after_one - idle,
            "resident_mb_end": rss_mb(), "loaded_after_one": loaded_after_one,
            "open_ms": open_ms, "first_prediction_ms": first_ms,
            "latency_ms_median": float(np.median(times)), "latency_ms_p95": float(np.percentile(times, 95)),
-           "images": int(len(x)), "cache_misses": engine.stats.misses, "torch_loaded": "torch" in sys.modules}
+           "images": int(len(x)), "cache_misses": engine.stats.misses, "torch_loaded": "torch" in sys.modules,
+           "variant": variant, "experts_per_input": float(np.mean(evaluated)) if evaluated else None,
+           "max_experts_per_input": int(max(evaluated)) if evaluated else None}
     print(json.dumps(out))
     return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 5:
+    if len(sys.argv) not in (5, 6):
         print(__doc__, file=sys.stderr)
         sys.exit(2)
-    sys.exit(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])))
+    sys.exit(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), *sys.argv[5:]))

@@ -147,3 +147,26 @@ def test_run_without_input_spec_says_how_to_repair(tmp_path):
     (tmp_path / "run" / "input.json").unlink()
     with pytest.raises(RunError, match="input.json.*hmoe train --out .* --resume"):
         Coordinator(tmp_path / "run", tmp_path / "db.sqlite", SECRET)
+
+
+def test_balanced_epochs_never_exceed_the_roots_round_in_samples_or_steps():
+    """An expert's round, in samples passed and in optimizer steps, stays within the root's
+    (one pass over all the client's samples), and is at least one epoch (issue #15: counting
+    samples alone gave a client with 3 samples under an expert 1000 one-batch epochs)."""
+    import math
+
+    from trainer.strategy import balanced_epochs
+    for client in (1, 3, 31, 32, 33, 100, 999, 3000):
+        for task in range(1, client + 1, max(1, client // 37)):
+            for batch in (1, 8, 32, 64):
+                e = balanced_epochs(client, task, batch)
+                assert e >= 1
+                if e > 1:
+                    assert e * task <= client
+                    assert e * math.ceil(task / batch) <= math.ceil(client / batch)
+                # and it is the largest such count
+                more = e + 1
+                assert more * task > client or more * math.ceil(task / batch) > math.ceil(client / batch)
+    assert balanced_epochs(3000, 3, 32) == 94      # samples alone would say 1000
+    assert balanced_epochs(3000, 300, 32) == 9     # samples alone would say 10
+    assert balanced_epochs(3000, 0, 32) == 1

@@ -17,15 +17,19 @@ from trainer.fedavg import Weights
 from trainer.nets import NetConfig, analytic_bytes
 
 MB = 1024 * 1024
+# time_ms: wall time; mem_mb: peak resident-set growth; live_mb: peak bytes of live torch tensors
+# in one step (deterministic); analytic_mb: parameters + gradients + optimizer state + activations
+COST_METRICS = ("time_ms", "mem_mb", "live_mb", "analytic_mb")
 
 
 def measure_update(net: NetConfig, weights: Weights, x: np.ndarray, y: np.ndarray, local: LocalConfig,
                    mean: tuple[float, ...], std: tuple[float, ...], seed: int, device: str = "cpu",
                    threads: int | None = None, timeout: float = 1800, repeats: int = 3,
-                   micro_batch: int | None = None) -> dict:
+                   micro_batch: int | None = None, live_peak: bool = False) -> dict:
     """Run one local update in a new Python process (trainer.cost_worker) and return
     its peak RSS growth over the idle process (MB) and its wall time (ms, the median of
-    ``repeats`` identical updates in that process)."""
+    ``repeats`` identical updates in that process); with ``live_peak``, also the peak of
+    live torch tensors during one step (``live_peak_mb``, trainer.cost_worker.live_tensor_peak)."""
     from safetensors.numpy import save_file
     with tempfile.TemporaryDirectory(prefix="hmoe-cost-") as tmp:
         tmp_path = Path(tmp)
@@ -34,7 +38,7 @@ def measure_update(net: NetConfig, weights: Weights, x: np.ndarray, y: np.ndarra
         save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(tmp_path / "w.safetensors"))
         spec = {"net": json.loads(net.to_json()), "local": local.to_dict(), "mean": list(mean), "std": list(std),
                 "seed": seed, "device": device, "threads": threads, "repeats": repeats,
-                "micro_batch": micro_batch}
+                "micro_batch": micro_batch, "live_peak": live_peak}
         (tmp_path / "spec.json").write_text(json.dumps(spec))
         proc = subprocess.run([sys.executable, "-m", "trainer.cost_worker", tmp], capture_output=True,
                               text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -50,11 +54,13 @@ def summarize_costs(per_task: dict[str, dict]) -> dict:
     experts = {k: v for k, v in per_task.items() if k != "flat"}
     out: dict[str, dict] = {"per_task": per_task}
     if "flat" in per_task:
-        out["flat"] = {m: per_task["flat"][m] for m in ("time_ms", "mem_mb", "analytic_mb")}
+        out["flat"] = {m: per_task["flat"][m] for m in COST_METRICS if m in per_task["flat"]}
     if experts:
         for name, pick in (("hmoe_max", max), ("hmoe_min", min)):
             row = {}
-            for m in ("time_ms", "mem_mb", "analytic_mb"):
+            for m in COST_METRICS:
+                if not all(m in v for v in experts.values()):
+                    continue
                 key = pick(experts, key=lambda k: experts[k][m])
                 row[m], row[f"{m}_expert"] = experts[key][m], key
                 if "flat" in out and out["flat"][m]:
@@ -67,7 +73,7 @@ def task_cost(net: NetConfig, weights: Weights, clients: list[tuple[np.ndarray, 
               mean: tuple[float, ...], std: tuple[float, ...], seed: int, device: str = "cpu") -> dict:
     """Median over the given clients' local updates (images, targets, hyper-parameters),
     beside the analytic count."""
-    runs = [measure_update(net, weights, x, y, local, mean, std, seed + i, device)
+    runs = [measure_update(net, weights, x, y, local, mean, std, seed + i, device, live_peak=True)
             for i, (x, y, local) in enumerate(clients)]
     local = clients[0][2]
     slots = 2 if local.optimizer == "adam" else (1 if local.momentum else 0)
@@ -76,6 +82,7 @@ def task_cost(net: NetConfig, weights: Weights, clients: list[tuple[np.ndarray, 
         "time_ms": float(np.median([r["time_ms"] for r in runs])),
         "mem_mb": float(np.median([r["mem_mb"] for r in runs])),
         "mem_mb_max": float(np.max([r["mem_mb"] for r in runs])),
+        "live_mb": float(np.median([r["live_peak_mb"] for r in runs])),
         "analytic_mb": analytic["total"] / MB,
         "analytic": {k: v / MB for k, v in analytic.items()},
         "samples": [int(len(y)) for _, y, _ in clients],

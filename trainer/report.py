@@ -142,27 +142,29 @@ def summary(report: dict) -> dict:
                          extra: r["test"]}
     cost = report.get("cost", {})
     if all(k in cost for k in ("flat", "hmoe_max", "hmoe_min")):
-        out["cost"] = {k: {"time_ms": cost[k]["time_ms"], "mem_mb": cost[k]["mem_mb"],
-                           "analytic_mb": cost[k]["analytic_mb"]} for k in ("flat", "hmoe_max", "hmoe_min")}
+        out["cost"] = {k: {m: cost[k][m] for m in ("time_ms", "mem_mb", "live_mb", "analytic_mb") if m in cost[k]}
+                       for k in ("flat", "hmoe_max", "hmoe_min")}
         out["cost"]["hmoe_max"]["experts"] = {m: cost["hmoe_max"][f"{m}_expert"] for m in ("time_ms", "mem_mb")}
     if "hmoe" in out and "flat" in out:
         out["ratios"] = {"info_f1_hmoe_over_flat": out["hmoe"]["info_f1"] / out["flat"]["info_f1"]}
         if "cost" in out:
             c = out["cost"]
             for size, row in (("largest", "hmoe_max"), ("smallest", "hmoe_min")):
-                for short, metric in (("time", "time_ms"), ("mem", "mem_mb")):
-                    out["ratios"][f"{short}_{size}_expert_over_flat"] = c[row][metric] / c["flat"][metric]
+                for short, metric in (("time", "time_ms"), ("mem", "mem_mb"), ("live_mem", "live_mb")):
+                    if metric in c[row] and c["flat"].get(metric):
+                        out["ratios"][f"{short}_{size}_expert_over_flat"] = c[row][metric] / c["flat"][metric]
     return out
 
 
 def table1(s: dict) -> str:
     """The source paper's Table 1 layout."""
-    lines = [f"{'model':<24}{'Information F1':>16}{'time / round (ms)':>24}{'memory / round (MB)':>26}"]
+    lines = [f"{'model':<24}{'Information F1':>16}{'time / round (ms)':>24}{'memory / round (MB)':>26}"
+             f"{'live tensors (MB)':>24}"]
     cost = s.get("cost", {})
     flat_c = cost.get("flat")
 
     def cell(row: dict | None, metric: str, fmt: str) -> str:
-        if not row:
+        if not row or metric not in row:
             return "n/a"
         text = format(row[metric], fmt)
         return f"{text} ({100 * row[metric] / flat_c[metric]:.1f}%)" if flat_c and flat_c[metric] else text
@@ -172,7 +174,8 @@ def table1(s: dict) -> str:
             ("HMoE, smallest expert", None, cost.get("hmoe_min"))]
     for name, f1, c in rows:
         f1_text = f"{f1:.5f}" if f1 is not None else ""
-        lines.append(f"{name:<24}{f1_text:>16}{cell(c, 'time_ms', '.0f'):>24}{cell(c, 'mem_mb', '.1f'):>26}")
+        lines.append(f"{name:<24}{f1_text:>16}{cell(c, 'time_ms', '.0f'):>24}{cell(c, 'mem_mb', '.1f'):>26}"
+                     f"{cell(c, 'live_mb', '.1f'):>24}")
     if "ratios" in s:
         lines.append(f"\nHMoE greedy / flat Information F1: {s['ratios']['info_f1_hmoe_over_flat']:.3f}")
     for kind in ("hmoe", "flat"):

@@ -46,8 +46,8 @@ class RunConfig:
     flat_width: int = 32
     depth: int = 0
     local: LocalConfig = field(default_factory=LocalConfig)
-    balanced_epochs: bool = True  # HMoE: a client runs floor(its samples / its samples under the
-                                  # expert) epochs, so no expert's round costs more than the root's
+    balanced_epochs: bool = True  # HMoE: as many epochs as fit in the root's round, in samples and in
+                                  # optimizer steps (strategy.balanced_epochs); False: the paper's one
     lr_decay: str = "cosine"      # cosine: client lr falls from lr to lr/10 over the run; none: constant
     aggregation: str = "fedavg"   # fedavg | median | trimmed-mean[:SHARE]
     influence_bound: float = 3.0  # a client's change and sample count count at most this x the round's median

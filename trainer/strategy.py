@@ -21,6 +21,21 @@ LR_DECAYS = ("cosine", "none")
 ASSIGNMENTS = ("one", "resource-aware")
 
 
+
+def balanced_epochs(client_samples: int, task_samples: int, batch_size: int) -> int:
+    """Local epochs of an expert whose task holds ``task_samples`` of a client's
+    ``client_samples``: as many passes as fit in the root expert's round (one pass over all
+    ``client_samples``), counted both in samples and in optimizer steps, and at least one.
+
+    Counting samples alone, floor(client / task), lets a client with a handful of samples
+    under an expert run hundreds of one-batch epochs: per-step overhead then makes that
+    round cost several times the root's (docs/COSTS.md, "Local epochs")."""
+    if task_samples <= 0:
+        return 1
+    by_samples = client_samples // task_samples
+    by_steps = math.ceil(client_samples / batch_size) // math.ceil(task_samples / batch_size)
+    return max(1, min(by_samples, by_steps))
+
 class StrategyError(HmoeError, ValueError):
     """A strategy's saved state does not fit the run it is asked to drive."""
 
@@ -209,12 +224,13 @@ class Strategy:
                       max_epochs: int = 0) -> LocalConfig:
         """Hyper-parameters for training ``key`` in round ``rnd`` on a client holding
         ``client_samples`` samples, ``task_samples`` of them under the task. With balanced
-        epochs an expert runs floor(client_samples / task_samples) epochs, so no expert's
-        round costs that client more than the root expert's round; ``max_epochs`` (0: no
-        limit) caps the balanced epochs at what the client's round deadline allows."""
+        epochs an expert runs ``balanced_epochs(client_samples, task_samples, batch)`` times
+        the configured epochs, so no expert's round costs that client more than the root
+        expert's round, in samples or in optimizer steps; ``max_epochs`` (0: no limit) caps
+        the balanced epochs at what the client's round deadline allows."""
         local = replace(self.local, lr=self.lr(rnd))
         if self.balanced_epochs and self.tasks[key].node >= 0 and task_samples > 0:
-            epochs = local.epochs * max(1, client_samples // task_samples)
+            epochs = local.epochs * balanced_epochs(client_samples, task_samples, local.batch_size)
             local = replace(local, epochs=min(epochs, max(local.epochs, max_epochs)) if max_epochs else epochs)
         return local
 
