@@ -5,13 +5,15 @@ STAMP    := $(VENV)/.hmoe-installed
 APT_PKGS := dataset-fashion-mnist wordnet-base wordnet-sense-index iproute2
 PYTEST_ARGS ?=
 
-.PHONY: setup system-packages test test-fast demo device-check clean help
+.PHONY: setup system-packages test test-fast demo device-check bench bench-quick clean help
 
 help:
 	@echo "make test       set up (.venv, Debian data packages) and run the whole test suite"
 	@echo "make test-fast  the same without tests marked slow"
 	@echo "make demo       set up, then train HMoE and flat softmax on real Fashion-MNIST"
 	@echo "make device-check  (root) the edge runtime on an emulated arm64 Debian userland (after make demo)"
+	@echo "make bench      regenerate every benchmark and BENCHMARKS.md (about an hour on 2 cores)"
+	@echo "make bench-quick  the same with smaller N and fewer repeats, into runs/bench-quick/ (about 10 min)"
 
 setup: system-packages $(STAMP)
 
@@ -47,6 +49,13 @@ DEVICE_CHECK_ARGS ?=
 device-check: setup
 	@test -f runs/demo/bundle/manifest.json || $(MAKE) demo
 	$(PY) benchmarks/device_check.py $(DEVICE_CHECK_ARGS)
+
+# BENCHMARKS.md and docs/results/bench/ (benchmarks/bench.py says what each step runs).
+bench: setup
+	$(PY) benchmarks/bench.py
+
+bench-quick: setup
+	$(PY) benchmarks/bench.py --quick
 
 clean:
 	rm -rf runs .pytest_cache

@@ -161,7 +161,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     runs = [one_run(args) for _ in range(args.repeat)]
     kinds = [k for k in PHASES if all(k in r["latency_ms"] for r in runs)]
-    result = {"devices": args.devices, "expert_width": args.width, "load_processes": args.procs,
+    result = {"command": "python benchmarks/coordinator_load.py " + " ".join(sys.argv[1:]), "devices": args.devices, "expert_width": args.width, "load_processes": args.procs,
               "update_bytes": runs[0]["update_bytes"], "cpu_cores": os.cpu_count(),
               "errors": sum(r["errors"] for r in runs),
               "p95_ms_median_of_runs": {k: float(np.median([r["latency_ms"][k]["p95"] for r in runs])) for k in kinds},

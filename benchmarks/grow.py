@@ -153,8 +153,8 @@ def collect(out: Path, scenario: str) -> dict:
             "plan": {k: ext[k] for k in ("kept", "changed", "new")}, "rows": rows, "summary": summary}
 
 
-def write_outputs(out: Path, results: list[dict], meta: dict) -> None:
-    (out / "results.json").write_text(json.dumps({**meta, "scenarios": results}, indent=1) + "\n")
+def results_lines(results: list[dict]) -> list[str]:
+    """The Markdown of results.json's scenarios (also rendered into BENCHMARKS.md)."""
     lines = []
     for sc in results:
         p = sc["plan"]
@@ -173,6 +173,12 @@ def write_outputs(out: Path, results: list[dict], meta: dict) -> None:
                         "run's)" for k, v in s.items() if k != "goal"),
                   f"- goal (HMoE grown >= {GOAL_F1} of scratch F1 at <= {GOAL_COMPUTE} of its compute): "
                   f"{'met' if s['goal']['met'] else 'NOT met'}", ""]
+    return lines
+
+
+def write_outputs(out: Path, results: list[dict], meta: dict) -> None:
+    (out / "results.json").write_text(json.dumps({**meta, "scenarios": results}, indent=1) + "\n")
+    lines = results_lines(results)
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     import matplotlib

@@ -128,14 +128,20 @@ def collect(job: dict) -> dict:
             "client_rounds_per_tier": fam["trained_client_rounds_per_tier"]}
 
 
-def write_outputs(out: Path, rows: list[dict], meta: dict) -> None:
-    (out / "results.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+def results_table(rows: list[dict]) -> list[str]:
+    """The Markdown table of results.json's rows (also rendered into BENCHMARKS.md)."""
     lines = ["| alpha | weak share | model | width | Information F1 | data used | client-rounds (weak) | "
              "not asked | device compute (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (-r["alpha"], r["weak_share"], MODELS.index(r["model"]))):
         lines.append(f"| {r['alpha']:g} | {r['weak_share']:.0%} | {r['model']} | {r['width']} | {r['info_f1']:.4f} | "
                      f"{r['data_used']:.1%} | {r['client_rounds']} ({r['client_rounds_per_tier'].get('weak', 0)}) | "
                      f"{r['unfit_client_rounds']} | {r['device_seconds']:.0f} |")
+    return lines
+
+
+def write_outputs(out: Path, rows: list[dict], meta: dict) -> None:
+    (out / "results.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+    lines = results_table(rows)
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     import matplotlib

@@ -41,6 +41,26 @@ def expert_onnx_bytes(bundle) -> int:
     return sum(e.bytes for e in bundle.experts.values())
 
 
+def results_lines(result: dict) -> list[str]:
+    """The Markdown of subtree_bundle.json (also rendered into BENCHMARKS.md)."""
+    run, dataset = result["run"], result["dataset"]
+    f = result["full"]
+    lines = [f"Run `{run}` ({dataset}); full bundle: {len(f['experts'])} experts, "
+             f"{f['disk_bytes_without_flat'] / 1e6:.2f} MB on disk without the flat model "
+             f"({f['disk_bytes'] / 1e6:.2f} MB with it), expert ONNX files {f['expert_onnx_bytes'] / 1e6:.3f} MB.", "",
+             "| subtree | experts | disk (MB) | disk / full (no flat) | expert ONNX / full | resident, all loaded (MB): "
+             "subtree / full | added by the models (MB): subtree / full | test images under it | decisions "
+             "differing from the full model's | leaf accuracy there |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for node, s in result["subtrees"].items():
+        m = s["memory"]
+        lines.append(f"| {node} | {', '.join(s['experts'])} | {s['disk_bytes'] / 1e6:.2f} | {s['disk_ratio']:.3f} | "
+                     f"{s['expert_onnx_ratio']:.3f} | {m['subtree']['all']['resident_mb']:.1f} / "
+                     f"{m['full']['all']['resident_mb']:.1f} | {m['subtree']['all']['added_mb']:.2f} / "
+                     f"{m['full']['all']['added_mb']:.2f} | {s['test_images_under']} | {s['decisions_differing']} | "
+                     f"{s['leaf_accuracy_under']:.4f} |")
+    return lines
+
+
 def main() -> int:
     from edge_runtime import bench
     from edge_runtime.bundle import load_bundle
@@ -103,20 +123,7 @@ def main() -> int:
     result["command"] = " ".join(sys.argv)
     out.mkdir(parents=True, exist_ok=True)
     (out / "subtree_bundle.json").write_text(json.dumps(result, indent=1) + "\n")
-    f = result["full"]
-    lines = [f"Run `{run}` ({cfg.dataset}); full bundle: {len(f['experts'])} experts, "
-             f"{f['disk_bytes_without_flat'] / 1e6:.2f} MB on disk without the flat model "
-             f"({f['disk_bytes'] / 1e6:.2f} MB with it), expert ONNX files {f['expert_onnx_bytes'] / 1e6:.3f} MB.", "",
-             "| subtree | experts | disk (MB) | disk / full (no flat) | expert ONNX / full | resident, all loaded (MB): "
-             "subtree / full | added by the models (MB): subtree / full | test images under it | decisions "
-             "differing from the full model's | leaf accuracy there |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for node, s in result["subtrees"].items():
-        m = s["memory"]
-        lines.append(f"| {node} | {', '.join(s['experts'])} | {s['disk_bytes'] / 1e6:.2f} | {s['disk_ratio']:.3f} | "
-                     f"{s['expert_onnx_ratio']:.3f} | {m['subtree']['all']['resident_mb']:.1f} / "
-                     f"{m['full']['all']['resident_mb']:.1f} | {m['subtree']['all']['added_mb']:.2f} / "
-                     f"{m['full']['all']['added_mb']:.2f} | {s['test_images_under']} | {s['decisions_differing']} | "
-                     f"{s['leaf_accuracy_under']:.4f} |")
+    lines = results_lines(result)
     (out / "subtree_bundle.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if all(s["decisions_differing"] == 0 for s in result["subtrees"].values()) else 1

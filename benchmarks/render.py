@@ -1,0 +1,288 @@
+"""Render BENCHMARKS.md from the benchmarks' JSON files; no number in it is typed by hand.
+
+    python benchmarks/render.py                                   # docs/results/bench -> BENCHMARKS.md
+    python benchmarks/render.py --results runs/bench-quick/results --out runs/bench-quick/BENCHMARKS.md
+    python benchmarks/render.py --check                           # exit 1 if BENCHMARKS.md is stale
+
+Reads, from --results: bench.json (what `benchmarks/bench.py` ran, how long, on what),
+table1.json, tradeoffs.json, edge_inference.json, coordinator_load.json, flower_scale.json;
+and, from --fleet-results, the committed results of the longer fleet benchmarks
+(mixed_fleet/, grow/, grow-min-children-2/, subtree_bundle/), which `make bench` renders
+but does not run again (each takes 20 to 50 minutes on two cores). A missing file leaves
+its section saying which command writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+POLICY_TEXT = {"paper": "paper (one epoch on the samples under the expert)",
+               "balanced": "balanced (epochs fit in the root's round, in samples and in steps)"}
+ROW_TEXT = {"flat": "flat softmax", "hmoe_max": "HMoE, largest expert", "hmoe_min": "HMoE, smallest expert"}
+
+
+def load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def rel(target: Path, out: Path) -> str:
+    return os.path.relpath(target, out.parent).replace(os.sep, "/")
+
+
+def shown(path: Path) -> str:
+    """A path as the command line would name it: relative to the repository when inside it."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(path)
+
+
+def f(v, fmt: str = ".1f", none: str = "-") -> str:
+    return none if v is None else format(v, fmt)
+
+
+def span(d: dict, fmt: str) -> str:
+    """median (min-max) of a measured figure."""
+    return f"{d['median']:{fmt}} ({d['min']:{fmt}}–{d['max']:{fmt}})"
+
+
+def machine_line(m: dict | None) -> str:
+    if not m:
+        return "machine not recorded"
+    return (f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('memory_gb', '?')} GB, "
+            f"torch {m.get('torch', '?')}, Python {m.get('python', '?')}")
+
+
+# ------------------------------------------------------------------------------ Table 1
+def table1_section(t: dict | None, out: Path, results: Path) -> list[str]:
+    lines = ["## Table 1: per-round client cost on the paper's shapes", ""]
+    if t is None:
+        return lines + ["Not measured: run `python benchmarks/table1.py` (or `make bench`).", ""]
+    lines += [f"Command: `{t['command']}`; commit `{t['commit']}`; {machine_line(t['machine'])}; "
+              f"{t['repeats']} repeats of every measured task, each in a fresh process with "
+              f"{t['threads']} torch thread; {t['seconds'] / 60:.1f} min.", "",
+              f"Ratios: {t['ratio_basis']}.", "",
+              f"![Table 1]({rel(results / 'table1.png', out)})", ""]
+    for shape, s in t["shapes"].items():
+        lines += [f"### {s['label']}", "",
+                  f"`{s['dataset']}`: {s['train_samples']:,} training images, {s['experts']} experts, leaves up to "
+                  f"{s['tree_depth']} levels deep; {s['clients']} clients (Dirichlet 0.5), the measured one "
+                  f"(client {s['client']}) holds {s['client_samples']:,} samples; batch {s['batch_size']}; expert "
+                  f"width {s['widths']['expert']}, flat width {s['widths']['flat']}.", "",
+                  "| policy | model | time / round, ms: median (min–max) | % of flat | resident growth, MB: median "
+                  "(min–max) | % of flat | live tensors, MB | % of flat | analytic MB | optimizer steps | client "
+                  "GMAC | paper: time % / memory % |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        paper = s.get("paper") or {}
+        for p, pol in s["policies"].items():
+            per, rows = pol["per_task"], pol["rows"]
+            for name in ("flat", "hmoe_max", "hmoe_min"):
+                if name == "flat" and p != next(iter(s["policies"])):
+                    continue
+                if name == "flat":
+                    d = per["flat"]
+                    pp = paper.get("flat")
+                    ref = f"{pp['time_ms']:g} ms / {pp['mem_mb']:g} MB" if pp else ""
+                    lines.append(f"| all | {ROW_TEXT[name]} | {span(d['time_ms'], '.0f')} | 100 | "
+                                 f"{span(d['rss_mb'], '.1f')} | 100 | {d['live_mb']['median']:.2f} | 100 | "
+                                 f"{d['analytic_mb']:.1f} | {d['steps']} | {d['gmacs']:.2f} | {ref} |")
+                    continue
+                r = rows[name]
+                pp = paper.get(name)
+                ref = f"{pp['time_pct']:g} / {pp['mem_pct']:g}" if pp else ""
+
+                def measured(metric: str, fmt: str) -> str:
+                    return f"{span(per[r[metric + '_expert']][metric], fmt)} {r[metric + '_expert']}"
+                lines.append(f"| {p} | {ROW_TEXT[name]} | {measured('time_ms', '.0f')} | "
+                             f"{r['time_ms_pct_of_flat']:.1f} | {measured('rss_mb', '.1f')} | "
+                             f"{r['rss_mb_pct_of_flat']:.1f} | {r['live_mb']:.2f} {r['live_mb_expert']} | "
+                             f"{r['live_mb_pct_of_flat']:.1f} | {r['analytic_mb']:.1f} | {r['steps']} "
+                             f"{r['steps_expert']} | {r['gmacs']:.3f} {r['gmacs_expert']} | {ref} |")
+        lines += [""]
+        for p, pol in s["policies"].items():
+            n_exp = len([k for k in pol["per_task"] if k != "flat"])
+            lines.append(f"- {POLICY_TEXT[p]}: measured {len(pol['measured'])} of {n_exp} experts "
+                         f"({', '.join(pol['measured'])}); largest spread (max − min) / median over repeats: "
+                         f"resident growth {pol['max_rss_spread']:.0%}, time {pol['max_time_spread']:.0%}"
+                         f"{'' if pol['max_rss_spread'] <= 0.10 else ' (over 10%: lead with the live-tensor figure)'}.")
+        lines.append("")
+    q = t.get("fashion_mnist_f1") or {}
+    if q:
+        lines += ["### Fashion-MNIST Information F1 under each policy", "",
+                  "| policy | run | HMoE greedy Information F1 | flat Information F1 | HMoE total client GMAC |",
+                  "|---|---|---|---|---|"]
+        for p, r in q.items():
+            lines.append(f"| {POLICY_TEXT.get(p, p)} | `{r['run']}` | {f(r['hmoe_info_f1'], '.4f')} | "
+                         f"{f(r['flat_info_f1'], '.4f')} | {f(r['hmoe_total_client_gmacs'], '.0f')} |")
+        lines.append("")
+    return lines
+
+
+# ------------------------------------------------------------------------------ trade-offs
+def tradeoffs_section(t: dict | None, out: Path, results: Path) -> list[str]:
+    lines = ["## Trade-offs on Fashion-MNIST", ""]
+    if t is None:
+        return lines + ["Not measured: run `python benchmarks/tradeoffs.py` (or `make bench`).", ""]
+    pts = t["sweep"]["points"]
+    front = {c: set(v) for c, v in t["sweep"]["pareto"].items()}
+    lines += [f"Command: `{t['command']}`; commit `{t['commit']}`; {machine_line(t['machine'])}. Memory: "
+              f"{t['memory_basis']}.", "", f"![Trade-offs]({rel(results / 'tradeoffs.png', out)})", "",
+              "### Width sweep", "",
+              "| model | width | rounds | Information F1 | live tensors, MB | analytic MB | resident growth, MB | "
+              "total client GMAC | on the Pareto front (memory / compute) |", "|---|---|---|---|---|---|---|---|---|"]
+    for i, p in enumerate(pts):
+        marks = " / ".join("yes" if i in front[c] else "no" for c in ("live_mb", "total_client_gmacs"))
+        lines.append(f"| {p['model']} | {p['width']} | {p['rounds']} | {p['info_f1']:.4f} | {f(p['live_mb'], '.2f')} | "
+                     f"{f(p['analytic_mb'])} | {f(p['rss_mb'])} | {p['total_client_gmacs']:.0f} | {marks} |")
+    c = t["compute_to_f1"]
+    lines += ["", "### Client compute to reach a validation Information F1", "", c["note"] + ".", "",
+              "| model | width | " + " | ".join(f"GMAC to F1 {x:g}" for x in c["targets"]) + " | final validation F1 |",
+              "|---|---|" + "---|" * len(c["targets"]) + "---|"]
+    for r in c["rows"]:
+        lines.append(f"| {r['model']} | {r['width']} | " + " | ".join(
+            f(r["gmacs_to_reach"][f"{x:g}"], ".0f", "not reached") for x in c["targets"]) +
+            f" | {f(r['final_val_f1'], '.4f')} |")
+    d = t["decoding"]
+    lines += ["", "### Decoding", "", f"`hmoe eval` on `{d['run']}` (test split).", "",
+              "| model | decoding | Information F1 | precision | recall | leaf accuracy | experts per input |",
+              "|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        lines.append(f"| {r['model']} | {r['decode']} | {r['info_f1']:.4f} | {r['info_precision']:.4f} | "
+                     f"{r['info_recall']:.4f} | {r['leaf_accuracy']:.4f} | {f(r.get('experts_per_input'), '.2f')} |")
+    return lines + [""]
+
+
+# ------------------------------------------------------------------------------ edge
+def edge_section(e: dict | None) -> list[str]:
+    lines = ["## Edge inference (onnxruntime, batch 1)", ""]
+    if e is None:
+        return lines + ["Not measured: run `python benchmarks/edge_inference.py` (or `make bench`).", ""]
+    lines += [f"Command: `{e['command']}`; {machine_line(e['machine'])}; {e['images']} images, {e['threads']} "
+              "thread, each mode and variant in a fresh process. 'path' loads only the experts a decision visits "
+              "(cache bounded to the longest path); 'all' preloads every expert; memory is what the models add over "
+              "the ready engine.", "",
+              "| bundle | experts (depth) | variant | mode | median ms | p95 ms | experts per input (max) | added MB "
+              "| resident MB |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, b in e["bundles"].items():
+        for variant in ("fp32", "int8"):
+            for mode, r in b[variant].items():
+                if not isinstance(r, dict):
+                    continue
+                per = "" if r.get("experts_per_input") is None else \
+                    f"{r['experts_per_input']:.2f} ({r['max_experts_per_input']})"
+                lines.append(f"| {name} | {b['experts']} ({b['tree_depth']}) | {variant} | {mode} | "
+                             f"{r['latency_ms_median']:.2f} | {r['latency_ms_p95']:.2f} | {per} | {r['added_mb']:.1f} | "
+                             f"{r['resident_mb']:.1f} |")
+    lines += ["", "| bundle | expert ONNX, fp32 MB | int8 MB | path-only / all, added memory (fp32) |", "|---|---|---|---|"]
+    for name, b in e["bundles"].items():
+        lines.append(f"| {name} | {b['expert_mb_on_disk']:.2f} | {b['int8_expert_mb_on_disk']:.2f} | "
+                     f"{f(b['fp32'].get('path_over_all_added'), '.3f')} |")
+    return lines + [""]
+
+
+# ------------------------------------------------------------------------------ fleet
+def fleet_section(results: Path, fleet: Path, out: Path) -> list[str]:
+    import grow
+    import mixed_fleet
+    import subtree_bundle
+    lines = ["## Fleets", ""]
+    c = load(results / "coordinator_load.json")
+    lines += ["### One coordinator under load", ""]
+    if c is None:
+        lines += ["Not measured: run `python benchmarks/coordinator_load.py` (or `make bench`).", ""]
+    else:
+        kinds = list(c["p95_ms_median_of_runs"])
+        lines += [f"`{c.get('command', 'python benchmarks/coordinator_load.py')}`: {c['devices']} devices at once, "
+                  f"{len(c['runs'])} runs against fresh coordinators, {c['cpu_cores']} cores, updates of "
+                  f"{c['update_bytes']:,} bytes; {c['errors']} errors.", "",
+                  "| p95 latency, ms | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds),
+                  "| median of runs | " + " | ".join(f"{c['p95_ms_median_of_runs'][k]:.0f}" for k in kinds) + " |",
+                  "| worst run | " + " | ".join(f"{c['p95_ms_worst_run'][k]:.0f}" for k in kinds) + " |", ""]
+    fl = load(results / "flower_scale.json")
+    lines += ["### Flower's simulation runtime at scale", ""]
+    if fl is None:
+        lines += ["Not measured: run `python benchmarks/flower_scale.py` (or `make bench`; needs the `flwr` extra).", ""]
+    else:
+        st = fl["settings"]
+        lines += [f"`{fl['command']}`; commit `{fl['commit']}`; {machine_line(fl['machine'])}.", "",
+                  "| virtual SuperNodes | sampled per round | rounds | wall (s) | to first round (s) | rounds / min after "
+                  "the first | peak memory, process tree (MB) |", "|---|---|---|---|---|---|---|",
+                  f"| {st['clients']} | {st['clients_per_round']} | {fl['rounds']} | {fl['wall_seconds']:.0f} | "
+                  f"{f(fl['seconds_to_first_round'], '.0f')} | {f(fl['rounds_per_minute_after_the_first'])} | "
+                  f"{fl['peak_rss_mb']:.0f} |", "", fl["memory_method"] + ".", ""]
+    m = load(fleet / "mixed_fleet" / "results.json")
+    lines += ["### Mixed fleets (weak devices)", ""]
+    if m is None:
+        lines += ["Not measured: `python benchmarks/mixed_fleet.py --out docs/results/mixed_fleet --jobs 2`.", ""]
+    else:
+        lines += [f"Not re-run by `make bench` (about {m['wall_seconds'] / 60:.0f} min); from "
+                  f"`{rel(fleet / 'mixed_fleet' / 'results.json', out)}`, commit `{m['commit']}`, "
+                  f"`{m['command']}`.", "", *mixed_fleet.results_table(m["rows"]), "",
+                  f"![mixed fleets]({rel(fleet / 'mixed_fleet' / 'f1_vs_weak_share.png', out)})", ""]
+    for folder, title in (("grow", "Growing the taxonomy"), ("grow-min-children-2", "Growing, --min-children 2")):
+        g = load(fleet / folder / "results.json")
+        lines += [f"### {title}", ""]
+        if g is None:
+            lines += [f"Not measured: `python benchmarks/grow.py --out docs/results/{folder}`.", ""]
+            continue
+        lines += [f"Not re-run by `make bench` (about {g['wall_seconds'] / 60:.0f} min); from "
+                  f"`{rel(fleet / folder / 'results.json', out)}`, commit `{g['commit']}`, `{g['command']}`.", "",
+                  *[ln.replace("### ", "#### ") for ln in grow.results_lines(g["scenarios"])],
+                  f"![grow]({rel(fleet / folder / 'f1_vs_compute.png', out)})", ""]
+    sb = load(fleet / "subtree_bundle" / "subtree_bundle.json")
+    lines += ["### Per-subtree bundles", ""]
+    if sb is None:
+        lines += ["Not measured: `python benchmarks/subtree_bundle.py`.", ""]
+    else:
+        lines += [f"Not re-run by `make bench`; from `{rel(fleet / 'subtree_bundle' / 'subtree_bundle.json', out)}`, "
+                  f"`{sb['command']}`.", "", *subtree_bundle.results_lines(sb), ""]
+    return lines
+
+
+# ------------------------------------------------------------------------------ page
+def render(results: Path, fleet: Path, out: Path) -> str:
+    b = load(results / "bench.json")
+    lines = ["# Benchmarks", "",
+             f"Generated by `python benchmarks/render.py --results {shown(results)} --out {shown(out)}` from the JSON "
+             "files "
+             "beside each table; do not edit by hand (a test checks this file against them).", ""]
+    if b:
+        steps = ", ".join(f"{k} {v / 60:.1f} min" for k, v in b["steps"].items())
+        lines += [f"Profile **{b['profile']}** (`{b['command']}`), started {b['started']}, commit `{b['commit']}`, "
+                  f"{machine_line(b['machine'])}; {b['seconds'] / 60:.1f} min in all ({steps}).", "",
+                  "How far the figures repeat: information F1 and every GMAC, step and analytic count are fixed by the "
+                  "seed and the data (same machine and seed); the live-tensor peaks are fixed by the torch build; "
+                  "times and resident growth move with the machine's load (min–max over repeats shown) and are only "
+                  "comparable as ratios measured in one run.", ""]
+    lines += table1_section(load(results / "table1.json"), out, results)
+    lines += tradeoffs_section(load(results / "tradeoffs.json"), out, results)
+    lines += edge_section(load(results / "edge_inference.json"))
+    lines += fleet_section(results, fleet, out)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", default=str(ROOT / "docs/results/bench"))
+    p.add_argument("--fleet-results", default=str(ROOT / "docs/results"))
+    p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    p.add_argument("--check", action="store_true", help="do not write; exit 1 if --out differs from the rendering")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    text = render(Path(args.results), Path(args.fleet_results), out)
+    if args.check:
+        same = out.is_file() and out.read_text() == text
+        print(f"{out}: {'matches' if same else 'DIFFERS FROM'} its JSON")
+        return 0 if same else 1
+    out.write_text(text)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""BENCHMARKS.md against its JSON, and the Table 1 benchmark's own measures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_benchmarks_md_matches_its_json():
+    """Every number in BENCHMARKS.md comes from docs/results: rendering them again gives the file."""
+    proc = subprocess.run([sys.executable, "benchmarks/render.py", "--check"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    t = json.loads((ROOT / "docs/results/bench/table1.json").read_text())
+    assert set(t["shapes"]) == {"fashion-mnist", "cifar100", "tiny-imagenet"}
+    for shape in t["shapes"].values():
+        assert set(shape["policies"]) == {"paper", "balanced"}
+        assert f"`{shape['dataset']}`" in text
+    assert t["repeats"] >= 3
+
+
+def test_live_tensor_peak_is_deterministic_and_follows_the_batch():
+    from trainer.client import LocalConfig, Normalizer
+    from trainer.config import NetConfig
+    from trainer.cost_worker import live_tensor_peak
+    from trainer.nets import analytic_bytes
+    net = NetConfig((1, 28, 28), 10, width=8).resolved()
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (64, 1, 28, 28), dtype=np.uint8), rng.integers(0, 10, 64)
+    norm = Normalizer((0.5,), (0.25,))
+    peaks = [live_tensor_peak(net, None, x, y, LocalConfig(batch_size=32), norm, "cpu", None) for _ in range(2)]
+    assert peaks[0] == peaks[1] > 0
+    small = live_tensor_peak(net, None, x, y, LocalConfig(batch_size=4), norm, "cpu", None)
+    assert small < peaks[0]
+    # the same order as the analytic count (parameters, gradients, momentum, one batch of activations)
+    analytic = analytic_bytes(net, 32, 1)["total"]
+    assert 0.3 * analytic < peaks[0] < 3 * analytic
+
+
+@pytest.mark.slow
+def test_table1_on_a_small_cifar100_shape(tmp_path):
+    """The benchmark runs end to end (fresh processes, both policies) and renders; the
+    balanced policy keeps every measured expert's round within the root's in steps."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import render
+    import table1
+    assert table1.main(["--out", str(tmp_path), "--shapes", "cifar100", "--scale", "0.03", "--repeats", "2",
+                        "--max-measured", "3"]) == 0
+    t = json.loads((tmp_path / "table1.json").read_text())
+    s = t["shapes"]["cifar100"]
+    assert s["experts"] == 21 and s["train_samples"] == 1500
+    for policy in ("paper", "balanced"):
+        per = s["policies"][policy]["per_task"]
+        assert "root" in s["policies"][policy]["measured"]
+        for key in s["policies"][policy]["measured"]:
+            assert len(per[key]["time_ms"]["values"]) == 2
+            assert per[key]["live_mb"]["min"] == per[key]["live_mb"]["max"]   # deterministic
+        if policy == "balanced":
+            assert all(v["steps"] <= per["root"]["steps"] for k, v in per.items() if k != "flat")
+        else:
+            assert all(v["epochs"] == 1 for k, v in per.items() if k != "flat")
+    text = render.render(tmp_path, ROOT / "docs/results", tmp_path / "BENCHMARKS.md")
+    assert "CIFAR-100 shape" in text and "74 / 96" in text
