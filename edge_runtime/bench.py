@@ -19,7 +19,7 @@ import numpy as np
 
 from edge_runtime.bundle import load_bundle
 
-MODES = ("path", "all", "flat")
+MODES = ("path", "all", "flat", "deepest")
 
 
 def machine() -> dict:

@@ -2,7 +2,9 @@
 
 Usage: python -m edge_runtime.bench_worker BUNDLE MODE IMAGES.npy THREADS [VARIANT]
 MODE: path (greedy, only the experts a decision visits, cache bounded to one path),
-all (every expert preloaded, not the flat model), flat (the flat model alone).
+all (every expert preloaded, not the flat model), flat (the flat model alone), deepest
+(every expert on the tree's longest root-to-leaf path run in turn on each image: what the
+deepest greedy decision costs, whatever the images).
 VARIANT: fp32 (default) or int8 (the bundle's quantized models).
 
 Resident memory is read three times: idle (onnxruntime imported, manifest read),
@@ -42,17 +44,28 @@ def main(bundle: str, mode: str, images: str, threads: int, variant: str = "fp32
         longest = max((sum(models[b.tree.names[v]].bytes for v in b.tree.path(int(leaf))
                            if b.tree.names[v] in models) for leaf in b.tree.leaves), default=0)
         engine = Engine(b, memory_budget_mb=longest / 2**20, threads=threads, variant=variant)
-    elif mode in ("all", "flat"):
+    elif mode in ("all", "flat", "deepest"):
         engine = Engine(b, threads=threads, variant=variant)
     else:
-        raise SystemExit(f"unknown mode {mode!r}; expected path, all or flat")
+        raise SystemExit(f"unknown mode {mode!r}; expected path, all, flat or deepest")
     open_ms = (time.perf_counter() - t) * 1000
     gc.collect()
     ready = rss_mb()
     t = time.perf_counter()
     if mode == "all":
         engine.preload()
-    run = (lambda i: engine.flat_nodes(x[i:i + 1])) if mode == "flat" else (lambda i: engine.predict(x[i:i + 1]))
+    names = b.tree.names
+    deepest = max(([names[v] for v in b.tree.path(int(leaf)) if names[v] in engine.entries] for leaf in b.tree.leaves),
+                  key=len)
+    if mode == "flat":
+        def run(i):
+            return engine.flat_nodes(x[i:i + 1])
+    elif mode == "deepest":
+        def run(i):
+            return [engine.run(k, x[i:i + 1]) for k in deepest]
+    else:
+        def run(i):
+            return engine.predict(x[i:i + 1])
     run(0)
     first_ms = (time.perf_counter() - t) * 1000
     after_one = rss_mb()
@@ -62,7 +75,9 @@ def main(bundle: str, mode: str, images: str, threads: int, variant: str = "fp32
         t = time.perf_counter()
         r = run(i)
         times.append((time.perf_counter() - t) * 1000)
-        if mode != "flat":
+        if mode == "deepest":
+            evaluated.append(len(r))
+        elif mode != "flat":
             evaluated.append(r[0].experts_evaluated)
     out = {"mode": mode, "idle_mb": idle, "ready_mb": ready, "resident_mb": after_one,
            "added_mb": after_one - ready, "added_mb_over_import": after_one - idle,
