@@ -62,7 +62,7 @@ def fm_runs(work: Path, extra: list[str], jobs: int) -> dict[str, Path]:
 
     def one(policy: str) -> None:
         out = runs[policy]
-        if (out / "summary.json").exists():
+        if (out / "report.json").exists():
             return
         args = [sys.executable, "-m", "exporter.cli", "train", "--out", str(out), *todo[policy], *extra]
         if (out / "config.json").exists():

@@ -87,15 +87,24 @@ def deterministic(net, local, samples: int) -> dict:
 
 
 def candidates(det: dict[str, dict], root: str, max_measured: int) -> list[str]:
-    """Every expert when there are few; else the root and those at the extremes of the
-    deterministic figures (two each way by GMACs, one each way by steps and analytic memory)."""
+    """Every expert when there are at most ``max_measured``; else the root and the experts at
+    the extremes of the deterministic figures, most telling first (largest and smallest by
+    GMACs, by optimizer steps, by analytic memory, then the next by GMACs), up to
+    ``max_measured``."""
     keys = list(det)
     if len(keys) <= max_measured:
         return keys
-    pick = {root}
-    for metric, k in (("gmacs", 2), ("steps", 1), ("analytic_mb", 1)):
-        order = sorted(keys, key=lambda e: (det[e][metric], e))
-        pick.update(order[:k] + order[-k:])
+    order = {m: sorted(keys, key=lambda e: (det[e][m], e)) for m in ("gmacs", "steps", "analytic_mb")}
+    wanted = [root]
+    for m in ("gmacs", "steps", "analytic_mb"):
+        wanted += [order[m][-1], order[m][0]]
+    for i in range(1, len(keys)):
+        wanted += [order["gmacs"][-1 - i], order["gmacs"][i]]
+    pick: list[str] = []
+    for e in wanted:
+        if e not in pick:
+            pick.append(e)
+    pick = pick[:max(3, max_measured)]
     return [e for e in keys if e in pick]
 
 
@@ -205,18 +214,21 @@ def measure_shape(shape: str, n: int, repeats: int, max_measured: int, seed: int
 
 
 def fm_quality(runs: dict[str, str]) -> dict:
-    """Information F1 of trained Fashion-MNIST runs (their summary.json), per policy."""
+    """Information F1 (test split; HMoE greedy, flat leaf rule) and total client GMACs of
+    trained Fashion-MNIST runs (their report.json), per policy."""
     out = {}
     for policy, run in runs.items():
-        path = Path(run) / "summary.json"
+        path = Path(run) / "report.json"
         if not path.is_file():
             print(f"note: {path} not found; Table 1 has no F1 for policy {policy}")
             continue
-        s = json.loads(path.read_text())
-        out[policy] = {"run": str(run), "hmoe_info_f1": s.get("hmoe", {}).get("info_f1"),
-                       "flat_info_f1": s.get("flat", {}).get("info_f1"),
-                       "hmoe_total_client_gmacs": s.get("hmoe", {}).get("total_client_gmacs"),
-                       "flat_total_client_gmacs": s.get("flat", {}).get("total_client_gmacs")}
+        r = json.loads(path.read_text())
+        row: dict = {"run": str(run)}
+        for kind, rule in (("hmoe", "greedy"), ("flat", "leaf")):
+            row[f"{kind}_info_f1"] = r[kind]["test"][rule]["info_f1"] if kind in r else None
+            row[f"{kind}_total_client_gmacs"] = (float(sum(e.get("client_gmacs", 0.0) for e in r[kind]["log"]))
+                                                 if kind in r else None)
+        out[policy] = row
     return out
 
 

@@ -52,13 +52,13 @@ def test_table1_on_a_small_cifar100_shape(tmp_path):
     import render
     import table1
     assert table1.main(["--out", str(tmp_path), "--shapes", "cifar100", "--scale", "0.03", "--repeats", "2",
-                        "--max-measured", "3"]) == 0
+                        "--max-measured", "3"]) == 0   # root and the largest and smallest by GMACs
     t = json.loads((tmp_path / "table1.json").read_text())
     s = t["shapes"]["cifar100"]
     assert s["experts"] == 21 and s["train_samples"] == 1500
     for policy in ("paper", "balanced"):
         per = s["policies"][policy]["per_task"]
-        assert "root" in s["policies"][policy]["measured"]
+        assert "root" in s["policies"][policy]["measured"] and len(s["policies"][policy]["measured"]) == 3
         for key in s["policies"][policy]["measured"]:
             assert len(per[key]["time_ms"]["values"]) == 2
             assert per[key]["live_mb"]["min"] == per[key]["live_mb"]["max"]   # deterministic
