@@ -169,8 +169,12 @@ def measure_shape(shape: str, n: int, repeats: int, max_measured: int, seed: int
             det[p][key] = deterministic(tasks[key].net, local, len(idx_e))
             jobs[(p, key)] = (tasks[key].net, idx_e, tgt, local)
     measured = {p: candidates(det[p], root, max_measured) for p in POLICIES}
-    order = [("flat", flat_key)] + [(p, k) for p in POLICIES for k in measured[p]]
     jobs[("flat", flat_key)] = (tasks[flat_key].net, idx, target, flat_local)
+    # an expert whose round is the same under both policies (same epochs) is measured once
+    same = {(p, k): ("paper", k) if p == "balanced" and k in measured["paper"]
+            and jobs[(p, k)][3] == jobs[("paper", k)][3] else (p, k) for p in POLICIES for k in measured[p]}
+    same[("flat", flat_key)] = ("flat", flat_key)
+    order = list(dict.fromkeys(same.values()))
 
     bar.total += len(order) * repeats
     bar.refresh()
@@ -186,7 +190,7 @@ def measure_shape(shape: str, n: int, repeats: int, max_measured: int, seed: int
             bar.update(1)
 
     def figures(j, base: dict) -> dict:
-        runs = raw[j]
+        runs = raw[same[j]]
         return {**base, "time_ms": spread([x["time_ms"] for x in runs]), "rss_mb": spread([x["mem_mb"] for x in runs]),
                 "live_mb": spread([x["live_peak_mb"] for x in runs]), "rss_method": runs[0].get("method")}
 
