@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -82,11 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from trainer.report import git_commit, machine_info
     prof = PROFILES["quick" if args.quick else "full"]
-    results, work, out = ROOT / prof["results"], ROOT / prof["work"], ROOT / prof["out"]
-    results.mkdir(parents=True, exist_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
+    # paths relative to the repository (every step runs there), so the commands the JSON
+    # records name them as a user would
+    os.chdir(ROOT)
+    results, work, out = Path(prof["results"]), Path(prof["work"]), Path(prof["out"])
+    (ROOT / results).mkdir(parents=True, exist_ok=True)
+    (ROOT / work).mkdir(parents=True, exist_ok=True)
     py = sys.executable
-    meta_path = results / "bench.json"
+    meta_path = ROOT / results / "bench.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     steps = dict(meta.get("steps", {}))
     started = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -108,18 +112,18 @@ def main(argv: list[str] | None = None) -> int:
         elif step == "edge":
             run([py, "benchmarks/edge_inference.py", "--demo-run", str(fm["balanced"]), "--out", str(results),
                  "--work", str(work / "edge"), "--images", str(prof["images"])])
-            (results / "edge_inference.md").unlink(missing_ok=True)
+            (ROOT / results / "edge_inference.md").unlink(missing_ok=True)
         elif step == "fleet":
             run([py, "benchmarks/coordinator_load.py", "--devices", str(prof["devices"]), "--repeat",
                  str(prof["load_repeat"]), "--out", str(work / "coordinator_load")])
-            shutil.copy(work / "coordinator_load" / "coordinator_load.json", results / "coordinator_load.json")
+            shutil.copy(ROOT / work / "coordinator_load" / "coordinator_load.json", ROOT / results / "coordinator_load.json")
             try:
                 import flwr  # noqa: F401
             except ImportError:
                 print("note: flwr is not installed (pip install '.[flwr]'); Flower's scale figures not measured")
             else:
                 run([py, "benchmarks/flower_scale.py", *prof["flower"], "--out", str(work / "flower_scale")])
-                shutil.copy(work / "flower_scale" / "flower_scale.json", results / "flower_scale.json")
+                shutil.copy(ROOT / work / "flower_scale" / "flower_scale.json", ROOT / results / "flower_scale.json")
         if step != "render":
             steps[step] = time.perf_counter() - t
             meta.update({"profile": "quick" if args.quick else "full", "machine": machine_info(),

@@ -42,6 +42,15 @@ def shown(path: Path) -> str:
     return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(path)
 
 
+def clean(text: str) -> str:
+    """Commands and paths as a user in the repository would type them."""
+    return text.replace(str(ROOT) + "/", "")
+
+
+def pct(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}" if v < 1 else f"{v:.1f}"
+
+
 def f(v, fmt: str = ".1f", none: str = "-") -> str:
     return none if v is None else format(v, fmt)
 
@@ -63,7 +72,7 @@ def table1_section(t: dict | None, out: Path, results: Path) -> list[str]:
     lines = ["## Table 1: per-round client cost on the paper's shapes", ""]
     if t is None:
         return lines + ["Not measured: run `python benchmarks/table1.py` (or `make bench`).", ""]
-    lines += [f"Command: `{t['command']}`; commit `{t['commit']}`; {machine_line(t['machine'])}; "
+    lines += [f"Command: `{clean(t['command'])}`; commit `{t['commit']}`; {machine_line(t['machine'])}; "
               f"{t['repeats']} repeats of every measured task, each in a fresh process with "
               f"{t['threads']} torch thread; {t['seconds'] / 60:.1f} min.", "",
               f"Ratios: {t['ratio_basis']}.", "",
@@ -99,9 +108,9 @@ def table1_section(t: dict | None, out: Path, results: Path) -> list[str]:
                 def measured(metric: str, fmt: str) -> str:
                     return f"{span(per[r[metric + '_expert']][metric], fmt)} {r[metric + '_expert']}"
                 lines.append(f"| {p} | {ROW_TEXT[name]} | {measured('time_ms', '.0f')} | "
-                             f"{r['time_ms_pct_of_flat']:.1f} | {measured('rss_mb', '.1f')} | "
-                             f"{r['rss_mb_pct_of_flat']:.1f} | {r['live_mb']:.2f} {r['live_mb_expert']} | "
-                             f"{r['live_mb_pct_of_flat']:.1f} | {r['analytic_mb']:.1f} | {r['steps']} "
+                             f"{pct(r['time_ms_pct_of_flat'])} | {measured('rss_mb', '.1f')} | "
+                             f"{pct(r['rss_mb_pct_of_flat'])} | {r['live_mb']:.2f} {r['live_mb_expert']} | "
+                             f"{pct(r['live_mb_pct_of_flat'])} | {r['analytic_mb']:.1f} | {r['steps']} "
                              f"{r['steps_expert']} | {r['gmacs']:.3f} {r['gmacs_expert']} | {ref} |")
         lines += [""]
         for p, pol in s["policies"].items():
@@ -117,7 +126,7 @@ def table1_section(t: dict | None, out: Path, results: Path) -> list[str]:
                   "| policy | run | HMoE greedy Information F1 | flat Information F1 | HMoE total client GMAC |",
                   "|---|---|---|---|---|"]
         for p, r in q.items():
-            lines.append(f"| {POLICY_TEXT.get(p, p)} | `{r['run']}` | {f(r['hmoe_info_f1'], '.4f')} | "
+            lines.append(f"| {POLICY_TEXT.get(p, p)} | `{clean(r['run'])}` | {f(r['hmoe_info_f1'], '.4f')} | "
                          f"{f(r['flat_info_f1'], '.4f')} | {f(r['hmoe_total_client_gmacs'], '.0f')} |")
         lines.append("")
     return lines
@@ -130,7 +139,7 @@ def tradeoffs_section(t: dict | None, out: Path, results: Path) -> list[str]:
         return lines + ["Not measured: run `python benchmarks/tradeoffs.py` (or `make bench`).", ""]
     pts = t["sweep"]["points"]
     front = {c: set(v) for c, v in t["sweep"]["pareto"].items()}
-    lines += [f"Command: `{t['command']}`; commit `{t['commit']}`; {machine_line(t['machine'])}. Memory: "
+    lines += [f"Command: `{clean(t['command'])}`; commit `{t['commit']}`; {machine_line(t['machine'])}. Memory: "
               f"{t['memory_basis']}.", "", f"![Trade-offs]({rel(results / 'tradeoffs.png', out)})", "",
               "### Width sweep", "",
               "| model | width | rounds | Information F1 | live tensors, MB | analytic MB | resident growth, MB | "
@@ -148,7 +157,7 @@ def tradeoffs_section(t: dict | None, out: Path, results: Path) -> list[str]:
             f(r["gmacs_to_reach"][f"{x:g}"], ".0f", "not reached") for x in c["targets"]) +
             f" | {f(r['final_val_f1'], '.4f')} |")
     d = t["decoding"]
-    lines += ["", "### Decoding", "", f"`hmoe eval` on `{d['run']}` (test split).", "",
+    lines += ["", "### Decoding", "", f"`hmoe eval` on `{clean(d['run'])}` (test split).", "",
               "| model | decoding | Information F1 | precision | recall | leaf accuracy | experts per input |",
               "|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
@@ -162,7 +171,7 @@ def edge_section(e: dict | None) -> list[str]:
     lines = ["## Edge inference (onnxruntime, batch 1)", ""]
     if e is None:
         return lines + ["Not measured: run `python benchmarks/edge_inference.py` (or `make bench`).", ""]
-    lines += [f"Command: `{e['command']}`; {machine_line(e['machine'])}; {e['images']} images, {e['threads']} "
+    lines += [f"Command: `{clean(e['command'])}`; {machine_line(e['machine'])}; {e['images']} images, {e['threads']} "
               "thread, each mode and variant in a fresh process. 'path' loads only the experts a decision visits "
               "(cache bounded to the longest path); 'all' preloads every expert; memory is what the models add over "
               "the ready engine.", "",
@@ -197,7 +206,7 @@ def fleet_section(results: Path, fleet: Path, out: Path) -> list[str]:
         lines += ["Not measured: run `python benchmarks/coordinator_load.py` (or `make bench`).", ""]
     else:
         kinds = list(c["p95_ms_median_of_runs"])
-        lines += [f"`{c.get('command', 'python benchmarks/coordinator_load.py')}`: {c['devices']} devices at once, "
+        lines += [f"`{clean(c.get('command', 'python benchmarks/coordinator_load.py'))}`: {c['devices']} devices at once, "
                   f"{len(c['runs'])} runs against fresh coordinators, {c['cpu_cores']} cores, updates of "
                   f"{c['update_bytes']:,} bytes; {c['errors']} errors.", "",
                   "| p95 latency, ms | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds),
@@ -209,7 +218,7 @@ def fleet_section(results: Path, fleet: Path, out: Path) -> list[str]:
         lines += ["Not measured: run `python benchmarks/flower_scale.py` (or `make bench`; needs the `flwr` extra).", ""]
     else:
         st = fl["settings"]
-        lines += [f"`{fl['command']}`; commit `{fl['commit']}`; {machine_line(fl['machine'])}.", "",
+        lines += [f"`{clean(fl['command'])}`; commit `{fl['commit']}`; {machine_line(fl['machine'])}.", "",
                   "| virtual SuperNodes | sampled per round | rounds | wall (s) | to first round (s) | rounds / min after "
                   "the first | peak memory, process tree (MB) |", "|---|---|---|---|---|---|---|",
                   f"| {st['clients']} | {st['clients_per_round']} | {fl['rounds']} | {fl['wall_seconds']:.0f} | "
