@@ -45,13 +45,15 @@ PROFILES = {
 }
 
 
-def run(args: list[str], log: Path | None = None) -> None:
+def run(args: list[str], log: Path | None = None, threads: int = 0) -> None:
+    """Run a step; ``threads`` > 0 caps its torch threads (OMP_NUM_THREADS), for jobs side by side."""
     print("$ " + " ".join(args), flush=True)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     if log is None:
-        proc = subprocess.run(args, cwd=ROOT)
+        proc = subprocess.run(args, cwd=ROOT, env=env)
     else:
-        with open(log, "w") as f:
-            proc = subprocess.run(args, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        with open(log, "a") as f:
+            proc = subprocess.run(args, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"failed (exit {proc.returncode}): {' '.join(args)}" + (f"; see {log}" if log else ""))
 
@@ -68,7 +70,7 @@ def fm_runs(work: Path, extra: list[str], jobs: int) -> dict[str, Path]:
         args = [sys.executable, "-m", "exporter.cli", "train", "--out", str(out), *todo[policy], *extra]
         if (out / "config.json").exists():
             args.append("--resume")
-        run(args, work / f"fm-{policy}.log")
+        run(args, work / f"fm-{policy}.log", threads=max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0)
     print(f"training the Fashion-MNIST runs (logs: {work}/fm-*.log)", flush=True)
     with ThreadPoolExecutor(jobs) as pool:
         list(pool.map(one, runs))

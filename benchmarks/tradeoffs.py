@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -36,15 +37,20 @@ import numpy as np
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
-def train(args: list[str], log: Path) -> None:
-    with open(log, "w") as f:
+def train(args: list[str], log: Path, threads: int = 0) -> None:
+    """`hmoe train ARGS`, its output to ``log``; ``threads`` > 0 caps its torch threads (jobs
+    side by side must not oversubscribe the cores: OpenMP threads then spin against each
+    other and a round takes several times as long)."""
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    with open(log, "a") as f:
         proc = subprocess.run([sys.executable, "-m", "exporter.cli", "train", *args], stdout=f,
-                              stderr=subprocess.STDOUT)
+                              stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"`hmoe train {' '.join(args)}` failed; see {log}")
 
 
 REUSE_LOCK = threading.Lock()
+THREADS = [0]   # torch threads per training job (main: the cores shared among --jobs)
 
 
 def reusable(kind: str, width: int, reuse: Path, rounds: dict, train_limit: int, cost_clients: int,
@@ -78,7 +84,7 @@ def run_point(kind: str, width: int, work: Path, reuse: Path | None, rounds: dic
             "--cost-clients", str(cost_clients), "--train-limit", str(train_limit)]
     if (out / "config.json").exists():
         args.append("--resume")
-    train(args, work / f"{kind}-w{width}.log")
+    train(args, work / f"{kind}-w{width}.log", THREADS[0])
     return out
 
 
@@ -198,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     reuse = Path(args.reuse) if args.reuse else None
     rounds = {"hmoe": args.hmoe_rounds, "flat": args.flat_rounds}
+    THREADS[0] = max(1, (os.cpu_count() or 1) // max(1, args.jobs)) if args.jobs > 1 else 0
     todo = [(kind, w) for w in args.widths for kind in ("hmoe", "flat")]
     runs = {}
     with tqdm(total=len(todo), desc="width sweep", unit="run") as bar, ThreadPoolExecutor(args.jobs) as pool:
