@@ -36,10 +36,11 @@ ROOT = Path(__file__).resolve().parent.parent
 STEPS = ("fm", "table1", "tradeoffs", "edge", "fleet", "render")
 PROFILES = {
     "full": {"results": "docs/results/bench", "work": "runs/bench", "out": "BENCHMARKS.md",
-             "fm": [], "repeats": 3, "scale": 1.0, "widths": [8, 16, 32], "images": 300,
+             "fm": [], "repeats": 3, "scale": 1.0, "max_measured": 8, "widths": [8, 16, 32], "images": 300,
              "devices": 200, "load_repeat": 3, "flower": ["--clients", "1000", "--rounds", "20"]},
     "quick": {"results": "runs/bench-quick/results", "work": "runs/bench-quick", "out": "runs/bench-quick/BENCHMARKS.md",
               "fm": ["--train-limit", "12000", "--hmoe-rounds", "25", "--flat-rounds", "10"], "repeats": 2,
+              "max_measured": 4,
               "scale": 0.1, "widths": [8, 16], "images": 100, "devices": 100, "load_repeat": 1,
               "flower": ["--clients", "200", "--rounds", "5", "--train-limit", "4000"]},
 }
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             fm = fm_runs(work, prof["fm"], args.jobs)
         elif step == "table1":
             run([py, "benchmarks/table1.py", "--out", str(results), "--repeats", str(prof["repeats"]),
+                 "--max-measured", str(prof["max_measured"]),
                  "--scale", str(prof["scale"]), "--fm-run", f"balanced={fm['balanced']}", "--fm-run",
                  f"paper={fm['paper']}"])
         elif step == "tradeoffs":
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                  str(fm["balanced"]), "--jobs", str(args.jobs), *prof["fm"]])
         elif step == "edge":
             run([py, "benchmarks/edge_inference.py", "--demo-run", str(fm["balanced"]), "--out", str(results),
-                 "--work", str(work / "edge"), "--images", str(prof["images"])])
+                 "--work", "runs/bench/edge", "--images", str(prof["images"])])   # shaped bundles: one cache
             (ROOT / results / "edge_inference.md").unlink(missing_ok=True)
         elif step == "fleet":
             run([py, "benchmarks/coordinator_load.py", "--devices", str(prof["devices"]), "--repeat",

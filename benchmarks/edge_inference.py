@@ -47,16 +47,15 @@ def shaped_bundle(work: Path, taxonomy: str, width: int) -> Path:
     return out
 
 
-def demo_bundle(run: Path, work: Path) -> Path | None:
-    """The trained run's bundle with int8 models (exported here unless the run has one)."""
+def demo_bundle(run: Path) -> Path | None:
+    """The trained run's bundle with int8 models (``run``/bundle-int8, exported unless there)."""
     from exporter.bundle import export_run
-    for b in (run / "bundle-int8", work / "demo_bundle_int8"):
-        if (b / "manifest.json").exists():
-            return b
+    if (run / "bundle-int8" / "manifest.json").exists():
+        return run / "bundle-int8"
     if not (run / "config.json").exists():
         return None
-    export_run(run, work / "demo_bundle_int8", quantize="int8", progress=False)
-    return work / "demo_bundle_int8"
+    export_run(run, run / "bundle-int8", quantize="int8", progress=False)
+    return run / "bundle-int8"
 
 
 def demo_images(bundle: Path, n: int) -> np.ndarray:
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": "python benchmarks/edge_inference.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "machine": bench.machine(), "images": args.images, "threads": 1, "bundles": {}}
     todo = []
-    demo = demo_bundle(Path(args.demo_run), work)
+    demo = demo_bundle(Path(args.demo_run))
     if demo is not None:
         todo.append(("demo (Fashion-MNIST)", demo, lambda b: demo_images(b, args.images)))
     else:
