@@ -243,7 +243,7 @@ def plot(result: dict, path: Path) -> None:
     shapes = list(result["shapes"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, metric, title in ((axes[0], "time_ms", "time / round"), (axes[1], "live_mb", "live tensor peak")):
-        labels, values, colors = [], [], []
+        labels, values, colors, paper = [], [], [], []
         for shape in shapes:
             for p in POLICIES:
                 rows = result["shapes"][shape]["policies"][p]["rows"]
@@ -251,10 +251,18 @@ def plot(result: dict, path: Path) -> None:
                     labels.append(f"{shape}\n{p} {name[5:]}")
                     values.append(rows[name][f"{metric}_pct_of_flat"])
                     colors.append(color)
+                    ref = (PAPER.get(shape) or {}).get(name)
+                    paper.append(ref[{"time_ms": "time_pct", "live_mb": "mem_pct"}[metric]] if ref else None)
         ax.bar(range(len(values)), values, color=colors)
+        marks = [(i, v) for i, v in enumerate(paper) if v is not None]
+        if marks:
+            ax.plot([i for i, _ in marks], [v for _, v in marks], "kx", markersize=9, label="source paper")
+            ax.legend(fontsize=8)
         ax.set_xticks(range(len(values)), labels, rotation=90, fontsize=7)
         ax.axhline(100, color="k", lw=0.8)
         ax.set(ylabel="% of flat softmax", title=f"HMoE expert {title} (largest red, smallest green)")
+        if metric == "live_mb":
+            ax.set_xlabel("paper's marks: its memory figure (it measured memory differently)", fontsize=8)
         ax.set_yscale("log")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -273,7 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fm-run", action="append", default=[], metavar="POLICY=DIR",
                    help="a trained Fashion-MNIST run per policy, for the Information F1 column")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replot", action="store_true", help="redraw table1.png from --out's table1.json; measure nothing")
     args = p.parse_args(argv)
+    if args.replot:
+        plot(json.loads((Path(args.out) / "table1.json").read_text()), Path(args.out) / "table1.png")
+        return 0
     if args.repeats < 1:
         p.error("--repeats must be at least 1")
     from tqdm import tqdm
