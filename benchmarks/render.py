@@ -63,8 +63,9 @@ def span(d: dict, fmt: str) -> str:
 def machine_line(m: dict | None) -> str:
     if not m:
         return "machine not recorded"
-    return (f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores, {m.get('memory_gb', '?')} GB, "
-            f"torch {m.get('torch', '?')}, Python {m.get('python', '?')}")
+    parts = [m.get("cpu", "?"), f"{m.get('cores', '?')} cores", f"{m.get('memory_gb', '?')} GB"]
+    parts += [f"{name} {m[key]}" for key, name in (("torch", "torch"), ("python", "Python")) if key in m]
+    return ", ".join(parts)
 
 
 # ------------------------------------------------------------------------------ Table 1
