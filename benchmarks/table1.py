@@ -311,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     result["load_average_end"] = list(os.getloadavg())
     (out / "table1.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, out / "table1.png")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from render import table1_section
+    print("\n".join(table1_section(result, out / "table1.md", out)))   # ours beside the paper's
     print(f"wrote {out / 'table1.json'} and table1.png in {result['seconds']:.0f} s")
     return 0
 
