@@ -66,7 +66,7 @@ def spread(values: list[float]) -> dict:
             "spread": float((v.max() - v.min()) / med) if med > 0 else 0.0}
 
 
-def cost_client(tree, prep, seed: int) -> int:
+def cost_client(tree, prep) -> int:
     """The measured client: the median-sized one among those holding samples under every
     expert (else among all)."""
     y = prep.data.train_y
@@ -144,7 +144,7 @@ def measure_shape(shape: str, n: int, repeats: int, max_measured: int, seed: int
     d = prep.data
     tree = d.tree
     in_shape = tuple(d.train_x.shape[1:])
-    client = cost_client(tree, prep, seed)
+    client = cost_client(tree, prep)
     part = prep.parts[client]
     tasks = {**cfg.tasks("hmoe", tree, in_shape), **cfg.tasks("flat", tree, in_shape)}
     root = next(k for k, t in tasks.items() if t.node == int(tree.experts[0]))

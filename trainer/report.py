@@ -167,7 +167,7 @@ def table1(s: dict) -> str:
         if not row or metric not in row:
             return "n/a"
         text = format(row[metric], fmt)
-        return f"{text} ({100 * row[metric] / flat_c[metric]:.1f}%)" if flat_c and flat_c[metric] else text
+        return f"{text} ({100 * row[metric] / flat_c[metric]:.1f}%)" if flat_c and flat_c.get(metric) else text
 
     rows = [("flat softmax", s.get("flat", {}).get("info_f1"), cost.get("flat")),
             ("HMoE, largest expert", s.get("hmoe", {}).get("info_f1"), cost.get("hmoe_max")),
