@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
     p.add_argument("--jobs", type=int, default=2, help="trainings at once (costs are always measured one at a time)")
     args = p.parse_args(argv)
-    from trainer.report import git_commit, machine_info
+    from trainer.machine import git_commit, machine_info
     prof = PROFILES["quick" if args.quick else "full"]
     # paths relative to the repository (every step runs there), so the commands the JSON
     # records name them as a user would

@@ -39,8 +39,9 @@ def free_port() -> int:
 
 
 def make_run(path: Path, width: int) -> None:
-    from trainer.run import RunConfig
-    from trainer.simulation import Federation, open_run
+    from trainer.protocol.run import RunConfig
+    from trainer.transports.inprocess import Federation
+    from trainer.prepare import open_run
     cfg = RunConfig(dataset="synthetic:1,28,28:fashion-mnist:200", clients=4, clients_per_round=2, expert_width=width)
     _, prep = open_run(path, cfg, resume=False)
     Federation(path, "hmoe", cfg, prep)

@@ -32,8 +32,9 @@ SHAPED = {"cifar100": ("CIFAR-100-shaped", "synthetic:3,32,32:cifar100:4000"),
 def shaped_bundle(work: Path, taxonomy: str, width: int) -> Path:
     """A bundle (fp32 and int8) of the taxonomy's shape, trained one round on synthetic data."""
     from exporter.bundle import export_run
-    from trainer.run import RunConfig
-    from trainer.simulation import Federation, open_run
+    from trainer.protocol.run import RunConfig
+    from trainer.transports.inprocess import Federation
+    from trainer.prepare import open_run
     out = work / f"{taxonomy}_bundle_w{width}"
     if (out / "manifest.json").exists():
         return out

@@ -70,7 +70,7 @@ def main() -> int:
     rounds_seen = max(done_at)
     per_min = 60.0 * (rounds_seen - 1) / (last - first) if first is not None and rounds_seen > 1 and last > first \
         else None
-    from trainer.report import git_commit, machine_info
+    from trainer.machine import git_commit, machine_info
     result = {"command": " ".join(sys.argv), "settings": vars(args), "wall_seconds": wall,
               "seconds_to_first_round": first, "peak_rss_mb": peak / 2**20, "rounds": rounds_seen,
               "rounds_per_minute_after_the_first": per_min, "machine": machine_info(), "commit": git_commit(),

@@ -239,7 +239,7 @@ def main() -> int:
     if not finished:
         print("no scenario has finished all its runs yet", file=sys.stderr)
         return 1
-    from trainer.report import git_commit, machine_info
+    from trainer.machine import git_commit, machine_info
     meta = {"command": " ".join(sys.argv), "settings": {k: v for k, v in vars(args).items() if k != "out"},
             "machine": machine_info(), "commit": git_commit(), "wall_seconds": time.perf_counter() - started,
             "compute": "client GMAC: samples x epochs x 3 x forward multiply-accumulates, summed over client updates "

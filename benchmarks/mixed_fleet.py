@@ -14,7 +14,7 @@ same clients, rounds and clients per round:
 
 Clients are placed in tiers (strong / weak) by a seeded draw independent of their data; a
 client is asked for a task only if the task's predicted round fits its tier's memory and
-the deadline (trainer/fleet.py). The per-round costs behind the predictions are measured
+the deadline (trainer/protocol/fleet.py). The per-round costs behind the predictions are measured
 once, on this machine, and shared by every run (costs.json), so every cell predicts alike.
 
     python benchmarks/mixed_fleet.py --out runs/mixed_fleet --jobs 2
@@ -35,10 +35,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from trainer.commands import DEMO
-from trainer.fleet import CostBook, Fleet
-from trainer.run import RunConfig
-from trainer.strategy import make_tasks
+from trainer.cli.train import DEMO
+from trainer.protocol.fleet import CostBook, Fleet
+from trainer.protocol.run import RunConfig
+from trainer.protocol.strategy import make_tasks
 
 MODELS = ("hmoe", "hmoe-one", "flat-large", "flat-small")
 
@@ -59,7 +59,7 @@ def base_config(args: argparse.Namespace, alpha: float) -> RunConfig:
 def measure_costs(out: Path, args: argparse.Namespace):
     """Every network the benchmark may train, measured once here (or taken from --costs);
     returns the cost book and the data split (its clients' sample counts size flat-small)."""
-    from trainer.simulation import prepare, run_costs
+    from trainer.prepare import prepare, run_costs
     path = out / "costs.json"
     seed = CostBook.load(args.costs) if args.costs else None
     cfg = base_config(args, args.alphas[0])
@@ -216,7 +216,7 @@ def main() -> int:
     if missing:
         print(f"not finished (left out of the table): {missing}", file=sys.stderr)
     rows = [collect(j) for j in jobs if j["run"] not in missing]
-    from trainer.report import git_commit, machine_info
+    from trainer.machine import git_commit, machine_info
     meta = {"command": " ".join(sys.argv), "settings": {k: v for k, v in vars(args).items() if k != "out"},
             "flat_small": {"width": width, "median_client_samples": samples, "predictions": small_preds},
             "machine": machine_info(), "commit": git_commit(), "wall_seconds": time.perf_counter() - started,

@@ -66,8 +66,8 @@ def main() -> int:
     from edge_runtime.bundle import load_bundle
     from edge_runtime.engine import Engine
     from exporter.bundle import export_run
-    from trainer.run import run_files
-    from trainer.simulation import prepare
+    from trainer.protocol.run import run_files
+    from trainer.prepare import prepare
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default="runs/demo", help="a trained run directory (hmoe train)")
     p.add_argument("--subtrees", nargs="+", default=["Goods", "Clothes"])

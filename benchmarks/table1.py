@@ -9,7 +9,7 @@ demo's (20 clients, Dirichlet 0.5, batch 32; experts of width 16, flat width 32)
 
 Policies (what a client's round of an expert is):
 - paper: one epoch over the client's samples under the expert (the source paper's rule);
-- balanced: the project's rule (trainer.strategy.balanced_epochs): as many epochs as fit
+- balanced: the project's rule (trainer.protocol.strategy.balanced_epochs): as many epochs as fit
   in the root's round, counted both in samples and in optimizer steps.
 
 For every expert the deterministic figures are computed for the measured client: samples,
@@ -78,7 +78,7 @@ def cost_client(tree, prep) -> int:
 
 
 def deterministic(net, local, samples: int) -> dict:
-    from trainer.nets import analytic_bytes
+    from trainer.device.nets import analytic_bytes
     slots = 2 if local.optimizer == "adam" else (1 if local.momentum else 0)
     return {"samples": samples, "epochs": local.epochs,
             "steps": local.epochs * math.ceil(samples / local.batch_size),
@@ -131,11 +131,11 @@ def table_rows(per_task: dict[str, dict], experts: list[str]) -> dict:
 def measure_shape(shape: str, n: int, repeats: int, max_measured: int, seed: int, bar) -> dict:
     import torch
 
-    from trainer.client import to_numpy
-    from trainer.commands import DEMO
-    from trainer.cost import measure_update
-    from trainer.nets import build_net
-    from trainer.simulation import prepare
+    from trainer.device.client import to_numpy
+    from trainer.cli.train import DEMO
+    from trainer.device.cost import measure_update
+    from trainer.device.nets import build_net
+    from trainer.prepare import prepare
 
     spec = SHAPES[shape]
     cfg = replace(DEMO, dataset=spec["dataset"].format(n=n), seed=seed,
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--repeats must be at least 1")
     from tqdm import tqdm
 
-    from trainer.report import git_commit, machine_info
+    from trainer.machine import git_commit, machine_info
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = dict(item.split("=", 1) for item in args.fm_run)

@@ -182,7 +182,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.commands import DEMO
+    from trainer.cli.train import DEMO
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="docs/results/bench")
     p.add_argument("--work", default="runs/bench/sweep", help="where the sweep's runs are kept")
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from tqdm import tqdm
 
-    from trainer.report import git_commit, machine_info
+    from trainer.machine import git_commit, machine_info
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from trainer.commands import DEMO, train_run
+from trainer.cli.train import DEMO, train_run
 from trainer.report import summary
 
 

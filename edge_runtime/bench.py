@@ -69,9 +69,9 @@ def training(bundle: str | os.PathLike, x: np.ndarray | None = None, labels: np.
     its config), each in a fresh process: wall time and peak memory growth. Needs torch."""
     from safetensors.numpy import load_file
 
-    from trainer.client import LocalConfig
-    from trainer.cost import summarize_costs, task_cost
-    from trainer.nets import NetConfig
+    from trainer.device.client import LocalConfig
+    from trainer.device.cost import summarize_costs, task_cost
+    from trainer.device.nets import NetConfig
     b = load_bundle(bundle)
     tree = b.tree
     rng = np.random.default_rng(0)

@@ -67,7 +67,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     try:
         from edge_runtime.local_train import load_local_data, train_expert, write_update
-        from trainer.client import LocalConfig
+        from trainer.device.client import LocalConfig
     except ModuleNotFoundError as exc:
         raise UsageError(f"local training needs the training extra ({exc.name} is missing): "
                          "pip install 'hmoe-edge[device]'") from None
@@ -111,7 +111,7 @@ def _bench(args: argparse.Namespace) -> int:
     if find_spec("torch") is None:
         print("\ntraining part skipped: torch is not installed (pip install 'hmoe-edge[device]')")
     else:
-        from trainer.report import table1
+        from trainer.device.cost import table1
         out["training"] = bench.training(args.bundle, x, labels, samples=args.samples)
         print("\n" + table1({"cost": out["training"]}))
     if args.json:

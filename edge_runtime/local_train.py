@@ -23,7 +23,7 @@ import numpy as np
 
 from edge_runtime.bundle import Bundle, load_bundle
 from hierarchy.errors import HmoeError
-from trainer.memory import SAFETY, MemoryCapError, PeakMeter, plan_micro_batch, release_freed_memory, warm_up
+from trainer.device.memory import SAFETY, MemoryCapError, PeakMeter, plan_micro_batch, release_freed_memory, warm_up
 
 __all__ = ["SAFETY", "PeakMeter", "TrainError", "load_local_data", "plan_micro_batch", "release_freed_memory",
            "train_expert", "warm_up", "write_update"]
@@ -106,8 +106,8 @@ def train_expert(bundle: Bundle | str | os.PathLike, expert: str, x: np.ndarray,
                  memory_cap_mb: float | None, local=None, seed: int = 0,
                  weights: dict[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """Train ``expert`` on uint8 images ``x`` with leaf ``labels``; returns new weights and a report."""
-    from trainer.client import LocalConfig, Normalizer, local_update
-    from trainer.nets import NetConfig
+    from trainer.device.client import LocalConfig, Normalizer, local_update
+    from trainer.device.nets import NetConfig
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     tree = bundle.tree
     if expert not in bundle.experts:
@@ -149,8 +149,8 @@ def train_expert(bundle: Bundle | str | os.PathLike, expert: str, x: np.ndarray,
 def _loss(net_cfg, weights, x, y, normalize, batch: int = 32) -> float:
     import torch
 
-    from trainer.client import load_numpy
-    from trainer.nets import build_net
+    from trainer.device.client import load_numpy
+    from trainer.device.nets import build_net
     net = build_net(net_cfg)
     load_numpy(net, weights)
     net.eval()

@@ -80,7 +80,7 @@ def sync(server: str, secret: str, data: str | os.PathLike, memory_cap_mb: float
     from safetensors.numpy import load, save
 
     from edge_runtime.local_train import load_local_data, train_expert
-    from trainer.config import LocalConfig
+    from trainer.device.config import LocalConfig
     state_path = Path(state_file or Path(data).with_name(Path(data).name + ".hmoe-device.json"))
     state = _state(state_path)
     client = Client(server)

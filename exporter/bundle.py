@@ -17,10 +17,10 @@ from exporter.onnx_export import ExportSpec, ValidationError, export_net, max_lo
 from hierarchy import Hierarchy, HierarchyError
 from hierarchy.errors import HmoeError
 from hierarchy.manifest import FileEntry, Manifest, ModelEntry
-from trainer.checkpoint import CheckpointError, load_checkpoint
+from trainer.protocol.checkpoint import CheckpointError, load_checkpoint
 from trainer.datasets import Dataset
-from trainer.nets import build_net, num_params
-from trainer.run import RunError, load_input_spec, load_run_config
+from trainer.device.nets import build_net, num_params
+from trainer.protocol.run import RunError, load_input_spec, load_run_config
 
 
 class ExportError(HmoeError, ValueError):
@@ -50,7 +50,7 @@ def _load_run(run: Path) -> tuple:
 
 def _load_nets(run: Path, tree: Hierarchy, shape: tuple[int, int, int], cfg) -> tuple[dict, object]:
     """Expert networks by node name (and the flat one, if trained) from their checkpoints."""
-    from trainer.client import load_numpy
+    from trainer.device.client import load_numpy
     experts = {}
     for key, task in cfg.tasks("hmoe", tree, shape).items():
         path = run / "experts" / f"{task.file_stem}.safetensors"
@@ -107,7 +107,7 @@ def _entry(node: str, children: list[str], path: Path, net, spec: ExportSpec) ->
     """The manifest entry; the weights also travel as safetensors so a device can train."""
     from safetensors.numpy import save_file
 
-    from trainer.client import to_numpy
+    from trainer.device.client import to_numpy
     weights = path.with_suffix(".safetensors")
     save_file(to_numpy(net), str(weights))
     f = file_entry(path)
@@ -141,7 +141,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, subtree: str | No
     """Export a run to a bundle directory ``out``; nothing is left at ``out`` unless every
     file validated. ``validate_images`` 0 uses the whole test split."""
     from trainer.datasets import load_dataset
-    from trainer.simulation import limit
+    from trainer.prepare import limit
     run, out = Path(run), Path(out)
     cfg, tree, input_spec = _load_run(run)
     data = data or limit(load_dataset(cfg.dataset, cfg.data_root), cfg.train_limit, cfg.test_limit, cfg.seed)

@@ -8,8 +8,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from trainer.cli import command
-from trainer.commands import DEMO, train_run
-from trainer.run import RunConfig
+from trainer.cli.train import DEMO, train_run
+from trainer.protocol.run import RunConfig
 
 
 def _export(args: argparse.Namespace) -> int:

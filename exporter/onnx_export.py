@@ -15,7 +15,7 @@ import onnx
 import torch
 
 from hierarchy.errors import HmoeError
-from trainer.nets import ConvNet
+from trainer.device.nets import ConvNet
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

@@ -60,8 +60,8 @@ CFG_KW = dict(dataset="synthetic:1,28,28:fashion-mnist:400", clients=4, clients_
 
 
 def _cfg():
-    from trainer.client import LocalConfig
-    from trainer.run import RunConfig
+    from trainer.device.client import LocalConfig
+    from trainer.protocol.run import RunConfig
     return RunConfig(local=LocalConfig(batch_size=16), **CFG_KW)
 
 
@@ -71,7 +71,8 @@ CFG = _cfg()
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory) -> Path:
     """A small trained run (HMoE and flat) on synthetic Fashion-MNIST-shaped data."""
-    from trainer.simulation import Federation, open_run
+    from trainer.transports.inprocess import Federation
+    from trainer.prepare import open_run
     run = tmp_path_factory.mktemp("run") / "r"
     _, prep = open_run(run, CFG, resume=False)
     for kind in ("hmoe", "flat"):

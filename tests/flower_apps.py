@@ -17,7 +17,7 @@ for _k, _v in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", 
 from flwr.app import Array, Context, Message, MetricRecord  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 
-from trainer.flower_client import handle_query, handle_train, make_client_app  # noqa: E402
+from trainer.transports.flower.client import handle_query, handle_train, make_client_app  # noqa: E402
 
 
 def bad_replies(run: str) -> ClientApp:
@@ -71,9 +71,9 @@ def bad_data(run: str, folders: dict[int, str]) -> ClientApp:
 def main(mode: str, run: str, data_dir: str = "") -> int:
     from flwr.simulation import run_simulation
 
-    from trainer.flower_app import make_server_app
-    from trainer.flower_cmd import backend_config
-    from trainer.run import load_run_config
+    from trainer.transports.flower.server import make_server_app
+    from trainer.cli.flower import backend_config
+    from trainer.protocol.run import load_run_config
     cfg = load_run_config(Path(run))
     client_app = {"plain": lambda: make_client_app(run), "bad-replies": lambda: bad_replies(run),
                   "bad-data": lambda: bad_data(run, {1: f"{data_dir}/missing", 2: f"{data_dir}/hats"})}[mode]()

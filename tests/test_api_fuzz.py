@@ -17,7 +17,8 @@ from schemathesis.specs.openapi.checks import (
 
 from tests.conftest import CFG
 from tests.test_coordinator import free_port
-from trainer.simulation import Federation, open_run
+from trainer.transports.inprocess import Federation
+from trainer.prepare import open_run
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 CASES = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), database=None)
@@ -47,8 +48,8 @@ def edge_api(bundle_dir):
 
 @pytest.fixture(scope="module")
 def coordinator_api(tmp_path_factory):
-    from trainer.coordinator import Coordinator
-    from trainer.coordinator_app import create_app
+    from trainer.transports.coordinator.service import Coordinator
+    from trainer.transports.coordinator.http import create_app
     run = tmp_path_factory.mktemp("fuzz") / "run"
     _, prep = open_run(run, CFG, resume=False)
     Federation(run, "hmoe", CFG, prep)

@@ -27,10 +27,10 @@ def test_benchmarks_md_matches_its_json():
 
 
 def test_live_tensor_peak_is_deterministic_and_follows_the_batch():
-    from trainer.client import LocalConfig, Normalizer
-    from trainer.config import NetConfig
-    from trainer.cost_worker import live_tensor_peak
-    from trainer.nets import analytic_bytes
+    from trainer.device.client import LocalConfig, Normalizer
+    from trainer.device.config import NetConfig
+    from trainer.device.cost_worker import live_tensor_peak
+    from trainer.device.nets import analytic_bytes
     net = NetConfig((1, 28, 28), 10, width=8).resolved()
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (64, 1, 28, 28), dtype=np.uint8), rng.integers(0, 10, 64)

@@ -15,7 +15,8 @@ import pytest
 from safetensors.numpy import load, load_file, save
 
 from tests.conftest import CFG
-from trainer.simulation import Federation, open_run
+from trainer.transports.inprocess import Federation
+from trainer.prepare import open_run
 
 SECRET = "fleet-secret"
 BIN = Path(sys.executable).parent
@@ -176,7 +177,7 @@ def test_crash_between_commit_and_checkpoint_copy_is_repaired_on_restart(run, tm
     crash = (
         "import os, sys\n"
         "from safetensors.numpy import save\n"
-        "from trainer.coordinator import Coordinator\n"
+        "from trainer.transports.coordinator.service import Coordinator\n"
         f"c = Coordinator({str(run)!r}, {str(db)!r}, {SECRET!r}, min_updates=1)\n"
         "c._write_checkpoint = lambda *a, **k: os._exit(9)\n"
         "dev = c.enroll(" + repr(SECRET) + ")['device_id']\n"
@@ -189,8 +190,8 @@ def test_crash_between_commit_and_checkpoint_copy_is_repaired_on_restart(run, tm
     )
     r = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True, timeout=120)
     assert r.returncode == 9, r.stderr
-    from trainer.checkpoint import load_checkpoint
-    from trainer.coordinator import Coordinator
+    from trainer.protocol.checkpoint import load_checkpoint
+    from trainer.transports.coordinator.service import Coordinator
     coord = Coordinator(run, db, SECRET, min_updates=1)
     try:
         expert = coord.db.execute("SELECT expert FROM rounds WHERE round = 0").fetchone()[0]
@@ -212,7 +213,7 @@ def test_four_devices_over_http_match_the_simulation(tmp_path):
         data = load_dataset("fashion-mnist", download=False)
     except DatasetError:
         pytest.skip("Fashion-MNIST not installed")
-    from trainer.client import LocalConfig
+    from trainer.device.client import LocalConfig
     cfg = replace(CFG, dataset="fashion-mnist", expert_width=8, train_limit=0, local=LocalConfig(lr=0.02))
     run = make_run(tmp_path / "run", cfg)
     from trainer.partition import partition
@@ -239,7 +240,7 @@ def test_four_devices_over_http_match_the_simulation(tmp_path):
         assert s["rounds_aggregated"] >= 3
         touched = [k for k, v in s["versions"].items() if v > 0]
         assert len(touched) >= 2
-        from trainer.coordinator import Coordinator
+        from trainer.transports.coordinator.service import Coordinator
         coord = Coordinator(run, tmp_path / "state.sqlite", SECRET, min_updates=4)
         tree = coord.tree
         strategy = cfg.strategy("hmoe", tree, coord.tasks)
@@ -251,9 +252,9 @@ def test_four_devices_over_http_match_the_simulation(tmp_path):
             theirs = load_file(str(coord.weights_file(expert, 1)))
             for k in mine:
                 np.testing.assert_array_equal(mine[k], theirs[k])
-        from trainer.client import Normalizer, load_numpy
+        from trainer.device.client import Normalizer, load_numpy
         from trainer.evaluate import evaluate_hmoe
-        from trainer.nets import build_net
+        from trainer.device.nets import build_net
         x, y = data.test_x[:2000], data.test_y[:2000]
 
         def f1(version_of):
@@ -301,8 +302,8 @@ def test_sync_refuses_hyperparameters_it_does_not_know(run, tmp_path):
     import uvicorn
 
     from edge_runtime.sync import SyncError, sync
-    from trainer.coordinator import Coordinator
-    from trainer.coordinator_app import create_app
+    from trainer.transports.coordinator.service import Coordinator
+    from trainer.transports.coordinator.http import create_app
     coord = Coordinator(run, tmp_path / "state.sqlite", SECRET, min_updates=2)
     plain = coord.assignment
     coord.assignment = lambda *args, **kw: (lambda a: {**a, "hyperparameters": {**a["hyperparameters"],

@@ -12,9 +12,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-from trainer.client import LocalConfig, Normalizer, local_update  # noqa: E402
+from trainer.device.client import LocalConfig, Normalizer, local_update  # noqa: E402
 from trainer.datasets import DatasetError, load_dataset  # noqa: E402
-from trainer.nets import NetConfig  # noqa: E402
+from trainer.device.nets import NetConfig  # noqa: E402
 
 
 @pytest.fixture
@@ -44,8 +44,8 @@ def test_local_update_on_cuda_equals_cpu(exact_fp32):
 
 def test_federated_run_on_cuda_tracks_cpu_and_measures_cuda_memory(tmp_path):
     from exporter.bundle import export_run
-    from trainer.commands import train_run
-    from trainer.run import RunConfig
+    from trainer.cli.train import train_run
+    from trainer.protocol.run import RunConfig
     try:
         load_dataset("fashion-mnist", download=False)
     except DatasetError:

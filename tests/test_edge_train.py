@@ -16,8 +16,9 @@ from edge_runtime.bundle import load_bundle
 from edge_runtime.local_train import TrainError, load_local_data, train_expert
 from exporter.bundle import export_run
 from tests.conftest import CFG
-from trainer.client import LocalConfig
-from trainer.simulation import Federation, open_run
+from trainer.device.client import LocalConfig
+from trainer.transports.inprocess import Federation
+from trainer.prepare import open_run
 
 
 def edge(*args: str) -> subprocess.CompletedProcess:

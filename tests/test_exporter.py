@@ -14,7 +14,8 @@ from edge_runtime.engine import Engine
 from exporter.bundle import ExportError, export_run
 from hierarchy import info_f1
 from tests.conftest import CFG
-from trainer.simulation import Federation, prepare
+from trainer.transports.inprocess import Federation
+from trainer.prepare import prepare
 
 
 def hmoe_edge(*args: str) -> subprocess.CompletedProcess:

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer.client import LocalConfig
+from trainer.device.client import LocalConfig
 from trainer.datasets import DatasetError, load_dataset
-from trainer.run import RunConfig
-from trainer.simulation import Federation, open_run
+from trainer.protocol.run import RunConfig
+from trainer.transports.inprocess import Federation
+from trainer.prepare import open_run
 
 TINY = dict(clients=4, clients_per_round=2, hmoe_rounds=5, flat_rounds=2, expert_width=4, flat_width=4,
             local=LocalConfig(batch_size=16, lr=0.05))

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from tests.conftest import CFG
-from trainer.config import LocalConfig
-from trainer.fleet import CostBook, Fleet, FleetError, Tier
-from trainer.simulation import COSTS, Federation, open_run
+from trainer.device.config import LocalConfig
+from trainer.protocol.fleet import CostBook, Fleet, FleetError, Tier
+from trainer.protocol.fleet import COSTS
+from trainer.transports.inprocess import Federation
+from trainer.prepare import open_run
 
 STRONG = {"name": "strong", "share": 0.5, "memory_mb": 64, "speed": 1.0}
 WEAK = {"name": "weak", "share": 0.5, "memory_mb": 2, "speed": 0.5}
@@ -66,7 +68,7 @@ def test_tiers_are_placed_by_share_and_seed_alone():
 
 
 def test_prediction_falls_back_to_micro_batch_one_and_honours_the_deadline():
-    from trainer.config import NetConfig
+    from trainer.device.config import NetConfig
     net = NetConfig((1, 28, 28), 3, 4).resolved()
     book = CostBook()
     book.add(net, LocalConfig(), {"mem_mb": 6.0, "mem_mb_mb1": 1.5, "ms_per_sample": 0.1, "ms_per_sample_mb1": 0.4})
@@ -188,7 +190,7 @@ def test_cli_measures_costs_and_reports_the_fleet(tmp_path):
 
 def test_resource_aware_assignment_follows_the_schedule_and_keeps_cohorts():
     from hierarchy import load_taxonomy
-    from trainer.strategy import Strategy, make_tasks
+    from trainer.protocol.strategy import Strategy, make_tasks
     tree = load_taxonomy("fashion-mnist")
     tasks = make_tasks(tree, "hmoe", (1, 28, 28), 4)
     ra = Strategy(tree, tasks, "round-robin", 0, assignment="resource-aware", min_clients=2)
@@ -209,7 +211,7 @@ def test_resource_aware_assignment_follows_the_schedule_and_keeps_cohorts():
 
 
 def test_the_coordinator_refuses_a_resource_aware_run(tmp_path):
-    from trainer.coordinator import Coordinator, CoordinatorError
+    from trainer.transports.coordinator.service import Coordinator, CoordinatorError
     cfg = replace(FCFG, assignment="resource-aware")
     open_run(tmp_path / "run", cfg, resume=False, kinds=("hmoe",))
     with pytest.raises(CoordinatorError, match="--assignment resource-aware; the coordinator runs one expert a round"):

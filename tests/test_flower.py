@@ -15,8 +15,9 @@ import pytest
 flwr = pytest.importorskip("flwr")
 
 from tests.conftest import CFG  # noqa: E402
-from trainer.fedavg import fedavg  # noqa: E402
-from trainer.simulation import Federation, open_run  # noqa: E402
+from trainer.protocol.aggregate import fedavg  # noqa: E402
+from trainer.transports.inprocess import Federation  # noqa: E402
+from trainer.prepare import open_run  # noqa: E402
 
 for _k, _v in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0"}.items():
     os.environ.setdefault(_k, _v)
@@ -31,7 +32,7 @@ def test_project_fedavg_and_flowers_aggregate_arrayrecords_agree_within_float32(
     from flwr.app import ArrayRecord, MetricRecord, RecordDict
     from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-    from trainer.flower_client import from_record, to_record
+    from trainer.transports.flower.client import from_record, to_record
     rng = np.random.default_rng(0)
     results = [({"w": (rng.normal(size=(64, 32)) * 10.0 ** rng.integers(-3, 3)).astype(np.float32),
                  "b": rng.normal(size=(32,)).astype(np.float32)}, int(n)) for n in rng.integers(1, 5000, 7)]
@@ -53,7 +54,7 @@ def _simulate(run: Path, cfg, mode: str = "plain", data_dir: Path | None = None)
     """Create the run here, then train it under Flower's simulation runtime in a child
     process inside a loopback-only network namespace (tests.flower_apps)."""
     from hierarchy.errors import UsageError
-    from trainer.flower_cmd import loopback_command
+    from trainer.cli.flower import loopback_command
     if not (run / "config.json").exists():
         _, prep = open_run(run, cfg, False, kinds=("hmoe",))
         Federation(run, "hmoe", cfg, prep)
@@ -92,7 +93,7 @@ def test_bad_replies_are_left_out_one_by_one_and_the_run_goes_on(tmp_path):
     assert fed.state["completed_rounds"] == SMALL.hmoe_rounds
     assert all(e["clients"] == 0 for e in log)            # every reply was bad: the experts stay as they were
     reasons = {c: why for e in log for c, why in e.get("left_out", {}).items()}
-    assert "has shape (3, 3)" in reasons["1"] and "num-examples 0" in reasons["2"]
+    assert "[3, 3]; expected float32" in reasons["1"] and "num-examples 0" in reasons["2"]
     assert "node 3's disk is full" in reasons["3"]
     assert any(0 in e["diverged"] for e in log)            # non-finite: left out as the simulation does
 
@@ -295,7 +296,7 @@ def test_nodes_with_bad_data_are_left_out_by_name_and_the_run_goes_on(tmp_path):
 
 
 def test_a_server_app_refuses_a_run_of_another_taxonomy(tmp_path):
-    from trainer.flower_app import FlowerRunError, serve
+    from trainer.transports.flower.server import FlowerRunError, serve
     open_run(tmp_path / "run", SMALL, False, kinds=("hmoe",))
     with pytest.raises(FlowerRunError, match="another hierarchy .*'synthetic:1,28,28:fashion-mnist:400', 10 leaves.* "
                                               "taxonomy 'cifar100' \\(100 leaves\\)"):
@@ -319,15 +320,16 @@ def test_client_app_trains_a_nodes_folder_under_a_memory_cap_like_without(tmp_pa
     micro-batch planner probes first) it gives the update it gives without a cap."""
     from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-    from trainer.flower_app import HmoeFlowerStrategy
-    from trainer.flower_client import from_record, handle_train, to_record
+    from trainer.transports.flower.server import HmoeFlowerStrategy
+    from trainer.transports.flower.client import from_record, handle_train, to_record
     cfg, prep = open_run(tmp_path / "run", SMALL, False, kinds=("hmoe",))
     fed = Federation(tmp_path / "run", "hmoe", cfg, prep)
     np.savez(tmp_path / "train.npz", images=prep.data.train_x[prep.parts[0]], labels=prep.data.train_y[prep.parts[0]])
     strategy = HmoeFlowerStrategy(fed, {0: 1}, [fed.tree.names[i] for i in fed.tree.leaves], 0)
-    plan = fed.plan_round(0, [0])
+    rnd = next(r for r in range(100) if 0 in fed.clients.sample(r))   # a round that samples client 0
+    plan = fed.driver.plan(rnd, present={0})
     key = plan.assigned[0]
-    config = ConfigRecord({"task": key, "round": 0, "partition-id": 0, "seed": plan.seeds[0],
+    config = ConfigRecord({"task": key, "round": rnd, "partition-id": 0, "seed": plan.seeds[0],
                            "local": json.dumps(plan.configs[0].to_dict()), "net": fed.tasks[key].net.to_json(),
                            "targets": strategy._targets(key), "leaves": json.dumps(strategy.leaves),
                            "shape": json.dumps(list(prep.data.shape)), "input": json.dumps(strategy.spec)})

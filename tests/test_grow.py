@@ -12,11 +12,11 @@ import torch
 
 from hierarchy import Hierarchy
 from hierarchy.taxonomies import FASHION_MNIST_TREE
-from trainer.checkpoint import load_checkpoint, read_metadata
-from trainer.client import load_numpy, to_numpy
+from trainer.protocol.checkpoint import load_checkpoint, read_metadata
+from trainer.device.client import load_numpy, to_numpy
 from trainer.grow import plan_extension, starting_weights
-from trainer.nets import build_net
-from trainer.strategy import make_tasks
+from trainer.device.nets import build_net
+from trainer.protocol.strategy import make_tasks
 
 BIN = Path(sys.executable).parent
 
@@ -162,8 +162,8 @@ def logits_of(net_cfg, weights, x):
 
 
 def test_held_out_classes_are_left_out_and_arrive_on_a_share_of_the_clients(grown):
-    from trainer.run import load_run_config
-    from trainer.simulation import prepare
+    from trainer.protocol.run import load_run_config
+    from trainer.prepare import prepare
     old_cfg, new_cfg = load_run_config(grown["old"]), load_run_config(grown["trained"])
     old, new = prepare(old_cfg), prepare(new_cfg)
     assert "Ankle boot" not in old.data.tree.names and old.data.tree.num_leaves == 9
@@ -198,8 +198,8 @@ def test_growing_refuses_what_it_cannot_do(grown, tmp_path):
 
 
 def test_a_grown_coordinator_run_trains_only_the_changed_expert(grown):
-    from trainer.admission import Secrets
-    from trainer.coordinator import Coordinator
+    from trainer.transports.coordinator.admission import Secrets
+    from trainer.transports.coordinator.service import Coordinator
     coord = Coordinator(grown["start"], grown["start"] / "state.sqlite", Secrets("s"), min_updates=1)
     try:
         assert coord.current()["expert"] == "Shoes"
@@ -212,7 +212,7 @@ def test_a_grown_coordinator_run_trains_only_the_changed_expert(grown):
 def test_min_children_excuses_a_client_that_holds_one_child_of_an_expert():
     """A client whose samples under an expert all belong to one child can only teach it to
     answer that child (the new-subtree benchmark's Goods expert fell to 0.49 that way)."""
-    from trainer.strategy import Strategy, usable_samples
+    from trainer.protocol.strategy import Strategy, usable_samples
     t = tree(FASHION_MNIST_TREE)
     tasks = make_tasks(t, "hmoe", (1, 28, 28), 4)
     names = [t.names[v] for v in t.leaf_order]

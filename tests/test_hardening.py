@@ -11,11 +11,12 @@ from safetensors.numpy import load, save
 
 from tests.conftest import CFG
 from tests.test_federated import needs_fashion
-from trainer.admission import AdmissionError, Limits, Secrets
-from trainer.client import local_update
-from trainer.coordinator import Coordinator, StaleUpdate
-from trainer.run import RunConfig
-from trainer.simulation import Federation, open_run
+from trainer.transports.coordinator.admission import AdmissionError, Limits, Secrets
+from trainer.device.client import local_update
+from trainer.transports.coordinator.service import Coordinator, StaleUpdate
+from trainer.protocol.run import RunConfig
+from trainer.transports.inprocess import Federation
+from trainer.prepare import open_run
 
 SECRET = "s"
 
@@ -133,7 +134,7 @@ def test_enrolment_is_bounded_and_its_secret_rotates(fleet_run, tmp_path):
 
 
 def test_a_sample_count_above_the_ceiling_is_refused(fleet_run, tmp_path):
-    from trainer.coordinator import InvalidUpdate
+    from trainer.transports.coordinator.service import InvalidUpdate
     coord = Coordinator(fleet_run, tmp_path / "db.sqlite", SECRET, limits=Limits(max_samples=500))
     try:
         device = coord.enroll(SECRET)["device_id"]

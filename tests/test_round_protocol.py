@@ -15,7 +15,8 @@ from safetensors.numpy import load_file
 from edge_runtime.sync import sync
 from tests.conftest import CFG
 from tests.test_coordinator import SECRET, Server
-from trainer.simulation import Federation, open_run
+from trainer.transports.inprocess import Federation
+from trainer.prepare import open_run
 
 ROUNDS = 5
 CLIENTS = 3
@@ -129,7 +130,7 @@ def test_schedule_continues_after_kill9(tmp_path):
 
 
 def test_restart_with_another_schedule_is_refused(tmp_path):
-    from trainer.coordinator import Coordinator, CoordinatorError
+    from trainer.transports.coordinator.service import Coordinator, CoordinatorError
     cfg = protocol_cfg("proportional")
     _, prep = open_run(tmp_path / "run", cfg, resume=False)
     Federation(tmp_path / "run", "hmoe", cfg, prep)
@@ -139,8 +140,8 @@ def test_restart_with_another_schedule_is_refused(tmp_path):
 
 
 def test_run_without_input_spec_says_how_to_repair(tmp_path):
-    from trainer.coordinator import Coordinator
-    from trainer.run import RunError
+    from trainer.transports.coordinator.service import Coordinator
+    from trainer.protocol.run import RunError
     cfg = protocol_cfg("round-robin")
     _, prep = open_run(tmp_path / "run", cfg, resume=False)
     Federation(tmp_path / "run", "hmoe", cfg, prep)
@@ -155,7 +156,7 @@ def test_balanced_epochs_never_exceed_the_roots_round_in_samples_or_steps():
     samples alone gave a client with 3 samples under an expert 1000 one-batch epochs)."""
     import math
 
-    from trainer.strategy import balanced_epochs
+    from trainer.protocol.strategy import balanced_epochs
     for client in (1, 3, 31, 32, 33, 100, 999, 3000):
         for task in range(1, client + 1, max(1, client // 37)):
             for batch in (1, 8, 32, 64):

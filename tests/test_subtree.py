@@ -15,7 +15,7 @@ from edge_runtime.engine import Engine
 from exporter.bundle import export_run
 from tests.test_coordinator import SECRET, Server, enrol, make_run
 from tests.test_edge_app import png, start_serve
-from trainer.run import load_hierarchy
+from trainer.protocol.run import load_hierarchy
 
 BIN = Path(sys.executable).parent
 
@@ -28,8 +28,8 @@ def goods(run_dir, tmp_path_factory) -> Path:
 
 
 def test_a_subtree_bundle_decides_as_the_full_model_inside_its_subtree(run_dir, bundle_dir, goods):
-    from trainer.run import run_files
-    from trainer.simulation import prepare
+    from trainer.protocol.run import run_files
+    from trainer.prepare import prepare
     cfg, tree, spec = run_files(run_dir)
     prep = prepare(cfg)
     d = prep.data

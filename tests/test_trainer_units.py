@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 
 from hierarchy import load_taxonomy
-from trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from trainer.fedavg import fedavg
-from trainer.nets import NetConfig, analytic_bytes, build_net, num_params
+from trainer.protocol.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from trainer.protocol.aggregate import fedavg
+from trainer.device.nets import NetConfig, analytic_bytes, build_net, num_params
 from trainer.partition import partition
-from trainer.schedules import ScheduleContext, get_schedule
-from trainer.simulation import SimulatedClients
-from trainer.strategy import Strategy, make_tasks
+from trainer.protocol.schedules import ScheduleContext, get_schedule
+from trainer.protocol.driver import ClientSampler
+from trainer.protocol.strategy import Strategy, make_tasks
 
 
 def test_fedavg_hand_made():
@@ -61,7 +61,7 @@ def test_strategy_is_deterministic_and_drops_clients():
     tree = load_taxonomy("fashion-mnist")
     tasks = make_tasks(tree, "hmoe", (1, 28, 28), 4)
     s = Strategy(tree, tasks, "round-robin", seed=1)
-    sim = SimulatedClients(seed=1, num_clients=10, per_round=4, dropout=0.5)
+    sim = ClientSampler(seed=1, num_clients=10, per_round=4, dropout=0.5)
     assert sim.sample(3) == sim.sample(3) and len(sim.sample(3)) == 4
     drops = [sim.drops_out(r, c) for r in range(50) for c in range(10)]
     assert 0.3 < np.mean(drops) < 0.7
@@ -87,7 +87,7 @@ def test_wider_net_costs_more():
 
 
 def test_checkpoint_round_trip_and_corruption(tmp_path):
-    from trainer.client import to_numpy
+    from trainer.device.client import to_numpy
     cfg = NetConfig((1, 28, 28), 3, 4).resolved()
     w = to_numpy(build_net(cfg))
     path = tmp_path / "e.safetensors"
@@ -112,7 +112,7 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
 
 def tiny_problem(n: int):
     """A 3-way problem on random 28x28 images: network config, images, targets, initial weights, normaliser."""
-    from trainer.client import Normalizer, to_numpy
+    from trainer.device.client import Normalizer, to_numpy
     cfg = NetConfig((1, 28, 28), 3, 4).resolved()
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (n, 1, 28, 28), dtype=np.uint8)
@@ -120,7 +120,7 @@ def tiny_problem(n: int):
 
 
 def test_micro_batches_give_the_same_update():
-    from trainer.client import LocalConfig, local_update
+    from trainer.device.client import LocalConfig, local_update
     cfg, x, y, w0, norm = tiny_problem(64)
     full, _ = local_update(cfg, w0, x, y, LocalConfig(batch_size=32), norm, seed=1)
     micro, _ = local_update(cfg, w0, x, y, LocalConfig(batch_size=32), norm, seed=1, micro_batch=8)
@@ -129,7 +129,7 @@ def test_micro_batches_give_the_same_update():
 
 
 def test_clip_norm_bounds_each_step():
-    from trainer.client import LocalConfig, local_update
+    from trainer.device.client import LocalConfig, local_update
     cfg, x, y, w0, norm = tiny_problem(32)
 
     def step_norm(clip: float) -> float:   # one batch, plain SGD: the step is lr * (clipped) gradient
@@ -144,7 +144,7 @@ def test_clip_norm_bounds_each_step():
 
 
 def test_expert_widths_by_rule():
-    from trainer.strategy import expert_widths
+    from trainer.protocol.strategy import expert_widths
     tree = load_taxonomy("fashion-mnist")      # root 10 leaves, Clothes 6, Goods 4, Tops 3, Shoes 3
     assert expert_widths(tree, "", 16) == {}
     assert expert_widths(tree, "leaves:4", 16) == {"root": 16, "Clothes": 10, "Goods": 6, "Tops": 5, "Shoes": 5}
@@ -163,7 +163,8 @@ def test_a_run_with_expert_widths_trains_exports_and_refuses_a_bad_rule_before_w
 
     from exporter.bundle import export_run
     from tests.conftest import CFG
-    from trainer.simulation import Federation, open_run
+    from trainer.transports.inprocess import Federation
+    from trainer.prepare import open_run
     bad = replace(CFG, expert_widths="map:Hats=2")
     with pytest.raises(ValueError, match="Hats"):
         open_run(tmp_path / "bad", bad, resume=False)

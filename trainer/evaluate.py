@@ -7,8 +7,8 @@ import torch
 
 from hierarchy import Hierarchy, decode, leaf_rule, majority_rule, summarize
 from hierarchy.errors import UsageError
-from trainer.client import Normalizer
-from trainer.nets import ConvNet
+from trainer.device.client import Normalizer
+from trainer.device.nets import ConvNet
 
 FLAT_RULES = {"leaf": leaf_rule, "majority": majority_rule}
 
@@ -71,8 +71,8 @@ def validation_error(tree: Hierarchy, task, weights: dict[str, np.ndarray], x: n
                      normalize: Normalizer, device: str = "cpu") -> float:
     """1 - accuracy of ``task``'s expert with ``weights`` on the validation samples under it
     (0 when none lies under it): what the worst-validation schedule reads, on every transport."""
-    from trainer.client import load_numpy
-    from trainer.nets import build_net
+    from trainer.device.client import load_numpy
+    from trainer.device.nets import build_net
     net = build_net(task.net).to(device)
     load_numpy(net, weights)
     acc, n = expert_accuracy(tree, task.node, net, x, y, normalize, device)

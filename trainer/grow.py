@@ -27,11 +27,11 @@ import numpy as np
 
 from hierarchy import Hierarchy
 from hierarchy.errors import UsageError
-from trainer.fedavg import Weights
-from trainer.run import RunConfig, RunError, run_files
-from trainer.strategy import FLAT, Task, make_tasks
+from trainer.device.config import Weights
+from trainer.protocol.run import RunConfig, RunError, run_files
+from trainer.protocol.strategy import FLAT, Task, make_tasks
 
-OUT_W, OUT_B = "head.3.weight", "head.3.bias"   # the output layer of trainer.nets.ConvNet
+OUT_W, OUT_B = "head.3.weight", "head.3.bias"   # the output layer of trainer.device.nets.ConvNet
 
 
 @dataclass
@@ -157,10 +157,10 @@ def seed_extension(run_dir: Path, cfg: RunConfig, tree: Hierarchy, shape: tuple[
     the federation's own initialisation."""
     import torch
 
-    from trainer.checkpoint import load_checkpoint, save_checkpoint
-    from trainer.client import to_numpy
-    from trainer.nets import build_net
-    from trainer.strategy import stable_seed
+    from trainer.protocol.checkpoint import load_checkpoint, save_checkpoint
+    from trainer.device.client import to_numpy
+    from trainer.device.nets import build_net
+    from trainer.protocol.strategy import stable_seed
     ext, run_dir = cfg.extends, Path(run_dir)
     old = Path(ext["from_run"])
     old_cfg, old_tree, _ = run_files(old)

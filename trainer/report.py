@@ -3,46 +3,24 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
-import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hierarchy.tree import write_text_atomic
-from trainer.cost import summarize_costs, task_cost
+from trainer.device.cost import summarize_costs, summary, table1, task_cost
 from trainer.evaluate import expert_accuracy
 from trainer.plots import plot_cost_per_task, plot_metric_vs_round
-from trainer.run import RunConfig
-from trainer.simulation import Federation, Prepared, data_used, fleet_report
-from trainer.strategy import stable_seed
+from trainer.protocol.run import RunConfig
+from trainer.machine import git_commit, machine_info
+from trainer.protocol.strategy import stable_seed
+
+if TYPE_CHECKING:   # report reads families; the transports build them
+    from trainer.transports.inprocess import Federation
 
 HMOE_DECODERS = ["greedy", "beam:2", "threshold:0.5"]
 FLAT_RULES = ["leaf", "majority"]
-
-
-def machine_info() -> dict:
-    import psutil
-    import torch
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform()}
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def evaluate_family(fed: Federation, decoders: list[str] | None = None) -> dict:
@@ -131,60 +109,6 @@ def build_report(run_dir: Path, cfg: RunConfig, feds: dict[str, Federation], cos
     return report
 
 
-def summary(report: dict) -> dict:
-    """The figures `make demo` promises, plus the ratios they are judged by."""
-    out: dict = {"machine": report.get("machine"), "commit": report.get("commit"), "dataset": report.get("dataset")}
-    for kind, rule, extra in (("hmoe", "greedy", "decoders"), ("flat", "leaf", "rules")):
-        if kind in report:
-            r = report[kind]
-            out[kind] = {"info_f1": r["test"][rule]["info_f1"], "leaf_accuracy": r["test"][rule]["leaf_accuracy"],
-                         "rounds": r["rounds"], "total_client_seconds": r["total_client_seconds"],
-                         extra: r["test"]}
-    cost = report.get("cost", {})
-    if all(k in cost for k in ("flat", "hmoe_max", "hmoe_min")):
-        out["cost"] = {k: {m: cost[k][m] for m in ("time_ms", "mem_mb", "live_mb", "analytic_mb") if m in cost[k]}
-                       for k in ("flat", "hmoe_max", "hmoe_min")}
-        out["cost"]["hmoe_max"]["experts"] = {m: cost["hmoe_max"][f"{m}_expert"] for m in ("time_ms", "mem_mb")}
-    if "hmoe" in out and "flat" in out:
-        out["ratios"] = {"info_f1_hmoe_over_flat": out["hmoe"]["info_f1"] / out["flat"]["info_f1"]}
-        if "cost" in out:
-            c = out["cost"]
-            for size, row in (("largest", "hmoe_max"), ("smallest", "hmoe_min")):
-                for short, metric in (("time", "time_ms"), ("mem", "mem_mb"), ("live_mem", "live_mb")):
-                    if metric in c[row] and c["flat"].get(metric):
-                        out["ratios"][f"{short}_{size}_expert_over_flat"] = c[row][metric] / c["flat"][metric]
-    return out
-
-
-def table1(s: dict) -> str:
-    """The source paper's Table 1 layout."""
-    lines = [f"{'model':<24}{'Information F1':>16}{'time / round (ms)':>24}{'memory / round (MB)':>26}"
-             f"{'live tensors (MB)':>24}"]
-    cost = s.get("cost", {})
-    flat_c = cost.get("flat")
-
-    def cell(row: dict | None, metric: str, fmt: str) -> str:
-        if not row or metric not in row:
-            return "n/a"
-        text = format(row[metric], fmt)
-        return f"{text} ({100 * row[metric] / flat_c[metric]:.1f}%)" if flat_c and flat_c.get(metric) else text
-
-    rows = [("flat softmax", s.get("flat", {}).get("info_f1"), cost.get("flat")),
-            ("HMoE, largest expert", s.get("hmoe", {}).get("info_f1"), cost.get("hmoe_max")),
-            ("HMoE, smallest expert", None, cost.get("hmoe_min"))]
-    for name, f1, c in rows:
-        f1_text = f"{f1:.5f}" if f1 is not None else ""
-        lines.append(f"{name:<24}{f1_text:>16}{cell(c, 'time_ms', '.0f'):>24}{cell(c, 'mem_mb', '.1f'):>26}"
-                     f"{cell(c, 'live_mb', '.1f'):>24}")
-    if "ratios" in s:
-        lines.append(f"\nHMoE greedy / flat Information F1: {s['ratios']['info_f1_hmoe_over_flat']:.3f}")
-    for kind in ("hmoe", "flat"):
-        if kind in s:
-            lines.append(f"{kind}: {s[kind]['rounds']} rounds, total client training time "
-                         f"{s[kind]['total_client_seconds']:.0f} s, leaf accuracy {s[kind]['leaf_accuracy']:.4f}")
-    return "\n".join(lines)
-
-
 def fleet_table(report: dict) -> str:
     """Per model family: how much of the fleet's data and rounds it could use."""
     f = report["fleet"]
@@ -227,5 +151,49 @@ def extension_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def prepared_feds(run_dir: Path, cfg: RunConfig, prep: Prepared, kinds: list[str]) -> dict[str, Federation]:
-    return {k: Federation(run_dir, k, cfg, prep) for k in kinds}
+def data_used(fed: Federation) -> float:
+    """Share of the clients' training samples that some completed round trained on."""
+    used = [np.zeros(len(p), dtype=bool) for p in fed.prep.parts]
+    labels = fed.prep.data.train_y
+    for e in fed.state["log"]:
+        assigned = e.get("assigned") or {c: e["task"] for c in e.get("client_config", {})}
+        for c, key in assigned.items():
+            c = int(c)
+            if c in e.get("diverged", []):
+                continue
+            used[c] |= fed.tasks[key].select(fed.tree, labels[fed.prep.parts[c]])[0]
+    total = sum(len(p) for p in fed.prep.parts)
+    return float(sum(u.sum() for u in used) / total) if total else 0.0
+
+
+def fleet_report(feds: dict[str, Federation]) -> dict | None:
+    """The fleet, each client's tier, the measured costs, what they predict per tier and task
+    (for the tier's median client, one epoch) and what the rounds did; None without a fleet."""
+    some = next(iter(feds.values()))
+    fc = some.fleet
+    if fc is None:
+        return None
+    tiers = fc.fleet.tiers
+    out: dict = {"fleet": fc.fleet.to_dict(), "client_tiers": [tiers[t].name for t in fc.client_tier],
+                 "costs": fc.book.to_dict(), "predictions": {}, "families": {}}
+    for kind, fed in feds.items():
+        preds: dict = {}
+        for i, tier in enumerate(tiers):
+            members = [c for c, t in enumerate(fc.client_tier) if t == i]
+            if members:
+                preds[tier.name] = {key: {"samples": n, **fc.predict(members[0], task.net, n).to_dict()}
+                                    for key, task in fed.tasks.items()
+                                    for n in [int(np.median([fed.task_n[c][key] for c in members]))]}
+        log = fed.state["log"]
+        trained = [int(c) for e in log for c in e.get("assigned", {}) if int(c) not in e.get("diverged", [])]
+        out["predictions"][kind] = preds
+        out["families"][kind] = {
+            "data_used": data_used(fed),
+            "unfit_client_rounds": int(sum(len(e.get("unfit", [])) for e in log)),
+            "no_cohort_client_rounds": int(sum(len(e.get("no_cohort", [])) for e in log)),
+            "trained_client_rounds": len(trained),
+            "device_seconds": float(sum(e.get("device_seconds", 0.0) for e in log)),
+            "trained_client_rounds_per_tier": {t.name: sum(fc.client_tier[c] == i for c in trained)
+                                               for i, t in enumerate(tiers)},
+        }
+    return out

@@ -37,12 +37,12 @@ from safetensors.numpy import load, load_file, save
 from hierarchy.errors import HmoeError
 from hierarchy.manifest import Manifest, ModelEntry
 from hierarchy.tree import write_bytes_atomic
-from trainer.admission import AdmissionError, Limits, Secrets, TokenBucket
-from trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from trainer.config import LocalConfig
-from trainer.fedavg import Weights
-from trainer.run import load_strategy_state, run_files
-from trainer.strategy import StrategyError
+from trainer.transports.coordinator.admission import AdmissionError, Limits, Secrets, TokenBucket
+from trainer.protocol.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from trainer.device.config import LocalConfig
+from trainer.device.config import Weights
+from trainer.protocol.run import load_strategy_state, run_files
+from trainer.protocol.strategy import StrategyError
 
 MAX_UPDATE_BYTES = 16 * 1024 * 1024
 MAX_BATCH = 512          # writes committed together by the writer thread
@@ -498,7 +498,7 @@ class Coordinator:
         """Only for a schedule that reads validation errors: the run's validation split, as the
         simulation uses it (loads torch and the data set on first use)."""
         from trainer.evaluate import validation_error
-        from trainer.simulation import prepare
+        from trainer.prepare import prepare
         if self._validation is None:
             self._validation = prepare(self.cfg)
         prep = self._validation

@@ -1,12 +1,12 @@
 """The HMoE ClientApp for Flower: a SuperNode's side of the round protocol.
 
-A node answers two messages of the ServerApp (trainer.flower_app):
+A node answers two messages of the ServerApp (trainer.transports.flower.server):
 
 - query: its client id and its samples per leaf (as a device sends ``counts`` to the
   coordinator), so the strategy can assign tasks and hyper-parameters;
 - train: one expert's weights with the strategy's decisions (the expert's relabelling
   table, hyper-parameters, seed); the node trains with the project's local update
-  (``trainer.client.local_update``, under a memory cap when one is configured) and
+  (``trainer.device.client.local_update``, under a memory cap when one is configured) and
   replies with the new weights and its sample count.
 
 Data, from the node config: ``data-dir`` (a folder holding ``train.npz`` with uint8
@@ -14,8 +14,9 @@ Data, from the node config: ``data-dir`` (a folder holding ``train.npz`` with ui
 node's client id), or, in Flower's simulation runtime, ``partition-id`` alone: the
 partition the project's simulation gives that client of the run (``run-dir`` in the
 run config). ``memory-cap-mb`` caps a round's memory growth (edge trainer's micro-batch
-plan); ``threads`` sets torch's threads (default 1: two threads per client on two cores
-were 3.4x slower than one).
+plan); ``threads`` sets torch's threads (default ``TRAIN_THREADS``, 1, as on every transport:
+another count changes the update's last bits, so the node would no longer equal the
+simulation; two threads per client on two cores were also 3.4x slower than one).
 """
 
 from __future__ import annotations
@@ -92,8 +93,8 @@ def _load_folder(folder: Path, leaves: list[str], shape: tuple[int, int, int]) -
 def _load_simulated(run_dir: Path, client: int) -> tuple[np.ndarray, np.ndarray]:
     """Flower's simulation runtime: the client's partition as the project's simulation
     draws it (same data, same order), so the two transports train alike."""
-    from trainer.run import load_run_config
-    from trainer.simulation import prepare
+    from trainer.protocol.run import load_run_config
+    from trainer.prepare import prepare
     if str(run_dir) not in _PREPARED:
         _PREPARED.clear()
         _PREPARED[str(run_dir)] = prepare(load_run_config(run_dir))
@@ -102,11 +103,6 @@ def _load_simulated(run_dir: Path, client: int) -> tuple[np.ndarray, np.ndarray]
         raise NodeDataError(f"partition-id {client} is not a client of the run ({len(prep.parts)} clients)")
     idx = prep.parts[client]
     return prep.data.train_x[idx], prep.data.train_y[idx]   # copies: the node's own data
-
-
-def _threads(context: Context) -> None:
-    import torch
-    torch.set_num_threads(int(context.node_config.get("threads", 1)))
 
 
 def handle_query(msg: Message, context: Context, run_dir: str | None = None) -> Message:
@@ -118,9 +114,8 @@ def handle_query(msg: Message, context: Context, run_dir: str | None = None) -> 
 
 
 def handle_train(msg: Message, context: Context, run_dir: str | None = None) -> Message:
-    from trainer.client import Normalizer, local_update
-    from trainer.config import LocalConfig, NetConfig
-    _threads(context)
+    from trainer.device.client import TRAIN_THREADS, Normalizer, local_update
+    from trainer.device.config import LocalConfig, NetConfig
     cfg = msg.content["config"]
     leaves, shape = json.loads(str(cfg["leaves"])), tuple(json.loads(str(cfg["shape"])))
     client, x, y = node_data(context, leaves, shape, run_dir)
@@ -137,11 +132,11 @@ def handle_train(msg: Message, context: Context, run_dir: str | None = None) -> 
     cap = context.node_config.get("memory-cap-mb")
     micro = None
     if cap:
-        from trainer.memory import PeakMeter, plan_micro_batch, warm_up
+        from trainer.device.memory import PeakMeter, plan_micro_batch, warm_up
         warm_up(net, local, normalize)
         micro = plan_micro_batch(net, local, normalize, x[keep], target[keep], float(cap), PeakMeter()).micro_batch
     new, metrics = local_update(net, weights, x[keep], target[keep], local, normalize, int(cfg["seed"]),
-                                micro_batch=micro)
+                                micro_batch=micro, threads=int(context.node_config.get("threads", TRAIN_THREADS)))
     reply = RecordDict({"arrays": to_record(new), "metrics": MetricRecord({
         "num-examples": int(metrics["num_samples"]), "train-loss": float(metrics["train_loss"]),
         "train-seconds": float(metrics["train_seconds"])})})

@@ -12,9 +12,9 @@ import numpy as np
 
 from hierarchy import Hierarchy
 from hierarchy.errors import HmoeError, UsageError
-from trainer.config import LocalConfig, NetConfig
-from trainer.fedavg import AGGREGATORS, Weights, bound_results, trimmed_mean
-from trainer.schedules import SCHEDULES, ScheduleContext, get_schedule
+from trainer.device.config import LocalConfig, NetConfig
+from trainer.protocol.aggregate import AGGREGATORS, Weights, bound_results, trimmed_mean
+from trainer.protocol.schedules import ScheduleContext, get_schedule, reads_validation
 
 FLAT = "flat"
 LR_DECAYS = ("cosine", "none")
@@ -192,7 +192,7 @@ class Strategy:
     @property
     def needs_validation(self) -> bool:
         """Whether the schedule reads validation errors (the transport must then report them)."""
-        return self.schedule is SCHEDULES["worst-validation"]
+        return reads_validation(self.schedule)
 
     def record_validation(self, key: str, error: float) -> None:
         self.context.val_error[key] = float(error)

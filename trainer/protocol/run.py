@@ -12,8 +12,8 @@ from hierarchy import Hierarchy
 from hierarchy.errors import HmoeError
 from hierarchy.spec import InputSpec
 from hierarchy.tree import write_text_atomic
-from trainer.config import LocalConfig
-from trainer.strategy import Strategy, Task, expert_widths, make_tasks
+from trainer.device.config import LocalConfig
+from trainer.protocol.strategy import Strategy, Task, expert_widths, make_tasks
 
 INPUT_SPEC = "input.json"
 
@@ -51,7 +51,7 @@ class RunConfig:
     lr_decay: str = "cosine"      # cosine: client lr falls from lr to lr/10 over the run; none: constant
     aggregation: str = "fedavg"   # fedavg | median | trimmed-mean[:SHARE]
     influence_bound: float = 3.0  # a client's change and sample count count at most this x the round's median
-    fleet: dict | None = None     # device tiers and round deadline (trainer.fleet); None: every client can train anything
+    fleet: dict | None = None     # device tiers and round deadline (trainer.protocol.fleet); None: every client can train anything
     assignment: str = "one"       # one: a round trains one task; resource-aware: each client its most useful affordable task
     min_cohort: int = 2           # resource-aware: a task beside the round's own trains only with this many clients
     min_children: int = 1         # HMoE: a client trains an expert only if it holds samples of this many of its children

@@ -1,6 +1,6 @@
-"""Child process of trainer.cost: one local update, timed, with its peak memory growth.
+"""Child process of trainer.device.cost: one local update, timed, with its peak memory growth.
 
-Usage: python -m trainer.cost_worker DIR   (DIR holds spec.json, x.npy, y.npy, w.safetensors)
+Usage: python -m trainer.device.cost_worker DIR   (DIR holds spec.json, x.npy, y.npy, w.safetensors)
 
 Memory is the peak growth of the first update; time is the median over ``repeats``
 identical updates (spec.json, default 1). ``micro_batch`` in spec.json splits every batch
@@ -67,8 +67,8 @@ def warm_up(net, local, normalize, device: str) -> None:
     on a device, not once per round, so it belongs to the idle baseline."""
     import numpy as np
 
-    from trainer.client import local_update
-    from trainer.nets import NetConfig
+    from trainer.device.client import local_update
+    from trainer.device.nets import NetConfig
     tiny = NetConfig(net.in_shape, 2, width=1, depth=net.depth, hidden=2)
     x = np.zeros((2, *net.in_shape), dtype=np.uint8)
     local_update(tiny, None, x, np.array([0, 1]), local, normalize, seed=0, device=device)
@@ -80,8 +80,8 @@ def main(folder: str) -> int:
     import torch
     from safetensors.numpy import load_file
 
-    from trainer.client import LocalConfig, Normalizer, local_update
-    from trainer.nets import NetConfig
+    from trainer.device.client import LocalConfig, Normalizer, local_update
+    from trainer.device.nets import NetConfig
 
     d = Path(folder)
     spec = json.loads((d / "spec.json").read_text())
@@ -138,7 +138,7 @@ def live_tensor_peak(net, weights, x, y, local, normalize, device: str, micro) -
     import numpy as np
     from torch.profiler import ProfilerActivity, profile
 
-    from trainer.client import local_update
+    from trainer.device.client import local_update
     n = min(len(y), local.batch_size)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         local_update(net, weights, x[:n], y[:n], replace(local, epochs=1), normalize, 0, device, micro)

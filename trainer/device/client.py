@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from hierarchy.errors import UsageError
-from trainer.config import LocalConfig, NetConfig
-from trainer.fedavg import Weights
-from trainer.nets import build_net
+from trainer.device.config import LocalConfig, NetConfig
+from trainer.device.config import Weights
+from trainer.device.nets import build_net
 
 
 class Normalizer:
@@ -42,10 +42,20 @@ def make_optimizer(params, cfg: LocalConfig) -> torch.optim.Optimizer:
     raise UsageError(f"unknown optimizer {cfg.optimizer!r}; expected sgd or adam")
 
 
+TRAIN_THREADS = 1   # torch threads of every local update, on every transport (see local_update)
+
+
 def local_update(net_cfg: NetConfig, weights: Weights | None, x: np.ndarray, y: np.ndarray,
                  cfg: LocalConfig, normalize: Normalizer, seed: int,
-                 device: str = "cpu", micro_batch: int | None = None) -> tuple[Weights, dict]:
+                 device: str = "cpu", micro_batch: int | None = None,
+                 threads: int = TRAIN_THREADS) -> tuple[Weights, dict]:
     """Train from ``weights`` on uint8 images ``x`` with child/leaf targets ``y``.
+
+    The update runs on ``threads`` torch threads (restored afterwards). A CPU kernel's
+    reductions split by thread count, so the same update on one and on two threads differs
+    in the last bits, and those differences grow over a round: every transport (the
+    in-process simulation, Flower's nodes, ``hmoe-edge train`` and ``sync``) trains with
+    ``TRAIN_THREADS`` so that they all give the same experts with default flags.
 
     ``micro_batch`` splits every batch into smaller chunks whose gradients are
     accumulated (loss scaled by chunk share), so the update equals the full batch's
@@ -53,6 +63,16 @@ def local_update(net_cfg: NetConfig, weights: Weights | None, x: np.ndarray, y: 
     """
     if len(x) == 0:
         raise UsageError("local_update needs at least one sample")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _update(net_cfg, weights, x, y, cfg, normalize, seed, device, micro_batch)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _update(net_cfg: NetConfig, weights: Weights | None, x: np.ndarray, y: np.ndarray, cfg: LocalConfig,
+            normalize: Normalizer, seed: int, device: str, micro_batch: int | None) -> tuple[Weights, dict]:
     torch.manual_seed(seed)
     net = build_net(net_cfg).to(device)
     if weights is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-Weights = dict[str, np.ndarray]
+from trainer.device.config import Weights
 
 
 def _names(results: list[tuple[Weights, int]], rule: str):

@@ -6,7 +6,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields, replace
 
+import numpy as np
+
 from hierarchy.errors import UsageError
+
+Weights = dict[str, np.ndarray]   # a network's named arrays, as they travel and aggregate
 
 
 @dataclass(frozen=True)
@@ -36,7 +40,7 @@ class NetConfig:
         return cls(**d).resolved()
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        """The state-dict names and shapes of ``trainer.nets.ConvNet`` for this config
+        """The state-dict names and shapes of ``trainer.device.nets.ConvNet`` for this config
         (a test holds the two together), so weights can be checked without torch."""
         cfg = self.resolved()
         c, h, w = cfg.in_shape

@@ -8,13 +8,13 @@ from pathlib import Path
 
 from hierarchy.errors import UsageError
 from trainer.cli import command
-from trainer.config import LocalConfig
-from trainer.fleet import CostBook, Fleet
+from trainer.device.config import LocalConfig
+from trainer.protocol.fleet import CostBook, Fleet
 from trainer.grow import parse_arrival
 from trainer.partition import PARTITIONS
-from trainer.run import RunConfig, RunError, load_run_config
-from trainer.schedules import SCHEDULES
-from trainer.strategy import ASSIGNMENTS
+from trainer.protocol.run import RunConfig, RunError, load_run_config
+from trainer.protocol.schedules import SCHEDULES
+from trainer.protocol.strategy import ASSIGNMENTS
 
 # The demo's defaults (README): 20 clients, Dirichlet(0.5) non-IID, 5 clients a round, SGD
 # (lr 0.05, momentum 0.9, cosine decay), one local epoch (experts: balanced by data share);
@@ -77,7 +77,7 @@ def _add_run_flags(p: argparse.ArgumentParser, defaults: RunConfig) -> None:
     g.add_argument("--influence-bound", type=float, default=defaults.influence_bound,
                    help="a client's change from the round's weights and its sample count count at most this many "
                         "times the round's median (0: off)")
-    g = p.add_argument_group("fleet (device tiers; see trainer/fleet.py)")
+    g = p.add_argument_group("fleet (device tiers; see trainer/protocol/fleet.py)")
     g.add_argument("--fleet", metavar="FILE",
                    help="JSON fleet file: tiers (name, share of clients, memory_mb, speed) and deadline_s; a client "
                         "is asked only for tasks whose predicted round fits its tier (default: no limits)")
@@ -152,8 +152,9 @@ def _extended_config(args: argparse.Namespace) -> RunConfig:
 def train_run(out: Path, cfg: RunConfig, kinds: list[str], resume: bool, cost_clients: int,
               progress: bool = True, fleet_costs: CostBook | None = None) -> dict:
     """Train (or continue) the given model families, then evaluate, measure cost, report."""
-    from trainer.report import build_report, prepared_feds
-    from trainer.simulation import open_run
+    from trainer.report import build_report
+    from trainer.transports.inprocess import prepared_feds
+    from trainer.prepare import open_run
     if cfg.fleet and progress and not (out / "costs.json").exists():
         print("measuring per-round costs for the fleet's predictions (fresh processes, a few seconds a network)")
     cfg, prep = open_run(out, cfg, resume, kinds=tuple(kinds), seed_book=fleet_costs)
@@ -202,8 +203,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from trainer.report import prepared_feds
-    from trainer.simulation import prepare
+    from trainer.transports.inprocess import prepared_feds
+    from trainer.prepare import prepare
     run = Path(args.run_dir)
     cfg = load_run_config(run)
     kinds = [k for k in ("hmoe", "flat") if (run / f"state-{k}.json").exists()]

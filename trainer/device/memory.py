@@ -60,7 +60,7 @@ def plan_micro_batch(net_cfg, local, normalize, x: np.ndarray, y: np.ndarray, ca
     """Measure one training step at micro-batches 1, 2, 4, ... up to the batch size (growth
     over the idle baseline, so memory the allocator kept from earlier probes counts too);
     use the largest that stayed under SAFETY x cap."""
-    from trainer.client import local_update
+    from trainer.device.client import local_update
     sizes = []
     m = 1
     while m < local.batch_size:
@@ -111,8 +111,8 @@ def _one_step(local, batch: int):
 
 
 def warm_up(net_cfg, local, normalize) -> None:
-    from trainer.client import local_update
-    from trainer.nets import NetConfig
+    from trainer.device.client import local_update
+    from trainer.device.nets import NetConfig
     tiny = NetConfig(tuple(net_cfg.in_shape), 2, width=1, depth=net_cfg.depth, hidden=2)
     local_update(tiny, None, np.zeros((2, *net_cfg.in_shape), dtype=np.uint8), np.array([0, 1]),
                  _one_step(local, 2), normalize, seed=0)

@@ -34,31 +34,15 @@ from flwr.serverapp.strategy import Strategy
 
 from hierarchy.errors import HmoeError
 from hierarchy.tree import write_text_atomic
-from trainer.flower_client import from_record, to_record
-from trainer.run import load_input_spec, load_run_config
-from trainer.simulation import Federation, RoundPlan, prepare
+from trainer.transports.flower.client import from_record, to_record
+from trainer.protocol.run import load_input_spec, load_run_config
+from trainer.transports.inprocess import Federation
+from trainer.protocol.driver import RoundPlan
+from trainer.prepare import prepare
 
 
 class FlowerRunError(HmoeError, ValueError):
     """The ServerApp cannot drive this run as asked."""
-
-
-def check_reply(content: RecordDict, shapes: dict[str, tuple[int, ...]], most: int) -> str | None:
-    """Why a training reply must be left out, or None when it is well formed."""
-    if "arrays" not in content or "metrics" not in content:
-        return "reply without 'arrays' and 'metrics'"
-    arrays = content["arrays"]
-    names = set(arrays.keys())
-    if names != set(shapes):
-        return f"arrays {sorted(names ^ set(shapes))[:3]} missing or unexpected"
-    for name, want in shapes.items():
-        got = tuple(arrays[name].shape)
-        if got != tuple(want):
-            return f"array {name} has shape {got}, expected {tuple(want)}"
-    n = content["metrics"].get("num-examples", 0)
-    if not isinstance(n, int) or not 0 < n <= most:
-        return f"num-examples {n!r}: expected an integer in [1, {most}] (the client's samples under the task)"
-    return None
 
 
 class HmoeFlowerStrategy(Strategy):
@@ -85,10 +69,7 @@ class HmoeFlowerStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         fed, rnd = self.fed, self.start_round + server_round - 1
-        sampled = fed.clients.sample(rnd)
-        reachable = [c for c in sampled if c in self.nodes and not fed.clients.drops_out(rnd, c)]
-        self.plan = fed.plan_round(rnd, reachable)
-        self.plan.dropped = [c for c in sampled if c not in reachable]
+        self.plan = fed.driver.plan(rnd, present=set(self.nodes))
         messages = []
         for client, key in self.plan.assigned.items():
             task = fed.tasks[key]
@@ -110,14 +91,12 @@ class HmoeFlowerStrategy(Strategy):
             if msg.has_error():
                 left_out[str(client)] = f"error reply: {msg.error.reason}"
                 continue
-            key = plan.assigned[client]
-            why = check_reply(msg.content, fed.tasks[key].net.param_shapes(), fed.task_n[client][key])
-            if why:
-                left_out[str(client)] = why
+            if "arrays" not in msg.content or "metrics" not in msg.content:
+                left_out[str(client)] = "reply without 'arrays' and 'metrics'"
                 continue
-            m = msg.content["metrics"]
+            m = msg.content["metrics"]   # the driver checks the rest (names, shapes, finiteness, counts)
             results[client] = (from_record(msg.content["arrays"]),
-                               {"num_samples": int(m["num-examples"]), "train_loss": float(m.get("train-loss", 0.0)),
+                               {"num_samples": m.get("num-examples", 0), "train_loss": float(m.get("train-loss", 0.0)),
                                 "train_seconds": float(m.get("train-seconds", 0.0))})
         for client in plan.assigned:
             if client not in results and str(client) not in left_out:

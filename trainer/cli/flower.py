@@ -11,8 +11,8 @@ from pathlib import Path
 
 from hierarchy.errors import UsageError
 from trainer.cli import command
-from trainer.commands import _add_run_flags, _config
-from trainer.run import RunConfig
+from trainer.cli.train import _add_run_flags, _config
+from trainer.protocol.run import RunConfig
 
 QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0"}
 
@@ -30,15 +30,17 @@ def flower_simulation(out: Path, cfg: RunConfig, kind: str, resume: bool, supern
     """Create (or continue) a run and train it under Flower's simulation runtime; returns the report."""
     import json
 
-    from trainer.simulation import Federation, open_run
+    from trainer.transports.inprocess import Federation
+
+    from trainer.prepare import open_run
     for k, v in QUIET.items():
         os.environ.setdefault(k, v)
     try:
         from flwr.simulation import run_simulation
     except ModuleNotFoundError as exc:
         raise UsageError(f"Flower is not installed ({exc.name}); pip install 'hmoe-edge[flwr]'") from None
-    from trainer.flower_app import make_server_app
-    from trainer.flower_client import make_client_app
+    from trainer.transports.flower.server import make_server_app
+    from trainer.transports.flower.client import make_client_app
     cfg, prep = open_run(out, cfg, resume, kinds=(kind,))
     Federation(out, kind, cfg, prep)   # initial checkpoints and the schedule's state, as `hmoe train` writes them
     run_simulation(make_server_app(str(out), kind, round_timeout, min_nodes=supernodes or cfg.clients),

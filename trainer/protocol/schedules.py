@@ -39,11 +39,19 @@ def worst_validation_first(rnd: int, ctx: ScheduleContext) -> str:
     return max(ctx.keys, key=lambda k: (ctx.val_error.get(k, 1.0) * ctx.shares[k], -ctx.keys.index(k)))
 
 
+worst_validation_first.reads_validation = True   # transports then report each new expert's validation error
+
+
 SCHEDULES: dict[str, Callable[[int, ScheduleContext], str]] = {
     "round-robin": round_robin,
     "proportional": proportional,
     "worst-validation": worst_validation_first,
 }
+
+
+def reads_validation(schedule: Callable[[int, ScheduleContext], str]) -> bool:
+    """Whether a schedule chooses by validation errors (declared by the schedule itself)."""
+    return bool(getattr(schedule, "reads_validation", False))
 
 
 def get_schedule(name: str) -> Callable[[int, ScheduleContext], str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from trainer.config import NetConfig
+from trainer.device.config import NetConfig
 
 
 class ConvNet(nn.Module):

@@ -7,16 +7,16 @@ import os
 import threading
 import time
 
-from trainer.admission import Limits, Secrets
+from trainer.transports.coordinator.admission import Limits, Secrets
 from trainer.cli import command
-from trainer.schedules import SCHEDULES
+from trainer.protocol.schedules import SCHEDULES
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from trainer.coordinator import Coordinator
-    from trainer.coordinator_app import create_app
+    from trainer.transports.coordinator.service import Coordinator
+    from trainer.transports.coordinator.http import create_app
     secrets = Secrets(args.secret or os.environ.get("HMOE_ENROL_SECRET"), args.secret_file)
     limits = Limits(max_devices=args.max_devices, enrol_per_second=args.enrol_rate, enrol_burst=args.enrol_burst,
                     max_samples=args.max_samples)

@@ -12,8 +12,8 @@ from safetensors.numpy import load_file, save
 
 from hierarchy.errors import HmoeError
 from hierarchy.tree import write_bytes_atomic
-from trainer.config import NetConfig
-from trainer.fedavg import Weights
+from trainer.device.config import NetConfig
+from trainer.device.config import Weights
 
 
 class CheckpointError(HmoeError, ValueError):

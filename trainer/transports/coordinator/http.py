@@ -17,8 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from trainer.admission import AdmissionError
-from trainer.coordinator import (
+from trainer.transports.coordinator.admission import AdmissionError
+from trainer.transports.coordinator.service import (
     MAX_UPDATE_BYTES,
     Coordinator,
     InvalidUpdate,

@@ -27,7 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from hierarchy.errors import HmoeError
-from trainer.config import LocalConfig, NetConfig
+from trainer.device.config import LocalConfig, NetConfig
+
+COSTS = "costs.json"   # a run's measured per-round costs, beside its config
 
 
 class FleetError(HmoeError, ValueError):
