@@ -4,7 +4,7 @@ coordinator and the checkpoint reader use them without loading it)."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 
@@ -75,13 +75,30 @@ class NetConfig:
 class LocalConfig:
     """Hyper-parameters of a client's local update; sent to devices with each assignment."""
 
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    optimizer: str = "sgd"       # sgd | adam
-    clip_norm: float = 0.0       # clip each batch's gradient to this L2 norm (0: no clipping)
+    epochs: int = field(default=1, metadata={"help": "local epochs (experts: times the balanced count)",
+                                             "flag": "--local-epochs", "least": 1})
+    batch_size: int = field(default=32, metadata={"help": "local batch size", "least": 1})
+    lr: float = field(default=0.05, metadata={"help": "client learning rate (the first round's, with --lr-decay)"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum", "least": 0})
+    weight_decay: float = field(default=0.0, metadata={"help": "L2 weight decay of the client's optimizer",
+                                                        "least": 0})
+    optimizer: str = field(default="sgd", metadata={"help": "the client's optimizer", "choices": ("sgd", "adam")})
+    clip_norm: float = field(default=0.0, metadata={"help": "clip each batch's gradient to this L2 norm (0: off)",
+                                                     "least": 0})
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+            kinds = {"int": (int,), "float": (int, float), "str": (str,)}[str(f.type)]
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise UsageError(f"{flag} {value!r}: expected {'a number' if f.type != 'str' else 'a name'}")
+            if meta.get("least") is not None and value < meta["least"]:
+                raise UsageError(f"{flag} must be at least {meta['least']:g}; got {value}")
+            if meta.get("choices") and value not in meta["choices"]:
+                raise UsageError(f"{flag} {value!r}; expected one of {', '.join(meta['choices'])}")
+        if not self.lr > 0:
+            raise UsageError(f"--lr must be positive; got {self.lr}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -155,6 +155,36 @@ class RunStore:
 
 
 Validator = Callable[[str, Weights], "float | None"]
+DIVERGED = "diverged: non-finite loss or weights"
+
+
+def check_arrays(task: Task, weights: Weights, finite: bool = True) -> str | None:
+    """Why ``weights`` cannot be ``task``'s arrays (names, shapes, float32, and with ``finite``
+    finiteness), or None: the one check of every transport's replies."""
+    want = task.net.param_shapes()
+    if set(weights) != set(want):
+        missing, extra = sorted(set(want) - set(weights)), sorted(set(weights) - set(want))
+        return f"tensor names differ from expert {task.key!r}: missing {missing[:3]}, extra {extra[:3]}"
+    for name, shape in want.items():
+        arr = np.asarray(weights[name])
+        if tuple(arr.shape) != tuple(shape) or arr.dtype != np.float32:
+            return f"tensor {name!r} is {arr.dtype}{list(arr.shape)}; expected float32{list(shape)}"
+        if finite and not np.isfinite(arr).all():
+            return f"tensor {name!r} holds NaN or infinite values"
+    return None
+
+
+def check_hyperparameters(used: dict, assigned: LocalConfig, rnd: int) -> str | None:
+    """Why a reply trained with ``used`` does not count for an assignment of ``assigned``, or None."""
+    try:
+        got = LocalConfig.from_dict(used)
+    except (TypeError, ValueError) as exc:
+        return f"hyper-parameters: {exc}; expected the assignment's hyperparameters"
+    diff = got.differences(assigned)
+    if not diff:
+        return None
+    return "trained with other hyper-parameters than round {} assigned: {}".format(
+        rnd, ", ".join(f"{f} {getattr(got, f)!r} (assigned {getattr(assigned, f)!r})" for f in diff))
 
 
 class RoundDriver:
@@ -267,27 +297,17 @@ class RoundDriver:
         key = plan.assigned.get(client)
         if key is None:
             return f"client {client} has no task in round {plan.rnd}"
-        want = self.tasks[key].net.param_shapes()
-        if set(weights) != set(want):
-            return f"arrays {sorted(set(weights) ^ set(want))[:3]} missing or unexpected for {key}"
-        for name, shape in want.items():
-            arr = np.asarray(weights[name])
-            if tuple(arr.shape) != tuple(shape) or arr.dtype != np.float32:
-                return f"array {name} is {arr.dtype}{list(arr.shape)}; expected float32{list(shape)}"
+        why = check_arrays(self.tasks[key], weights, finite=False)
+        if why:
+            return why
         most = self.task_n[client][key]
         if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) \
                 or not 0 < num_samples <= most:
             return f"num-examples {num_samples!r}: expected an integer in [1, {most}] (the client's samples under {key})"
         if hyperparameters is not None:
-            try:
-                used = LocalConfig.from_dict(hyperparameters)
-            except (TypeError, ValueError) as exc:
-                return f"hyper-parameters: {exc}"
-            diff = used.differences(plan.configs[client])
-            if diff:
-                return "trained with other hyper-parameters than round {} assigned: {}".format(
-                    plan.rnd, ", ".join(f"{f} {getattr(used, f)!r} (assigned {getattr(plan.configs[client], f)!r})"
-                                        for f in diff))
+            why = check_hyperparameters(hyperparameters, plan.configs[client], plan.rnd)
+            if why:
+                return why
         if not all(np.isfinite(np.asarray(v)).all() for v in weights.values()):
             return DIVERGED
         return None
@@ -350,4 +370,3 @@ class RoundDriver:
             self.strategy.record_validation(key, error)
 
 
-DIVERGED = "diverged: non-finite loss or weights"

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from hierarchy import Hierarchy
-from hierarchy.errors import HmoeError
+from hierarchy.errors import HmoeError, UsageError
 from hierarchy.spec import InputSpec
 from hierarchy.tree import write_text_atomic
 from trainer.device.config import LocalConfig
@@ -22,54 +22,111 @@ class RunError(HmoeError, ValueError):
     """A run directory is missing, incomplete, or was made by an older release."""
 
 
+def opt(default, help: str, group: str = "federation", flag: str | None = None, least: float | None = None,
+        choices: tuple | None = None, parse: str = "", **kw):
+    """A config field with its command-line flag: the one place its default and help are written
+    (``trainer/cli/flags.py`` builds the flags from these)."""
+    meta = {"help": help, "group": group, "flag": flag, "least": least, "choices": choices, "parse": parse}
+    if callable(default):
+        return field(default_factory=default, metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    """A federated run; saved as config.json in the run directory."""
+    """A federated run; saved as config.json in the run directory. Every field is a flag of
+    `hmoe train`, `hmoe plan` and `hmoe flower` (``opt``: flag, group, help, bounds)."""
 
-    dataset: str = "fashion-mnist"
-    data_root: str | None = None
-    clients: int = 20
-    clients_per_round: int = 5
-    partition: str = "dirichlet"
-    alpha: float = 0.5
-    dropout: float = 0.0
-    val_fraction: float = 0.05
-    eval_every: int = 0           # validation metric every N rounds (0: about 20 points per run)
-    train_limit: int = 0          # use a seeded subsample of this many training images (0: all)
-    test_limit: int = 0           # likewise for the test split
-    seed: int = 0
-    hmoe_rounds: int = 100
-    flat_rounds: int = 40
-    schedule: str = "round-robin"
-    expert_width: int = 16
-    expert_widths: str = ""       # per-expert widths: leaves:MIN (by share of leaves) | map:NODE=W,... | "" (all equal)
-    flat_width: int = 32
-    depth: int = 0
-    local: LocalConfig = field(default_factory=LocalConfig)
-    balanced_epochs: bool = True  # HMoE: as many epochs as fit in the root's round, in samples and in
-                                  # optimizer steps (strategy.balanced_epochs); False: the paper's one
-    lr_decay: str = "cosine"      # cosine: client lr falls from lr to lr/10 over the run; none: constant
-    aggregation: str = "fedavg"   # fedavg | median | trimmed-mean[:SHARE]
-    influence_bound: float = 3.0  # a client's change and sample count count at most this x the round's median
-    fleet: dict | None = None     # device tiers and round deadline (trainer.protocol.fleet); None: every client can train anything
-    assignment: str = "one"       # one: a round trains one task; resource-aware: each client its most useful affordable task
-    min_cohort: int = 2           # resource-aware: a task beside the round's own trains only with this many clients
-    min_children: int = 1         # HMoE: a client trains an expert only if it holds samples of this many of its children
-    tree: dict | None = None      # the run's own taxonomy (Hierarchy.to_dict); None: the data set's. The data
-                                  # set's classes outside it are left out (a held-out class)
-    arrival: dict | None = None   # {"leaves": [...], "clients": SHARE}: those leaves' samples are held only by a
-                                  # seeded SHARE of the clients (new data appears where it is collected)
-    train_only: list | None = None   # HMoE: the experts rounds train (None: all); set by growing a run
-    extends: dict | None = None   # a grown run: the run it grew from and which experts were kept, changed, new
-    device: str = "cpu"
+    dataset: str = opt("fashion-mnist", "fashion-mnist | cifar100 | tiny-imagenet | synthetic:C,H,W:TAXONOMY:N",
+                       "data")
+    data_root: str | None = opt(None, "folder holding the data sets (default: $HMOE_DATA or ./data)", "data")
+    clients: int = opt(20, "number of clients K", least=1)
+    clients_per_round: int = opt(5, "clients sampled per round M", least=1)
+    partition: str = opt("dirichlet", "how the training set is split over the clients", choices=("dirichlet", "iid"))
+    alpha: float = opt(0.5, "Dirichlet concentration (smaller: more label skew)")
+    dropout: float = opt(0.0, "chance that a sampled client drops out of a round (simulation)")
+    val_fraction: float = opt(0.05, "share of the training set held out for validation")
+    eval_every: int = opt(0, "validation F1 every N rounds (0: about 20 points per run)", "data")
+    train_limit: int = opt(0, "train on a seeded subsample of N images (0: all)", "data")
+    test_limit: int = opt(0, "evaluate on a seeded subsample of N images (0: all)", "data")
+    seed: int = opt(0, "seed of the split, sampling, initial weights and every client's update")
+    hmoe_rounds: int = opt(100, "HMoE rounds (with --assignment one each trains one expert; with --extend the "
+                           "default is 20 per expert it trains)", least=0)
+    flat_rounds: int = opt(40, "flat-softmax rounds (with --extend the default is half the old run's)", least=0)
+    schedule: str = opt("round-robin", "which expert a round trains", choices=("round-robin", "proportional",
+                                                                             "worst-validation"))
+    expert_width: int = opt(16, "channels of an expert's first conv", "networks and local training", least=1)
+    expert_widths: str = opt("", "per-expert widths: leaves:MIN (--expert-width scaled by the node's share of the "
+                             "leaves, at least MIN) or map:NODE=W,NODE=W (default: every expert --expert-width)",
+                             "networks and local training")
+    flat_width: int = opt(32, "channels of the flat model's first conv", "networks and local training", least=1)
+    depth: int = opt(0, "conv blocks of every network (0: chosen from the input size)", "networks and local training",
+                     least=0)
+    local: LocalConfig = opt(LocalConfig, "a client's local update (its fields are flags of their own)",
+                             "networks and local training")
+    balanced_epochs: bool = opt(True, "HMoE: an expert runs as many local epochs as fit in the root's round, "
+                                "counted in samples and in optimizer steps (strategy.balanced_epochs); off: the "
+                                "paper's one epoch", "networks and local training")
+    lr_decay: str = opt("cosine", "client learning rate over the rounds (cosine: from --lr down to lr/10)",
+                        "networks and local training", choices=("cosine", "none"))
+    aggregation: str = opt("fedavg", "fedavg | median | trimmed-mean[:SHARE] (the robust rules coordinate-wise, "
+                           "unweighted)")
+    influence_bound: float = opt(3.0, "a client's change and sample count count at most this many times the "
+                                 "round's median (0: off)", least=0)
+    fleet: dict | None = opt(None, "JSON fleet file: tiers (name, share of clients, memory_mb, speed) and "
+                             "deadline_s; a client is asked only for tasks whose predicted round fits its tier "
+                             "(default: no limits)", "fleet (device tiers; see trainer/protocol/fleet.py)",
+                             parse="fleet")
+    assignment: str = opt("one", "one: a round trains the schedule's task; resource-aware: each client trains the "
+                          "most useful expert it can afford, so a round can train several",
+                          "fleet (device tiers; see trainer/protocol/fleet.py)", choices=("one", "resource-aware"))
+    min_cohort: int = opt(2, "resource-aware: an expert other than the round's own trains only if at least this "
+                          "many clients chose it (the others move on to their next choice)",
+                          "fleet (device tiers; see trainer/protocol/fleet.py)", least=1)
+    min_children: int = opt(1, "HMoE: a client trains an expert only if it holds samples of at least this many of "
+                            "the expert's children (a client with one child's samples can only teach it that child)",
+                            least=1)
+    tree: dict | None = opt(None, "train on this taxonomy instead of the data set's (a .json or .csv file, or a "
+                            "shipped taxonomy's name); the data set's classes outside it are left out", "data",
+                            parse="tree")
+    arrival: dict | None = opt(None, "LEAF,LEAF@SHARE: those leaves' samples are held only by a seeded SHARE of the "
+                               "clients (new data appears where it is collected); with --extend, SHARE alone means "
+                               "the leaves the new tree adds", "data", parse="arrival")
+    train_only: list | None = opt(None, "HMoE: NODE,NODE: rounds train only these experts (set by --extend to the "
+                                  "changed and new ones)", parse="list")
+    extends: dict | None = opt(None, "a grown run's record of the run it grew from (written by --extend; as a "
+                               "flag: a JSON object)", parse="json")
+    device: str = opt("cpu", "cpu | cuda (when available)", "networks and local training")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            least = f.metadata.get("least")
+            value = getattr(self, f.name)
+            if least is not None and value < least:
+                raise UsageError(f"--{f.name.replace('_', '-')} must be at least {least:g}; got {value}")
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise UsageError(f"--{f.name.replace('_', '-')} {value!r}; expected one of {', '.join(choices)}")
+        if self.clients_per_round > self.clients:
+            raise UsageError(f"--clients-per-round {self.clients_per_round} is more than --clients {self.clients}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UsageError(f"--dropout must be in [0, 1); got {self.dropout}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UsageError(f"--val-fraction must be in [0, 1); got {self.val_fraction}")
+        if self.alpha <= 0:
+            raise UsageError(f"--alpha must be positive; got {self.alpha}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
+        """Refuses names this release does not know, and values out of range, naming them."""
         d = dict(d)
-        d["local"] = LocalConfig(**d.get("local", {}))
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise UsageError(f"unknown run settings {', '.join(unknown)}")
+        d["local"] = LocalConfig.from_dict(d.get("local", {}))
         return cls(**d)
 
     def rounds(self, kind: str) -> int:

@@ -61,15 +61,25 @@ class Task:
         return FLAT if self.node < 0 else f"{self.node:04d}-{slug}"
 
 
+def why_unusable(tree: Hierarchy, task: Task, leaf_counts: np.ndarray, min_children: int = 1) -> str | None:
+    """Why a client's samples (``leaf_counts``) give ``task`` nothing to train on, or None."""
+    mask, child = task.select(tree, np.arange(tree.num_leaves))
+    held = np.asarray(leaf_counts, dtype=np.int64)[mask]
+    if held.sum() == 0:
+        return "no samples under the expert" if task.node >= 0 else "no samples"
+    if task.node >= 0 and min_children > 1 and len(np.unique(child[held > 0])) < min_children:
+        return f"samples under fewer than {min_children} of the expert's children (--min-children)"
+    return None
+
+
 def usable_samples(tree: Hierarchy, task: Task, leaf_counts: np.ndarray, min_children: int = 1) -> int:
     """How many of a client's samples (``leaf_counts``: per label) ``task`` trains on: those
     under it, or none when they fall under fewer than ``min_children`` of an expert's
     children (such a client's update can only teach the expert to answer one child)."""
-    mask, child = task.select(tree, np.arange(tree.num_leaves))
-    held = np.asarray(leaf_counts, dtype=np.int64)[mask]
-    if task.node >= 0 and min_children > 1 and len(np.unique(child[held > 0])) < min_children:
+    if why_unusable(tree, task, leaf_counts, min_children):
         return 0
-    return int(held.sum())
+    mask, _ = task.select(tree, np.arange(tree.num_leaves))
+    return int(np.asarray(leaf_counts, dtype=np.int64)[mask].sum())
 
 
 def make_tasks(tree: Hierarchy, kind: str, in_shape: tuple[int, int, int], width: int,
@@ -238,6 +248,10 @@ class Strategy:
         """How many of a client's samples (``leaf_counts``: its samples per label) ``key`` trains on
         (``usable_samples``: none when they fall under fewer than ``min_children`` children)."""
         return usable_samples(self.tree, self.tasks[key], self.check_counts(leaf_counts), self.min_children)
+
+    def why_no_samples(self, key: str, leaf_counts: np.ndarray) -> str | None:
+        """Why a client with ``leaf_counts`` sits out a round of ``key`` (``why_unusable``)."""
+        return why_unusable(self.tree, self.tasks[key], self.check_counts(leaf_counts), self.min_children)
 
     def check_counts(self, leaf_counts: np.ndarray) -> np.ndarray:
         """A client's samples per label as integers, or a UsageError saying what was expected."""

@@ -39,8 +39,8 @@ from hierarchy.manifest import Manifest, ModelEntry
 from hierarchy.tree import write_bytes_atomic
 from trainer.transports.coordinator.admission import AdmissionError, Limits, Secrets, TokenBucket
 from trainer.protocol.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from trainer.device.config import LocalConfig
 from trainer.device.config import Weights
+from trainer.protocol.driver import RunStore, check_arrays, check_hyperparameters
 from trainer.protocol.run import load_strategy_state, run_files
 from trainer.protocol.strategy import StrategyError
 
@@ -140,6 +140,7 @@ class Coordinator:
         self.limits, self._enrol_bucket = limits, TokenBucket(limits.enrol_per_second, limits.enrol_burst)
         self.min_updates, self.round_seconds = min_updates, round_seconds
         self.tasks = self.cfg.tasks("hmoe", self.tree, self.spec.shape)
+        self._files = RunStore(self.run_dir, "hmoe", self.tasks)   # the run directory's checkpoint layout
         self.strategy = self.cfg.strategy("hmoe", self.tree, self.tasks, schedule=schedule)
         self.expected = {k: {n: (s, np.dtype(np.float32)) for n, s in t.net.param_shapes().items()}
                          for k, t in self.tasks.items()}
@@ -210,7 +211,7 @@ class Coordinator:
                                   self.db.execute("SELECT device FROM excused WHERE round = ?", (r[0],))})
 
     def _checkpoint_path(self, key: str) -> Path:
-        return self.run_dir / "experts" / f"{self.tasks[key].file_stem}.safetensors"
+        return self._files.checkpoint_path(key)
 
     def _write_checkpoint(self, key: str, weights: Weights, rnd: int) -> None:
         save_checkpoint(self._checkpoint_path(key), weights, self.tasks[key].net, {"node": key, "round": f"fleet-{rnd}"})
@@ -327,16 +328,10 @@ class Coordinator:
         if outside:
             samples = 0
         out.update(hyperparameters=self.strategy.client_config(key, rnd, int(sum(leaf_counts)), samples).to_dict(),
-                   samples=samples, excused=outside or (None if samples else self._why_no_samples(key, leaf_counts)))
+                   samples=samples, excused=outside or (None if samples else self.strategy.why_no_samples(key, np.asarray(leaf_counts))))
         if samples == 0 and device is not None and excuse:
             self.excuse(device, rnd, out["excused"])
         return out
-
-    def _why_no_samples(self, key: str, leaf_counts: list[int]) -> str:
-        mask, _ = self.tasks[key].select(self.tree, np.arange(self.tree.num_leaves))
-        if np.asarray(leaf_counts)[mask].sum() == 0:
-            return "no samples under the expert"
-        return f"samples under fewer than {self.strategy.min_children} of the expert's children (--min-children)"
 
     # ------------------------------------------------------------- devices
     def enroll(self, secret: str, name: str = "") -> dict:
@@ -390,34 +385,22 @@ class Coordinator:
         """Parse and validate an update's tensors without copying them; raises InvalidUpdate (-> 422).
         The header is bounded by what the expert's tensors need before it is parsed, so a body
         of many tiny tensors costs nothing."""
-        want = self.expected[expert]
-        weights = parse_safetensors(body, max_header=1024 + 256 * len(want))
-        missing, extra = sorted(set(want) - set(weights)), sorted(set(weights) - set(want))
-        if missing or extra:
-            raise InvalidUpdate(f"tensor names differ from expert {expert!r}: missing {missing[:3]}, extra {extra[:3]}")
-        for name, arr in weights.items():
-            shape, dtype = want[name]
-            if tuple(arr.shape) != shape or arr.dtype != dtype:
-                raise InvalidUpdate(f"tensor {name!r} is {arr.dtype}{list(arr.shape)}; expected {dtype}{list(shape)}")
-            if not np.isfinite(arr).all():
-                raise InvalidUpdate(f"tensor {name!r} holds NaN or infinite values")
+        weights = parse_safetensors(body, max_header=1024 + 256 * len(self.expected[expert]))
+        why = check_arrays(self.tasks[expert], weights)
+        if why:
+            raise InvalidUpdate(why)
         return weights
 
     def check_hyperparameters(self, expert: str, rnd: int, hyperparameters: dict, samples: int,
                               client_samples: int | None) -> None:
         """The update must have been trained with what the strategy assigned to this client."""
-        try:
-            used = LocalConfig.from_dict(hyperparameters)
-        except (TypeError, ValueError) as exc:
-            raise InvalidUpdate(f"X-Hyperparameters: {exc}; expected the assignment's hyperparameters") from None
         if client_samples is None:
             assigned = self.strategy.client_config(expert, rnd)
         else:
             assigned = self.strategy.client_config(expert, rnd, client_samples, samples)
-        diff = used.differences(assigned)
-        if diff:
-            raise InvalidUpdate("trained with other hyper-parameters than round {} assigned: {}".format(
-                rnd, ", ".join(f"{f} {getattr(used, f)!r} (assigned {getattr(assigned, f)!r})" for f in diff)))
+        why = check_hyperparameters(hyperparameters, assigned, rnd)
+        if why:
+            raise InvalidUpdate(why)
 
     def _check_current(self, rnd: int, expert: str, base_version: int) -> None:
         cur = self._current

@@ -1,0 +1,58 @@
+"""The run's configuration type is the one source of its flags: every field has one, the
+defaults and the help are the field's, and a bad value is refused before anything is written."""
+
+import argparse
+import json
+from dataclasses import fields
+
+import pytest
+
+from hierarchy.errors import UsageError
+from trainer.cli.flags import add_config_flags, config_from_args, flag_name
+from trainer.device.config import LocalConfig
+from trainer.protocol.run import RunConfig
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    add_config_flags(p)
+    return p
+
+
+def test_every_field_has_a_flag_with_its_help():
+    options = {o: a for a in parser()._actions for o in a.option_strings}
+    for f in [*fields(RunConfig), *fields(LocalConfig)]:
+        if f.name == "local":
+            continue
+        assert flag_name(f) in options, f.name
+        assert f.metadata["help"] in options[flag_name(f)].help
+
+
+def test_no_flags_give_the_default_config():
+    assert config_from_args(parser().parse_args([])) == RunConfig()
+
+
+def test_flags_reach_the_config_and_its_strategy():
+    args = parser().parse_args(["--weight-decay", "0.001", "--clients", "7", "--no-balanced-epochs",
+                                "--train-only", "root,Shoes", "--local-epochs", "2", "--hmoe-rounds", "9"])
+    cfg = config_from_args(args)
+    assert cfg.local.weight_decay == 0.001 and cfg.local.epochs == 2 and cfg.clients == 7
+    assert cfg.train_only == ["root", "Shoes"] and not cfg.balanced_epochs and cfg.hmoe_rounds == 9
+    assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--clients", "3"], "--clients-per-round"), (["--lr", "0"], "--lr"), (["--batch-size", "0"], "--batch-size"),
+    (["--min-children", "0"], "--min-children"), (["--dropout", "1"], "--dropout"),
+    (["--momentum", "-0.5"], "--momentum")])
+def test_a_bad_value_is_refused_naming_its_flag(flags, named):
+    with pytest.raises(UsageError, match=named):
+        config_from_args(parser().parse_args(flags))
+
+
+def test_a_saved_config_is_checked_like_the_flags():
+    saved = RunConfig().to_dict()
+    with pytest.raises(UsageError, match="--local-epochs"):
+        RunConfig.from_dict({**saved, "local": {**saved["local"], "epochs": 0}})
+    with pytest.raises(UsageError, match="unknown run settings"):
+        RunConfig.from_dict({**saved, "rounds_per_day": 3})
