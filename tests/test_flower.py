@@ -346,3 +346,37 @@ def test_client_app_trains_a_nodes_folder_under_a_memory_cap_like_without(tmp_pa
         assert reply.content["metrics"]["num-examples"] == fed.task_n[0][key]
     for name in out[None]:
         np.testing.assert_allclose(out[64.0][name], out[None][name], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_hmoe_train_and_hmoe_flower_give_the_same_experts_with_default_flags(tmp_path):
+    """The two commands, as a user runs them, on real Fashion-MNIST with the default expert
+    width and nothing about threads set: every local update runs on TRAIN_THREADS, so the
+    in-process simulation and Flower's virtual nodes agree within 1e-6."""
+    from trainer.protocol.checkpoint import load_checkpoint
+    try:
+        from trainer.datasets import load_dataset
+        load_dataset("fashion-mnist", download=False)
+    except Exception as exc:   # noqa: BLE001 - the data set is an install step of make test
+        pytest.skip(f"Fashion-MNIST is not installed here: {exc}")
+    flags = ["--model", "hmoe", "--train-limit", "3000", "--test-limit", "200", "--clients", "4",
+             "--clients-per-round", "3", "--hmoe-rounds", "3"]
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    hmoe = str(Path(sys.executable).with_name("hmoe"))
+    train = subprocess.run([hmoe, "train", *flags, "--out", str(tmp_path / "train"), "--cost-clients", "0",
+                            "--no-progress"], capture_output=True, text=True, timeout=600, env=env)
+    assert train.returncode == 0, train.stderr[-3000:]
+    try:
+        cmd = [hmoe, "flower", *flags, "--out", str(tmp_path / "flower")]
+        from trainer.cli.flower import loopback_command
+        loopback_command(["true"])
+    except Exception as exc:   # noqa: BLE001
+        pytest.skip(f"no loopback-only network namespace here: {exc}")
+    fl = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert fl.returncode == 0, fl.stdout[-2000:] + fl.stderr[-3000:]
+    experts = sorted((tmp_path / "train" / "experts").glob("*.safetensors"))
+    assert len(experts) == 5
+    for path in experts:
+        ours, theirs = load_checkpoint(path)[0], load_checkpoint(tmp_path / "flower" / "experts" / path.name)[0]
+        for name, arr in ours.items():
+            np.testing.assert_allclose(theirs[name], arr, rtol=0, atol=1e-6, err_msg=f"{path.name}/{name}")
