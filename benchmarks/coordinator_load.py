@@ -3,8 +3,9 @@ update push, on loopback only, each phase started by all devices together.
 
     python benchmarks/coordinator_load.py --devices 1000 --out runs/coordinator_load
 
-Starts its own coordinator (a fresh run directory with small experts, `--min-updates N`,
-so the last update also closes the round). The load comes from several processes
+Starts its own coordinator (a fresh run directory with small experts and N clients, all
+sampled every round, `--min-devices N`: the devices report their samples before the timed
+phases, so the round is planned, and the last update closes it). The load comes from several processes
 (`--procs`), each an asyncio loop speaking plain HTTP/1.1 over one kept-alive connection
 per device, so the generator costs far less than the server (both CPU times are
 reported per phase, read from the kernel). Writes coordinator_load.json: per request
@@ -38,11 +39,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_run(path: Path, width: int) -> None:
+def make_run(path: Path, width: int, devices: int) -> None:
+    from trainer.prepare import open_run
     from trainer.protocol.run import RunConfig
     from trainer.transports.inprocess import Federation
-    from trainer.prepare import open_run
-    cfg = RunConfig(dataset="synthetic:1,28,28:fashion-mnist:200", clients=4, clients_per_round=2, expert_width=width)
+    cfg = RunConfig(dataset=f"synthetic:1,28,28:fashion-mnist:{2 * devices}", clients=devices,
+                    clients_per_round=devices, partition="iid", expert_width=width)
     _, prep = open_run(path, cfg, resume=False)
     Federation(path, "hmoe", cfg, prep)
 
@@ -136,7 +138,15 @@ def generator(port: int, devices: list[int], leaves: int, barrier, results) -> N
                     "X-Client-Samples": str(5 * leaves), "X-Hyperparameters": json.dumps(a["hyperparameters"]),
                     "X-Idempotency-Key": f"sim-{devices[i]}-{a['round']}", "X-Metrics": "{}"}, state[i]["body"])
 
+        async def report(i: int) -> None:   # not timed: the round is planned once every device reported
+            if "auth" in state[i]:
+                await conns[i].request("GET", f"/assignment?counts={counts}", state[i]["auth"])
+
         for kind, step in zip(PHASES, (enroll, assignment, weights, update)):
+            if kind == "assignment":
+                await asyncio.to_thread(barrier.wait)
+                await asyncio.gather(*(report(i) for i in range(len(devices))))
+                await asyncio.to_thread(barrier.wait)
             if kind == "update":
                 for i in range(len(devices)):
                     train(i)
@@ -185,11 +195,11 @@ def one_run(args: argparse.Namespace) -> dict:
     leaves = load_taxonomy("fashion-mnist").num_leaves
     with tempfile.TemporaryDirectory(prefix="hmoe-load-") as tmp:
         run = Path(tmp) / "run"
-        make_run(run, args.width)
+        make_run(run, args.width, args.devices)
         port = free_port()
         server = subprocess.Popen([str(Path(sys.executable).parent / "hmoe"), "coordinator", "--run", str(run),
                                    "--db", str(Path(tmp) / "state.sqlite"), "--port", str(port), "--secret", SECRET,
-                                   "--min-updates", str(args.devices)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                   "--min-devices", str(args.devices)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             import httpx
             for _ in range(300):
@@ -214,7 +224,10 @@ def one_run(args: argparse.Namespace) -> dict:
                 return time.perf_counter(), sum(proc.cpu_times()[:2])
 
             marks = []
-            for _ in PHASES:   # a phase runs between two barriers that every generator reaches
+            for kind in PHASES:   # a phase runs between two barriers that every generator reaches
+                if kind == "assignment":   # the untimed pass in which the devices report their samples
+                    barrier.wait(timeout=max(1.0, t_end - time.time()))
+                    barrier.wait(timeout=max(1.0, t_end - time.time()))
                 barrier.wait(timeout=max(1.0, t_end - time.time()))
                 start = mark()
                 barrier.wait(timeout=max(1.0, t_end - time.time()))

@@ -111,7 +111,7 @@ def sync(server: str, secret: str, data: str | os.PathLike, memory_cap_mb: float
         a = r.json()
         if until_round is not None and a["round"] >= until_round:
             break
-        if a["round"] <= state.get("last_round", -1):
+        if a["round"] <= state.get("last_round", -1) or a.get("wait"):   # done with it, or not planned yet
             time.sleep(poll)
             continue
         expert, rnd = a["expert"], a["round"]

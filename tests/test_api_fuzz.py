@@ -53,7 +53,7 @@ def coordinator_api(tmp_path_factory):
     run = tmp_path_factory.mktemp("fuzz") / "run"
     _, prep = open_run(run, CFG, resume=False)
     Federation(run, "hmoe", CFG, prep)
-    coord = Coordinator(run, run.parent / "state.sqlite", TOKEN, min_updates=1000)
+    coord = Coordinator(run, run.parent / "state.sqlite", TOKEN)
     url, server, thread = serve(create_app(coord))
     global DEVICE_TOKEN
     DEVICE_TOKEN = coord.enroll(TOKEN)["token"]

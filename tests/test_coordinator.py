@@ -20,6 +20,8 @@ from trainer.prepare import open_run
 
 SECRET = "fleet-secret"
 BIN = Path(sys.executable).parent
+ALL = replace(CFG, clients_per_round=CFG.clients)   # every enrolled device is sampled every round
+COUNTS = {"counts": ",".join(["10"] * 10)}           # ten samples of every leaf
 
 
 def free_port() -> int:
@@ -35,9 +37,10 @@ def make_run(path: Path, cfg) -> Path:
 
 
 class Server:
-    def __init__(self, run: Path, db: Path, min_updates: int, round_seconds: float = 600) -> None:
+    def __init__(self, run: Path, db: Path, min_devices: int | None = None, round_seconds: float = 600) -> None:
         self.args = [str(BIN / "hmoe"), "coordinator", "--run", str(run), "--db", str(db), "--secret", SECRET,
-                     "--min-updates", str(min_updates), "--round-seconds", str(round_seconds)]
+                     "--round-seconds", str(round_seconds)] + ([] if min_devices is None else
+                                                               ["--min-devices", str(min_devices)])
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.start()
@@ -82,17 +85,24 @@ def post_update(url, auth, a, weights, samples=10, key=None, **over):
     return httpx.post(url + "/update", content=body, headers=headers)
 
 
+def assignment(url: str, auth: dict) -> dict:
+    r = httpx.get(url + "/assignment", headers=auth, params=COUNTS)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
 @pytest.fixture
 def run(tmp_path) -> Path:
-    return make_run(tmp_path / "run", CFG)
+    return make_run(tmp_path / "run", ALL)
 
 
 def test_bad_input_is_refused_and_state_does_not_change(run, tmp_path):
-    server = Server(run, tmp_path / "state.sqlite", min_updates=10)
+    server = Server(run, tmp_path / "state.sqlite", min_devices=2)
     try:
         url = server.url
         auth = enrol(url)
-        a = httpx.get(url + "/assignment", headers=auth).json()
+        assignment(url, enrol(url))   # a second device that stays silent: the round stays open
+        a = assignment(url, auth)
         w = load(httpx.get(url + f"/weights/{a['expert']}", headers=auth).content)
         before = server.status()
         name = next(iter(w))
@@ -145,11 +155,14 @@ def test_bad_input_is_refused_and_state_does_not_change(run, tmp_path):
 
 def test_sigkill_mid_round_loses_nothing_and_counts_nothing_twice(run, tmp_path):
     db = tmp_path / "state.sqlite"
-    server = Server(run, db, min_updates=2)
+    server = Server(run, db, min_devices=2)
     try:
         url = server.url
         alice, bob = enrol(url), enrol(url)
-        a = httpx.get(url + "/assignment", headers=alice).json()
+        assert assignment(url, alice)["wait"]           # planned once both have reported their samples
+        b = assignment(url, bob)
+        a = assignment(url, alice)
+        assert a["expert"] == b["expert"] and a["hyperparameters"] == b["hyperparameters"]
         w = load(httpx.get(url + f"/weights/{a['expert']}", headers=alice).content)
         w_alice = {k: v + 1.0 for k, v in w.items()}
         w_bob = {k: v - 3.0 for k, v in w.items()}
@@ -178,30 +191,33 @@ def test_crash_between_commit_and_checkpoint_copy_is_repaired_on_restart(run, tm
         "import os, sys\n"
         "from safetensors.numpy import save\n"
         "from trainer.transports.coordinator.service import Coordinator\n"
-        f"c = Coordinator({str(run)!r}, {str(db)!r}, {SECRET!r}, min_updates=1)\n"
-        "c._write_checkpoint = lambda *a, **k: os._exit(9)\n"
+        f"c = Coordinator({str(run)!r}, {str(db)!r}, {SECRET!r}, min_devices=1)\n"
+        "c.driver.commit = lambda *a, **k: os._exit(9)\n"   # dies before the run directory follows the commit
         "dev = c.enroll(" + repr(SECRET) + ")['device_id']\n"
         "from safetensors.numpy import load_file\n"
-        "cur = c.current()\n"
+        "cur = c.assignment(dev, [10] * 10)\n"
         "w = {k: v + 0.5 for k, v in load_file(str(c.weights_file(cur['expert']))).items()}\n"
-        "hp = c.strategy.client_config(cur['expert'], cur['round']).to_dict()\n"
-        "c.submit(dev, cur['round'], cur['expert'], cur['weights_version'], 10, 'k', {}, save(w), hp)\n"
+        "c.submit(dev, cur['round'], cur['expert'], cur['weights_version'], 10, 'k', {}, save(w), "
+        "cur['hyperparameters'])\n"
         "c.tick()\n"   # waits for the round to close: the process dies in it
     )
     r = subprocess.run([sys.executable, "-c", crash], capture_output=True, text=True, timeout=120)
     assert r.returncode == 9, r.stderr
     from trainer.protocol.checkpoint import load_checkpoint
     from trainer.transports.coordinator.service import Coordinator
-    coord = Coordinator(run, db, SECRET, min_updates=1)
+    coord = Coordinator(run, db, SECRET, min_devices=1)
     try:
         expert = coord.db.execute("SELECT expert FROM rounds WHERE round = 0").fetchone()[0]
         assert coord.version(expert) == 1
         committed = load_file(str(coord.weights_file(expert)))
         weights, _, meta = load_checkpoint(coord._checkpoint_path(expert))
-        assert meta["round"] == "fleet-0"
+        assert meta["round"] == 0
         for k in committed:
             np.testing.assert_array_equal(weights[k], committed[k])
-        assert coord._repair_checkpoints() == []   # nothing left to repair
+        state = json.loads((run / "state-hmoe.json").read_text())   # the simulation's log format
+        assert state["completed_rounds"] == 1 and state["log"][0]["task"] == expert
+        assert state["log"][0]["clients"] == 1 and state["versions"][expert] == 0
+        assert coord._repair_run_dir() == []   # nothing left to repair
     finally:
         coord.close()
 
@@ -214,7 +230,7 @@ def test_four_devices_over_http_match_the_simulation(tmp_path):
     except DatasetError:
         pytest.skip("Fashion-MNIST not installed")
     from trainer.device.client import LocalConfig
-    cfg = replace(CFG, dataset="fashion-mnist", expert_width=8, train_limit=0, local=LocalConfig(lr=0.02))
+    cfg = replace(ALL, dataset="fashion-mnist", expert_width=8, train_limit=0, local=LocalConfig(lr=0.02))
     run = make_run(tmp_path / "run", cfg)
     from trainer.partition import partition
     rng = np.random.default_rng(0)
@@ -225,7 +241,7 @@ def test_four_devices_over_http_match_the_simulation(tmp_path):
         f = tmp_path / f"device{i}.npz"
         np.savez(f, images=data.train_x[pool[p]][:, 0], labels=data.train_y[pool[p]])
         files.append(f)
-    server = Server(run, tmp_path / "state.sqlite", min_updates=4, round_seconds=120)
+    server = Server(run, tmp_path / "state.sqlite", round_seconds=120)
     try:
         devices = [subprocess.Popen([str(BIN / "hmoe-edge"), "sync", "--server", server.url, "--token", SECRET,
                                      "--data", str(f), "--memory-cap-mb", "128", "--rounds", "3", "--poll", "0.2"],
@@ -241,14 +257,15 @@ def test_four_devices_over_http_match_the_simulation(tmp_path):
         touched = [k for k, v in s["versions"].items() if v > 0]
         assert len(touched) >= 2
         from trainer.transports.coordinator.service import Coordinator
-        coord = Coordinator(run, tmp_path / "state.sqlite", SECRET, min_updates=4)
+        coord = Coordinator(run, tmp_path / "state.sqlite", SECRET)
         tree = coord.tree
         strategy = cfg.strategy("hmoe", tree, coord.tasks)
         for rnd in range(3):
             expert = strategy.choose_task(rnd)
             updates = coord.round_updates(rnd)
             assert len(updates) == 4
-            mine = strategy.aggregate(updates, load_file(str(coord.weights_file(expert, 0))))
+            mine = strategy.aggregate([(w, m["num_samples"]) for w, m in updates.values()],
+                                      load_file(str(coord.weights_file(expert, 0))))
             theirs = load_file(str(coord.weights_file(expert, 1)))
             for k in mine:
                 np.testing.assert_array_equal(mine[k], theirs[k])
@@ -274,8 +291,9 @@ def test_four_devices_over_http_match_the_simulation(tmp_path):
 def test_sync_restart_after_sending_counts_once(run, tmp_path):
     """A device that crashed after its update was acknowledged but before it noted so
     retrains after the restart and sends again under the same idempotency key."""
-    server = Server(run, tmp_path / "state.sqlite", min_updates=2)
+    server = Server(run, tmp_path / "state.sqlite", min_devices=2)
     try:
+        assignment(server.url, enrol(server.url))   # a second device reports and stays silent: round 0 stays open
         rng = np.random.default_rng(0)
         data = tmp_path / "d.npz"
         np.savez(data, images=rng.integers(0, 256, (64, 28, 28), dtype=np.uint8), labels=rng.integers(0, 10, 64))
@@ -304,9 +322,9 @@ def test_sync_refuses_hyperparameters_it_does_not_know(run, tmp_path):
     from edge_runtime.sync import SyncError, sync
     from trainer.transports.coordinator.service import Coordinator
     from trainer.transports.coordinator.http import create_app
-    coord = Coordinator(run, tmp_path / "state.sqlite", SECRET, min_updates=2)
+    coord = Coordinator(run, tmp_path / "state.sqlite", SECRET, min_devices=1)
     plain = coord.assignment
-    coord.assignment = lambda *args, **kw: (lambda a: {**a, "hyperparameters": {**a["hyperparameters"],
+    coord.assignment = lambda *args, **kw: (lambda a: {**a, "hyperparameters": {**(a["hyperparameters"] or {}),
                                                                                 "future_knob": 1}})(plain(*args, **kw))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(coord), host="127.0.0.1", port=port, log_level="warning"))
@@ -333,14 +351,14 @@ def test_sync_refuses_hyperparameters_it_does_not_know(run, tmp_path):
 def test_small_requests_cannot_cost_much(run, tmp_path):
     """A large or deeply nested /enroll body, and an update whose safetensors header lists
     many tiny tensors, are refused before they are parsed whole."""
-    server = Server(run, tmp_path / "state.sqlite", min_updates=10)
+    server = Server(run, tmp_path / "state.sqlite", min_devices=1)
     try:
         url = server.url
         assert httpx.post(url + "/enroll", content=b"{" + b" " * 100_000 + b"}").status_code == 413
         nested = '{"secret": ' + "[" * 2000 + "]" * 2000 + "}"
         assert httpx.post(url + "/enroll", content=nested).status_code == 422
         auth = enrol(url)
-        a = httpx.get(url + "/assignment", headers=auth).json()
+        a = assignment(url, auth)
         many = save({f"t{i}": np.zeros(1, dtype=np.float32) for i in range(100_000)})
         started = time.monotonic()
         r = post_update(url, auth, a, many)

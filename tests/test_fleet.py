@@ -210,12 +210,33 @@ def test_resource_aware_assignment_follows_the_schedule_and_keeps_cohorts():
     assert ra.assign(3, {c: every for c in range(5)}) == one.assign(3, {c: every for c in range(5)})
 
 
-def test_the_coordinator_refuses_a_resource_aware_run(tmp_path):
-    from trainer.transports.coordinator.service import Coordinator, CoordinatorError
-    cfg = replace(FCFG, assignment="resource-aware")
-    open_run(tmp_path / "run", cfg, resume=False, kinds=("hmoe",))
-    with pytest.raises(CoordinatorError, match="--assignment resource-aware; the coordinator runs one expert a round"):
-        Coordinator(tmp_path / "run", tmp_path / "c.db", "s" * 32)
+def test_the_coordinator_plans_a_resource_aware_fleet_round_as_the_simulation_does(tmp_path):
+    """Several experts in one round on the coordinator: once every device has reported its
+    samples, each gets the task, hyper-parameters and seed the simulation's plan gives its
+    client (the weak tier its affordable expert), or the same excusal."""
+    from trainer.transports.coordinator.service import Coordinator
+    cfg = replace(FCFG, assignment="resource-aware", min_cohort=1, clients_per_round=8,
+                  fleet={"deadline_s": 0, "tiers": [STRONG, WEAK]})
+    cfg, prep = open_run(tmp_path / "run", cfg, resume=False, kinds=("hmoe",), seed_book=book_for(cfg, ("hmoe",)))
+    fed = Federation(tmp_path / "run", "hmoe", cfg, prep)
+    plan = fed.driver.plan(0, simulate_dropout=False)
+    assert len(set(plan.assigned.values())) > 1, "the fleet should make round 0 train several experts"
+    coord = Coordinator(tmp_path / "run", tmp_path / "c.db", "s" * 32)
+    try:
+        devices = [coord.enroll("s" * 32)["device_id"] for _ in prep.parts]
+        counts = [np.bincount(prep.data.train_y[p], minlength=fed.tree.num_leaves).tolist() for p in prep.parts]
+        waits = [coord.assignment(d, c)["wait"] for d, c in zip(devices, counts)]
+        assert all(waits[:-1]) and not waits[-1]   # planned once all eight have reported their samples
+        answers = [coord.assignment(d) for d in devices]
+        for c, a in enumerate(answers):
+            if c in plan.assigned:
+                assert (a["expert"], a["seed"]) == (plan.assigned[c], plan.seeds[c])
+                assert a["hyperparameters"] == plan.configs[c].to_dict() and a["excused"] is None
+            else:
+                assert a["samples"] == 0 and a["excused"] == plan.excusal(c)
+        assert coord.status()["assigned"] == {str(c): k for c, k in plan.assigned.items()}
+    finally:
+        coord.close()
 
 
 def test_mixed_fleet_benchmark_runs_end_to_end(tmp_path):

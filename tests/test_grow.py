@@ -200,7 +200,7 @@ def test_growing_refuses_what_it_cannot_do(grown, tmp_path):
 def test_a_grown_coordinator_run_trains_only_the_changed_expert(grown):
     from trainer.transports.coordinator.admission import Secrets
     from trainer.transports.coordinator.service import Coordinator
-    coord = Coordinator(grown["start"], grown["start"] / "state.sqlite", Secrets("s"), min_updates=1)
+    coord = Coordinator(grown["start"], grown["start"] / "state.sqlite", Secrets("s"), min_devices=1)
     try:
         assert coord.current()["expert"] == "Shoes"
         assert {coord.strategy.choose_task(r) for r in range(10)} == {"Shoes"}

@@ -1,5 +1,7 @@
-"""One round protocol, two transports: the coordinator over real HTTP with real device code
-trains exactly what the in-process simulation trains, for every schedule, across a kill -9."""
+"""One round driver, three transports: the in-process simulation, the coordinator over real
+HTTP with real device code, and Flower's simulation runtime run the same rounds (tasks,
+hyper-parameters, excusals, weights within float tolerance, strategy state) for every
+schedule and for a resource-aware run with a fleet file; the coordinator also across a kill -9."""
 
 import json
 import sqlite3
@@ -15,35 +17,51 @@ from safetensors.numpy import load_file
 from edge_runtime.sync import sync
 from tests.conftest import CFG
 from tests.test_coordinator import SECRET, Server
-from trainer.transports.inprocess import Federation
+from tests.test_fleet import STRONG, WEAK, book_for
 from trainer.prepare import open_run
+from trainer.transports.inprocess import Federation
 
 ROUNDS = 5
-CLIENTS = 3
+CLIENTS = 4
+SAME = ("task", "clients", "samples", "skipped", "dropped", "diverged", "lr", "client_config", "tasks", "assigned",
+        "unfit", "no_cohort", "client_gmacs")   # what a round decided; seconds and losses are each transport's own
 
 
-def protocol_cfg(schedule: str):
-    return replace(CFG, dataset="synthetic:1,28,28:fashion-mnist:300", clients=CLIENTS, clients_per_round=CLIENTS,
-                   hmoe_rounds=ROUNDS, schedule=schedule, expert_width=2, alpha=0.1, seed=1)
+def protocol_cfg(schedule: str, **over):
+    return replace(CFG, **{"dataset": "synthetic:1,28,28:fashion-mnist:300", "clients": CLIENTS,
+                           "clients_per_round": 3, "hmoe_rounds": ROUNDS, "schedule": schedule, "expert_width": 2,
+                           "alpha": 0.1, "seed": 1, **over})
 
 
-def simulate(run: Path, cfg) -> tuple[list[dict], list[dict | None], object]:
-    """The simulation's log and, per round, the aggregated weights (None: nobody trained)."""
-    cfg, prep = open_run(run, cfg, resume=False)
-    fed = Federation(run, "hmoe", cfg, prep)
-    weights = []
+CASES = {s: protocol_cfg(s) for s in ("round-robin", "proportional", "worst-validation")}
+CASES["resource-aware-fleet"] = protocol_cfg("round-robin", assignment="resource-aware", min_cohort=1,
+                                             expert_width=8, expert_widths="leaves:2",
+                                             fleet={"deadline_s": 0, "tiers": [STRONG, WEAK]})
+
+
+def make(run: Path, cfg):
+    """The run directory, as `hmoe train --hmoe-rounds 0` leaves it (a fleet's costs from a seed book)."""
+    cfg, prep = open_run(run, cfg, resume=False, kinds=("hmoe",), seed_book=book_for(cfg, ("hmoe",)))
+    return Federation(run, "hmoe", cfg, prep), prep
+
+
+def simulate(run: Path, cfg) -> tuple[object, list[dict]]:
+    """The simulation, and per round the weights of the tasks it updated."""
+    fed, _ = make(run, cfg)
+    per_round = []
     for rnd in range(ROUNDS):
-        entry = fed.step(rnd)
-        weights.append({k: v.copy() for k, v in fed.weights[entry["task"]].items()} if entry["clients"] else None)
-    return fed.state["log"], weights, prep
+        before = dict(fed.state["versions"])
+        fed.step(rnd)
+        per_round.append({k: {n: a.copy() for n, a in fed.weights[k].items()}
+                          for k, v in fed.state["versions"].items() if before.get(k) != v})
+    return fed, per_round
 
 
-def fleet(run: Path, cfg, prep, tmp: Path, kill_after: int | None = None) -> tuple[Path, Server]:
+def coordinate(run: Path, cfg, prep, tmp: Path, kill_after: int | None = None) -> tuple[Path, Server]:
     """The same run driven by the coordinator and one `sync` device per simulated client."""
-    _, own = open_run(run, cfg, resume=False)
-    Federation(run, "hmoe", cfg, own)   # initial checkpoints and the schedule's state, as `hmoe train` writes them
+    make(run, cfg)
     db = tmp / "state.sqlite"
-    server = Server(run, db, min_updates=CLIENTS, round_seconds=600)
+    server = Server(run, db, round_seconds=600)
     d = prep.data
     devices = []
     for c, part in enumerate(prep.parts):   # enrol in client order: device c is simulated client c
@@ -72,68 +90,84 @@ def fleet(run: Path, cfg, prep, tmp: Path, kill_after: int | None = None) -> tup
     for t in threads:
         t.join(600)
     assert not errors, errors
+    deadline = time.time() + 60   # the last round's files follow its commit
+    while json.loads((run / "state-hmoe.json").read_text())["completed_rounds"] < ROUNDS and time.time() < deadline:
+        time.sleep(0.05)
     return db, server
 
 
-def fleet_rounds(run: Path, db: Path) -> list[dict]:
-    """Per round: task, hyper-parameters each device index trained with, excused devices, weights."""
+def coordinator_weights(run: Path, db: Path) -> list[dict]:
+    """Per round, the weights of the tasks the coordinator updated (its version files)."""
     con = sqlite3.connect(db)
-    out = []
-    for rnd, expert in con.execute("SELECT round, expert FROM rounds WHERE aggregated IS NOT NULL ORDER BY round"):
-        hp = {str(i): json.loads(h) for i, h in con.execute(
-            "SELECT d.idx, u.hyperparameters FROM updates u JOIN devices d ON d.id = u.device WHERE u.round = ?",
-            (rnd,))}
-        excused = sorted(i for (i,) in con.execute(
-            "SELECT d.idx FROM excused e JOIN devices d ON d.id = e.device WHERE e.round = ?", (rnd,)))
-        row = con.execute("SELECT file FROM versions WHERE round = ?", (rnd,)).fetchone()
-        weights = load_file(str(run / "coordinator" / "weights" / row[0])) if row else None
-        out.append({"task": expert, "client_config": hp, "skipped": excused, "weights": weights})
+    out = [{} for _ in range(ROUNDS)]
+    for expert, rnd, file in con.execute("SELECT expert, round, file FROM versions WHERE round IS NOT NULL"):
+        if rnd < ROUNDS:
+            out[rnd][expert] = load_file(str(run / "coordinator" / "weights" / file))
     con.close()
     return out
 
 
-def assert_same(log: list[dict], sim_weights: list, got: list[dict]) -> None:
-    assert len(log) == ROUNDS and len(got) >= ROUNDS
-    assert [e["task"] for e in log] == [g["task"] for g in got[:ROUNDS]]
-    for e, w, g in zip(log, sim_weights, got):
-        assert e["client_config"] == g["client_config"], e["round"]
-        assert e["skipped"] == g["skipped"], e["round"]
-        assert (w is None) == (g["weights"] is None), e["round"]
-        for k in w or {}:
-            np.testing.assert_allclose(g["weights"][k], w[k], rtol=0, atol=1e-6, err_msg=f"round {e['round']} {k}")
+def assert_same_rounds(sim_log: list[dict], other: dict, name: str) -> None:
+    log = other["log"][:ROUNDS]
+    assert len(log) == ROUNDS, name
+    for e, g in zip(sim_log, log):
+        for k in SAME:
+            assert e.get(k) == g.get(k), f"{name}, round {e['round']}: {k} {e.get(k)!r} != {g.get(k)!r}"
+
+
+def assert_close(ours: dict, theirs: dict, what: str) -> None:
+    assert set(ours) == set(theirs), what
+    for key in ours:
+        for n, arr in ours[key].items():
+            np.testing.assert_allclose(theirs[key][n], arr, rtol=0, atol=1e-6, err_msg=f"{what} {key}/{n}")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("schedule", ["round-robin", "proportional", "worst-validation"])
-def test_coordinator_trains_what_the_simulation_trains(schedule, tmp_path):
-    cfg = protocol_cfg(schedule)
-    log, sim_weights, prep = simulate(tmp_path / "sim", cfg)
-    assert any(e["skipped"] for e in log) or schedule != "round-robin", "the data should make some client skip"
-    assert len({e["task"] for e in log}) > 1
-    db, server = fleet(tmp_path / "fleet", cfg, prep, tmp_path)
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_transport_runs_the_same_rounds(case, tmp_path):
+    from tests.test_flower import _simulate
+    cfg = CASES[case]
+    fed, sim_rounds = simulate(tmp_path / "sim", cfg)
+    log = fed.state["log"]
+    assert len({k for e in log for k in e.get("tasks", {e["task"]: 0})}) > 1
+    if case == "resource-aware-fleet":
+        assert any(len(e["tasks"]) > 1 for e in log), "the fleet should make a round train several experts"
+    db, server = coordinate(tmp_path / "fleet", cfg, fed.prep, tmp_path)
     try:
-        assert_same(log, sim_weights, fleet_rounds(tmp_path / "fleet", db))
+        status = server.status()
     finally:
         server.stop()
+    for rnd, (ours, theirs) in enumerate(zip(sim_rounds, coordinator_weights(tmp_path / "fleet", db))):
+        assert_close(ours, theirs, f"coordinator, round {rnd}")
+    coord_state = json.loads((tmp_path / "fleet" / "state-hmoe.json").read_text())
+    assert_same_rounds(log, coord_state, "coordinator")
+    assert coord_state["strategy"] == fed.state["strategy"] and status["schedule"] == cfg.schedule
+    make(tmp_path / "flower", cfg)
+    fl = _simulate(tmp_path / "flower", cfg)
+    assert_same_rounds(log, fl.state, "flower")
+    assert fl.state["strategy"] == fed.state["strategy"]
+    assert_close(fed.weights, fl.weights, "flower")
 
 
 @pytest.mark.slow
 def test_schedule_continues_after_kill9(tmp_path):
-    cfg = protocol_cfg("worst-validation")
-    log, sim_weights, prep = simulate(tmp_path / "sim", cfg)
-    db, server = fleet(tmp_path / "fleet", cfg, prep, tmp_path, kill_after=2)
+    cfg = CASES["worst-validation"]
+    fed, sim_rounds = simulate(tmp_path / "sim", cfg)
+    db, server = coordinate(tmp_path / "fleet", cfg, fed.prep, tmp_path, kill_after=2)
     try:
-        assert_same(log, sim_weights, fleet_rounds(tmp_path / "fleet", db))
         assert server.status()["schedule"] == "worst-validation"
     finally:
         server.stop()
+    for rnd, (ours, theirs) in enumerate(zip(sim_rounds, coordinator_weights(tmp_path / "fleet", db))):
+        assert_close(ours, theirs, f"coordinator after kill -9, round {rnd}")
+    state = json.loads((tmp_path / "fleet" / "state-hmoe.json").read_text())
+    assert_same_rounds(fed.state["log"], state, "coordinator after kill -9")
+    assert state["strategy"] == fed.state["strategy"]
 
 
 def test_restart_with_another_schedule_is_refused(tmp_path):
     from trainer.transports.coordinator.service import Coordinator, CoordinatorError
-    cfg = protocol_cfg("proportional")
-    _, prep = open_run(tmp_path / "run", cfg, resume=False)
-    Federation(tmp_path / "run", "hmoe", cfg, prep)
+    make(tmp_path / "run", protocol_cfg("proportional"))
     Coordinator(tmp_path / "run", tmp_path / "db.sqlite", SECRET).close()
     with pytest.raises(CoordinatorError, match="'proportional'.*'round-robin'"):
         Coordinator(tmp_path / "run", tmp_path / "db.sqlite", SECRET, schedule="round-robin")
@@ -142,9 +176,7 @@ def test_restart_with_another_schedule_is_refused(tmp_path):
 def test_run_without_input_spec_says_how_to_repair(tmp_path):
     from trainer.transports.coordinator.service import Coordinator
     from trainer.protocol.run import RunError
-    cfg = protocol_cfg("round-robin")
-    _, prep = open_run(tmp_path / "run", cfg, resume=False)
-    Federation(tmp_path / "run", "hmoe", cfg, prep)
+    make(tmp_path / "run", protocol_cfg("round-robin"))
     (tmp_path / "run" / "input.json").unlink()
     with pytest.raises(RunError, match="input.json.*hmoe train --out .* --resume"):
         Coordinator(tmp_path / "run", tmp_path / "db.sqlite", SECRET)

@@ -70,10 +70,10 @@ def test_serving_a_subtree_bundle_says_so(goods, bundle_dir):
 
 
 def test_a_device_with_a_subtree_bundle_trains_only_experts_inside_it(tmp_path, goods):
-    from tests.conftest import CFG
-    run = make_run(tmp_path / "run", CFG)
+    from tests.test_coordinator import ALL
+    run = make_run(tmp_path / "run", ALL)   # the one device is sampled every round
     tree = load_hierarchy(run)
-    server = Server(run, tmp_path / "state.sqlite", min_updates=1)
+    server = Server(run, tmp_path / "state.sqlite", min_devices=1)
     try:
         auth = enrol(server.url)
         counts = ",".join(["3"] * tree.num_leaves)

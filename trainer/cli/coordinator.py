@@ -20,7 +20,7 @@ def _serve(args: argparse.Namespace) -> int:
     secrets = Secrets(args.secret or os.environ.get("HMOE_ENROL_SECRET"), args.secret_file)
     limits = Limits(max_devices=args.max_devices, enrol_per_second=args.enrol_rate, enrol_burst=args.enrol_burst,
                     max_samples=args.max_samples)
-    coord = Coordinator(args.run_dir, args.db, secrets, min_updates=args.min_updates, round_seconds=args.round_seconds,
+    coord = Coordinator(args.run_dir, args.db, secrets, min_devices=args.min_devices, round_seconds=args.round_seconds,
                         schedule=args.schedule, limits=limits)
 
     def ticker() -> None:  # rounds whose deadline passed close even when nobody asks
@@ -37,7 +37,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 @command("coordinator")
 def _add_coordinator(p: argparse.ArgumentParser) -> None:
-    """Serve federated rounds over HTTP (the run's strategy, state in SQLite, no torch)."""
+    """Serve federated rounds over HTTP (the round driver, state in SQLite, no torch)."""
     p.add_argument("--run", dest="run_dir", required=True, help="run directory (config, hierarchy, expert checkpoints)")
     p.add_argument("--db", required=True, help="SQLite state file (created if missing, reused after a restart)")
     p.add_argument("--host", default="127.0.0.1")
@@ -51,8 +51,10 @@ def _add_coordinator(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enrol-burst", type=int, default=Limits.enrol_burst, help="enrolments that may come at once")
     p.add_argument("--max-samples", type=int, default=Limits.max_samples,
                    help="samples one device may claim in its label counts and updates (above: 422)")
-    p.add_argument("--min-updates", type=int, default=2,
-                   help="close a round once this many devices answered it (an update, or no samples under its expert)")
+    p.add_argument("--min-devices", type=int, default=None,
+                   help="plan the first round once this many devices have reported their samples (default: the "
+                        "run's --clients). A round then samples the run's clients as the simulation does, and closes "
+                        "when every device it assigned has answered, or at its deadline")
     p.add_argument("--schedule", choices=sorted(SCHEDULES), default=None,
                    help="which expert a round trains (default: the run's; fixed once the database exists)")
     p.add_argument("--round-seconds", type=float, default=600.0, help="round deadline: aggregate what arrived by then")

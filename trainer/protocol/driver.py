@@ -315,6 +315,17 @@ class RoundDriver:
     # ----------------------------------------------------------------- close
     def close(self, plan: RoundPlan, results: dict[int, tuple[Weights, dict]], left_out: dict | None = None,
               extra: Callable[[], dict] | None = None) -> dict:
+        """``aggregate`` then ``commit``: the round's end, in one call."""
+        updated, entry = self.aggregate(plan, results, left_out, extra)
+        self.commit(plan.rnd, updated, entry)
+        return entry
+
+    def commit(self, rnd: int, updated: dict[str, Weights], entry: dict) -> None:
+        """The round's files (``RunStore.commit``), with the strategy's state after it."""
+        self.store.commit(rnd, updated, entry, self.strategy.state())
+
+    def aggregate(self, plan: RoundPlan, results: dict[int, tuple[Weights, dict]], left_out: dict | None = None,
+                  extra: Callable[[], dict] | None = None) -> tuple[dict[str, Weights], dict]:
         """Aggregate each task over its clients' results (``results[client]``: new weights and
         metrics with num_samples, train_loss, train_seconds), record the schedule's inputs, log
         and commit. Replies that fail ``check_reply`` are left out with their reason (a
@@ -358,8 +369,7 @@ class RoundDriver:
             self.weights[key] = new
             self._record_validation(key)
         entry.update(extra() if extra else {})
-        self.store.commit(rnd, updated, entry, self.strategy.state())
-        return entry
+        return updated, entry
 
     def _record_validation(self, key: str) -> None:
         """The task's validation error, on every transport alike, when the schedule reads it."""

@@ -246,3 +246,15 @@ class FleetCosts:
             raise FleetError(f"no client can meet the round deadline of {self.fleet.deadline_s:g} s with any task: "
                              f"the fastest predicted round takes {fastest:.2f} s; raise deadline_s")
         return warnings
+
+
+def run_fleet(run_dir: str | Path, fleet: dict | None, clients: int, seed: int, local: LocalConfig) -> FleetCosts | None:
+    """A run's fleet with its measured per-round costs (``costs.json`` beside its config);
+    None for a run without a fleet."""
+    if not fleet:
+        return None
+    costs = Path(run_dir) / COSTS
+    if not costs.is_file():
+        raise FleetError(f"{run_dir}: the run has a fleet but no {COSTS} (its measured per-round costs); "
+                         "open it with `hmoe train --resume`, which measures them")
+    return FleetCosts(Fleet.from_dict(fleet, f"{run_dir}/config.json fleet"), clients, seed, CostBook.load(costs), local)

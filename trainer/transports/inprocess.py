@@ -16,21 +16,9 @@ from trainer.device.nets import ConvNet, build_net
 from trainer.evaluate import evaluate_flat, evaluate_hmoe, validation_error
 from trainer.prepare import Prepared, task_shares
 from trainer.protocol.driver import ClientSampler, RoundDriver, RoundPlan, RunStore
-from trainer.protocol.fleet import COSTS, CostBook, Fleet, FleetCosts
-from trainer.protocol.run import RunConfig, RunError
+from trainer.protocol.fleet import run_fleet
+from trainer.protocol.run import RunConfig
 from trainer.protocol.strategy import stable_seed
-
-
-def fleet_costs(run_dir: Path, cfg: RunConfig) -> FleetCosts | None:
-    """The run's fleet with its measured per-round costs (None: a run without a fleet)."""
-    if not cfg.fleet:
-        return None
-    costs = Path(run_dir) / COSTS
-    if not costs.is_file():
-        raise RunError(f"{run_dir}: the run has a fleet but no {COSTS} (its measured per-round costs); "
-                       "open it with `hmoe train --resume`, which measures them")
-    return FleetCosts(Fleet.from_dict(cfg.fleet, f"{run_dir}/config.json fleet"), cfg.clients, cfg.seed,
-                      CostBook.load(costs), cfg.local)
 
 
 class Federation:
@@ -45,7 +33,7 @@ class Federation:
         counts = {c: np.bincount(prep.data.train_y[p], minlength=self.tree.num_leaves) for c, p in enumerate(prep.parts)}
         self.driver = RoundDriver(RunStore(run_dir, kind, self.tasks), strategy, self.tree,
                                   ClientSampler(cfg.seed, cfg.clients, cfg.clients_per_round, cfg.dropout), counts,
-                                  fleet_costs(self.run_dir, cfg), self._validation_error if kind == "hmoe" else None)
+                                  run_fleet(run_dir, cfg.fleet, cfg.clients, cfg.seed, cfg.local), self._validation_error if kind == "hmoe" else None)
         self.driver.open(self._init)
 
     # ------------------------------------------------- the driver's state, by name

@@ -51,9 +51,11 @@ def obj(**props) -> dict:
 
 
 INT, STR, NUM = {"type": "integer"}, {"type": "string"}, {"type": "number"}
-ASSIGNMENT = obj(round=INT, expert=STR, weights_version=INT, deadline=NUM, children={"type": "array", "items": STR},
-                 seed=INT, hyperparameters={"type": "object"}, samples={"type": ["integer", "null"]},
-                 excused={"type": ["string", "null"]})
+ASSIGNMENT = obj(round=INT, expert=STR, weights_version=INT, deadline={"type": ["number", "null"]},
+                 planned={"type": "boolean"}, children={"type": "array", "items": STR},
+                 seed={"type": ["integer", "null"]}, hyperparameters={"type": ["object", "null"]},
+                 samples={"type": ["integer", "null"]}, excused={"type": ["string", "null"]},
+                 wait={"type": ["string", "null"]})
 UPDATE_PARAMETERS = [
     {"name": name, "in": "header", "required": required, "schema": schema, "description": text}
     for name, required, schema, text in (
@@ -135,10 +137,11 @@ def create_app(coord: Coordinator, max_update_bytes: int = MAX_UPDATE_BYTES) -> 
 
     @app.get("/assignment", responses={**ok(ASSIGNMENT), **errors(401, 403, 409, 422)})
     async def assignment(request: Request, counts: str | None = None, subtree: str | None = None) -> JSONResponse:
-        """``counts``: the device's samples per label, comma-separated in the hierarchy's leaf order;
-        ``subtree``: the node a personalised device carries (it is excused from other experts' rounds).
-        Answered from memory on the event loop; only excusing a device (no sample under the
-        round's expert) writes, and that runs in the thread pool."""
+        """``counts``: the device's samples per label, comma-separated in the hierarchy's leaf order
+        (recorded; the round is planned once enough devices have sent theirs: until then the
+        answer has ``wait``); ``subtree``: the node a personalised device carries (it is excused
+        from other experts' rounds). Answered from memory; recording new counts and excusing a
+        device write through the writer thread."""
         dev = device(request)
         leaf_counts = None
         if counts is not None:
@@ -149,12 +152,9 @@ def create_app(coord: Coordinator, max_update_bytes: int = MAX_UPDATE_BYTES) -> 
         if coord.due():
             await run_in_threadpool(coord.tick)
         try:
-            a = coord.assignment(dev, leaf_counts, excuse=False, subtree=subtree)
+            return JSONResponse(await run_in_threadpool(coord.assignment, dev, leaf_counts, True, subtree))
         except InvalidUpdate as exc:
             raise HTTPException(422, str(exc)) from None
-        if a["samples"] == 0:
-            await call(coord.excuse_later, dev, a["round"], a["excused"])
-        return JSONResponse(a)
 
     @app.get("/manifest", responses={**ok({"type": "object"}), **errors(401, 403)})
     async def manifest(request: Request) -> JSONResponse:

@@ -1,10 +1,10 @@
-"""The coordinator: the round protocol over HTTP for devices that have only an HTTP client.
+"""The coordinator: the round driver over HTTP for devices that have only an HTTP client.
 
-It moves messages and decides nothing: which expert a round trains, each device's
-hyper-parameters and seed, how updates combine and the schedule's state all come from
-the run's ``Strategy``, exactly as in the simulation. No torch is loaded (aggregation is
-numpy), except by a schedule that reads validation errors, which validates each new
-expert on the run's validation split.
+It moves messages and decides nothing: who trains which expert in a round, each device's
+hyper-parameters and seed, which replies count, how updates combine and the schedule's
+state all come from ``trainer.protocol.driver`` and the run's ``Strategy``, exactly as in
+the simulation. No torch is loaded (aggregation is numpy), except by a schedule that reads
+validation errors, which validates each new expert on the run's validation split.
 
 State lives in SQLite (WAL, synchronous=FULL: a committed row survives kill -9 and power
 loss). Accepted updates are appended to one log file per round and new expert versions
@@ -40,12 +40,14 @@ from hierarchy.tree import write_bytes_atomic
 from trainer.transports.coordinator.admission import AdmissionError, Limits, Secrets, TokenBucket
 from trainer.protocol.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from trainer.device.config import Weights
-from trainer.protocol.driver import RunStore, check_arrays, check_hyperparameters
+from trainer.protocol.driver import ClientSampler, RoundDriver, RoundPlan, RunStore, check_arrays
+from trainer.protocol.fleet import run_fleet
 from trainer.protocol.run import load_strategy_state, run_files
 from trainer.protocol.strategy import StrategyError
 
 MAX_UPDATE_BYTES = 16 * 1024 * 1024
 MAX_BATCH = 512          # writes committed together by the writer thread
+MAX_CLOSES = 64          # rounds closed after one batch at most
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (id TEXT PRIMARY KEY, idx INTEGER NOT NULL UNIQUE, token_hash TEXT NOT NULL,
@@ -62,6 +64,8 @@ CREATE TABLE IF NOT EXISTS excused (round INTEGER NOT NULL, device TEXT NOT NULL
 CREATE TABLE IF NOT EXISTS versions (expert TEXT NOT NULL, version INTEGER NOT NULL, file TEXT NOT NULL,
     round INTEGER, PRIMARY KEY (expert, version));
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS counts (device TEXT PRIMARY KEY, counts TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS plans (round INTEGER PRIMARY KEY, plan TEXT NOT NULL, counts TEXT NOT NULL, entry TEXT);
 """
 
 
@@ -124,26 +128,41 @@ def _connect(db: str | os.PathLike) -> sqlite3.Connection:
 
 
 class Coordinator:
-    """Round logic over SQLite; the HTTP layer (``create_app``) is a thin shell around it."""
+    """The round driver over SQLite for devices that speak HTTP; ``create_app`` is the HTTP shell.
 
-    def __init__(self, run_dir: str | os.PathLike, db: str | os.PathLike, secret: str | Secrets, min_updates: int = 2,
-                 round_seconds: float = 600.0, schedule: str | None = None, limits: Limits = Limits()) -> None:
-        if min_updates < 1:
-            raise CoordinatorError(f"min_updates must be at least 1; got {min_updates}")
+    Rounds are the driver's: a round is planned (``RoundDriver.plan``: the seeded sample of the
+    run's clients, each sampled device that has reported its samples reachable) once
+    ``min_devices`` devices have reported their samples per label; every assigned device
+    then gets its own task, hyper-parameters and seed (several experts a round with
+    ``--assignment resource-aware``; fleet tiers with a fleet file), the others are excused
+    with the plan's reason. A device's client index is its enrolment order, so the run's
+    ``--clients`` bounds the fleet. The round closes when every assigned device has answered
+    (an update or a decline) or its deadline passed; the driver aggregates, and the run
+    directory gets the simulation's log and checkpoint layout."""
+
+    def __init__(self, run_dir: str | os.PathLike, db: str | os.PathLike, secret: str | Secrets,
+                 min_devices: int | None = None, round_seconds: float = 600.0, schedule: str | None = None,
+                 limits: Limits = Limits()) -> None:
         self.run_dir = Path(run_dir)
         self.cfg, self.tree, self.spec = run_files(self.run_dir)
-        if self.cfg.assignment != "one":
-            raise CoordinatorError(f"{run_dir}: the run trains with --assignment {self.cfg.assignment}; the coordinator "
-                                   "runs one expert a round (its devices each report only their own data), so "
-                                   "serve a run made with --assignment one")
+        self.min_devices = self.cfg.clients if min_devices is None else min_devices
+        if not 1 <= self.min_devices <= self.cfg.clients:
+            raise CoordinatorError(f"min_devices must be in [1, {self.cfg.clients}] (the run's clients); got "
+                                   f"{self.min_devices}")
         self.secrets = secret if isinstance(secret, Secrets) else Secrets(secret)
         self.limits, self._enrol_bucket = limits, TokenBucket(limits.enrol_per_second, limits.enrol_burst)
-        self.min_updates, self.round_seconds = min_updates, round_seconds
+        self.round_seconds = round_seconds
         self.tasks = self.cfg.tasks("hmoe", self.tree, self.spec.shape)
-        self._files = RunStore(self.run_dir, "hmoe", self.tasks)   # the run directory's checkpoint layout
-        self.strategy = self.cfg.strategy("hmoe", self.tree, self.tasks, schedule=schedule)
-        self.expected = {k: {n: (s, np.dtype(np.float32)) for n, s in t.net.param_shapes().items()}
-                         for k, t in self.tasks.items()}
+        strategy = self.cfg.strategy("hmoe", self.tree, self.tasks, schedule=schedule)
+        try:
+            fleet = run_fleet(self.run_dir, self.cfg.fleet, self.cfg.clients, self.cfg.seed, self.cfg.local)
+        except HmoeError as exc:
+            raise CoordinatorError(str(exc)) from None
+        self.driver = RoundDriver(RunStore(self.run_dir, "hmoe", self.tasks), strategy, self.tree,
+                                  ClientSampler(self.cfg.seed, self.cfg.clients, self.cfg.clients_per_round),
+                                  {}, fleet, self._validation_error)
+        self.strategy = strategy
+        self.expected = {k: t.net.param_shapes() for k, t in self.tasks.items()}
         self.store = self.run_dir / "coordinator"
         self.last_aggregation: dict | None = None
         self._validation = None
@@ -166,6 +185,7 @@ class Coordinator:
     def _bootstrap(self, db: Path) -> None:
         """Before the writer thread starts: nothing else touches the database yet."""
         saved = self.db.execute("SELECT value FROM meta WHERE key = 'strategy'").fetchone()
+        self.driver.store.open(None)   # the run directory's state (its log so far); checkpoints must exist
         if saved is None:   # first start: the schedule's state as the run left it
             state = {**load_strategy_state(self.run_dir), "schedule": self.strategy.schedule_name}
             self.strategy.restore(state)
@@ -187,9 +207,11 @@ class Coordinator:
                 write_bytes_atomic(path, save(weights))
                 self.db.execute("INSERT INTO versions VALUES (?, 0, ?, NULL)", (key, path.name))
         if self.db.execute("SELECT COUNT(*) FROM rounds").fetchone()[0] == 0:
-            self._open_round(0)
-        self._repair_checkpoints()
+            first = int(self.driver.store.state["completed_rounds"])   # the fleet continues the run's rounds
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES ('first_round', ?)", (str(first),))
+            self._open_round(first)
         self._reload()
+        self._repair_run_dir()
 
     def _reload(self) -> None:
         """Memory from the database: after start-up, and after a transaction that failed."""
@@ -197,50 +219,90 @@ class Coordinator:
         self.strategy.restore(json.loads(saved[0]))
         self._devices = {h: (d, i) for d, i, h in self.db.execute("SELECT id, idx, token_hash FROM devices")}
         self._index = {d: i for d, i in self._devices.values()}
+        self._device_of = {i: d for d, i in self._index.items()}
+        self._counts = {self._index[d]: np.asarray(json.loads(c), dtype=np.int64)
+                        for d, c in self.db.execute("SELECT device, counts FROM counts") if d in self._index}
+        self._versions = {k: self._version(self.db, k) for k in self.tasks}
+        self.driver.weights = {k: load_file(str(self.store / "weights" / self.db.execute(
+            "SELECT file FROM versions WHERE expert = ? AND version = ?", (k, v)).fetchone()[0]))
+            for k, v in self._versions.items()}
         self._load_current()
 
     def _load_current(self) -> None:
-        """The open round and who answered it, kept in memory so reads do not wait on the database."""
+        """The open round, its plan and who answered it, kept in memory so reads do not wait."""
         r = self.db.execute("SELECT round, expert, base_version, deadline FROM rounds WHERE aggregated IS NULL "
                             "ORDER BY round DESC LIMIT 1").fetchone()
-        self._current = {"round": r[0], "expert": r[1], "weights_version": r[2], "deadline": r[3]}
-        self._versions = {k: self._version(self.db, k) for k in self.tasks}
+        planned = self.db.execute("SELECT plan, counts FROM plans WHERE round = ?", (r[0],)).fetchone()
+        self._plan = None
+        if planned is not None:
+            self._plan = RoundPlan.from_dict(json.loads(planned[0]))
+            for idx, c in json.loads(planned[1]).items():   # the samples the plan was made with
+                self.driver.use_counts(int(idx), np.asarray(c, dtype=np.int64))
+        self._current = {"round": r[0], "expert": r[1], "weights_version": r[2],
+                         "deadline": r[3] if planned is not None else None, "planned": planned is not None}
         self._answered_by = {d: "already sent an update for" for (d,) in
                              self.db.execute("SELECT device FROM updates WHERE round = ?", (r[0],))}
         self._answered_by.update({d: "was excused from" for (d,) in
                                   self.db.execute("SELECT device FROM excused WHERE round = ?", (r[0],))})
 
     def _checkpoint_path(self, key: str) -> Path:
-        return self._files.checkpoint_path(key)
+        return self.driver.store.checkpoint_path(key)
 
-    def _write_checkpoint(self, key: str, weights: Weights, rnd: int) -> None:
-        save_checkpoint(self._checkpoint_path(key), weights, self.tasks[key].net, {"node": key, "round": f"fleet-{rnd}"})
-
-    def _repair_checkpoints(self) -> list[str]:
-        """Bring the run directory's checkpoints up to the latest committed versions.
-
-        A crash after a new version's commit but before its copy to the run directory
-        leaves that copy one version behind; on start-up, copy it again."""
+    def _repair_run_dir(self) -> list[str]:
+        """Bring the run directory (log, versions, strategy state, checkpoints) up to what the
+        database committed: a crash after a round's commit but before its files were written
+        leaves them one round behind; on start-up, write them again. Returns the tasks whose
+        checkpoints were rewritten."""
+        store = self.driver.store
+        first = int(self.db.execute("SELECT value FROM meta WHERE key = 'first_round'").fetchone()[0])
+        entries = [json.loads(e) for (e,) in self.db.execute(
+            "SELECT entry FROM plans WHERE entry IS NOT NULL ORDER BY round")]
+        state = store.state
+        log = [e for e in state["log"] if e["round"] < first] + entries
         repaired = []
         for key in self.tasks:
             row = self.db.execute("SELECT file, round FROM versions WHERE expert = ? ORDER BY version DESC LIMIT 1",
                                   (key,)).fetchone()
-            if row is None or row[1] is None:   # version 0: the run directory's own weights
+            if row[1] is None:   # version 0: the run directory's own weights
                 continue
+            state["versions"][key] = row[1]
             try:
                 meta = load_checkpoint(self._checkpoint_path(key))[2]
             except CheckpointError:
                 meta = {}
-            if meta.get("round") != f"fleet-{row[1]}":
-                self._write_checkpoint(key, load_file(str(self.store / "weights" / row[0])), row[1])
+            if meta.get("round") != row[1]:
+                save_checkpoint(self._checkpoint_path(key), load_file(str(self.store / "weights" / row[0])),
+                                self.tasks[key].net, {"node": key, "round": row[1]})
                 repaired.append(key)
+        if log != state["log"] or repaired:
+            state.update(log=log, completed_rounds=first + len(entries), strategy=self.strategy.state())
+            store.write_state()
         return repaired
 
     def _open_round(self, rnd: int) -> None:
-        expert = self.strategy.choose_task(rnd)
-        now = time.time()
+        """A new round: its row (the schedule's task, a deadline set once it is planned), planned
+        at once when enough devices have reported their samples."""
+        expert = self.strategy.order(rnd)[0]
         self.db.execute("INSERT INTO rounds VALUES (?, ?, ?, ?, ?, NULL)",
-                        (rnd, expert, self._version(self.db, expert), now, now + self.round_seconds))
+                        (rnd, expert, self._version(self.db, expert), time.time(), math.inf))
+        self._plan = None
+
+    def _plan_round(self) -> None:
+        """The driver plans the open round over the devices that reported their samples (writer thread)."""
+        rnd = self._current["round"]
+        counts = {i: c for i, c in self._counts.items() if i < self.cfg.clients}
+        for idx, c in counts.items():
+            self.driver.use_counts(idx, c)
+        plan = self.driver.plan(rnd, present=set(counts), simulate_dropout=False)
+        now = time.time()
+        self.db.execute("INSERT INTO plans VALUES (?, ?, ?, NULL)", (rnd, json.dumps(plan.to_dict()), json.dumps(
+            {str(i): c.tolist() for i, c in counts.items()})))
+        self.db.execute("UPDATE rounds SET expert = ?, base_version = ?, started = ?, deadline = ? WHERE round = ?",
+                        (plan.first, self._version(self.db, plan.first), now, now + self.round_seconds, rnd))
+        self._load_current()
+
+    def _ready_to_plan(self) -> bool:
+        return self._plan is None and sum(i < self.cfg.clients for i in self._counts) >= self.min_devices
 
     def _build_manifest(self) -> dict:
         """What a device needs to train any expert: hierarchy, the run's input spec, network configs
@@ -248,7 +310,7 @@ class Coordinator:
         experts = {k: ModelEntry(k, [self.tree.names[c] for c in self.tree.children(t.node)], "", "", 0, 0, 0,
                                  json.loads(t.net.to_json())) for k, t in self.tasks.items()}
         return Manifest(self.tree, self.spec, experts, created_by="hmoe-edge coordinator",
-                        source={"run": str(self.run_dir.resolve()), "dataset": self.cfg.dataset}).to_dict()
+                        source={"run": self.run_dir.name, "dataset": self.cfg.dataset}).to_dict()
 
     # ------------------------------------------------------------- queries
     @staticmethod
@@ -286,7 +348,10 @@ class Coordinator:
         n = self._read("SELECT COUNT(*) FROM updates WHERE round = ?", (cur["round"],))[0][0]
         done = self._read("SELECT COUNT(*) FROM rounds WHERE aggregated IS NOT NULL")[0][0]
         total = self._read("SELECT COUNT(*) FROM updates")[0][0]
-        return {**cur, "updates_received": n, "answered": len(self._answered_by), "min_updates": self.min_updates,
+        plan = self._plan
+        return {**cur, "updates_received": n, "answered": len(self._answered_by),
+                "assigned": {str(c): k for c, k in plan.assigned.items()} if plan else None,
+                "devices_reported": len(self._counts), "min_devices": self.min_devices,
                 "versions": dict(self._versions), "rounds_aggregated": done, "updates_total": total,
                 "schedule": self.strategy.schedule_name, "last_aggregation": self.last_aggregation}
 
@@ -295,42 +360,59 @@ class Coordinator:
 
     def assignment(self, device: str | None = None, leaf_counts: list[int] | None = None,
                    excuse: bool = True, subtree: str | None = None) -> dict:
-        """The open round for a device, with the hyper-parameters and seed the strategy gives it.
+        """What the open round asks of a device: its task, the hyper-parameters and seed the plan
+        gives it, or why it sits the round out (``excused``), or that the round waits for more
+        devices to report their samples (``wait``).
 
-        ``leaf_counts`` (the device's samples per label) let the strategy balance epochs as the
-        simulation does; a device with no sample under the round's expert is excused from it
-        (here, or by the caller when ``excuse`` is False). Call ``tick`` first to close a round
-        whose deadline passed. A device that carries only a ``subtree`` (a personalised bundle)
-        trains only experts inside it: for any other round it is excused likewise."""
-        cur = self.current()
-        key, rnd = cur["expert"], cur["round"]
-        outside = None
-        if subtree is not None:
-            if subtree not in self.tree._index:
-                raise InvalidUpdate(f"unknown subtree node {subtree!r}; nodes with experts are {', '.join(self.tasks)}")
-            if not self.tree.ancestor_mask[self.tasks[key].node, self.tree.index(subtree)]:
-                outside = f"the round's expert {key} is outside the device's subtree {subtree}"
-        out = {**cur, "children": [self.tree.names[c] for c in self.tree.children(self.tasks[key].node)],
-               "seed": self.strategy.client_seed(rnd, self._index.get(device, -1))}
-        if leaf_counts is None:
-            out.update(hyperparameters=self.strategy.client_config(key, rnd).to_dict(), samples=0 if outside else None,
-                       excused=outside)
-            if outside and device is not None and excuse:
-                self.excuse(device, rnd, outside)
+        ``leaf_counts`` (the device's samples per label) are recorded first; the round is planned
+        once ``min_devices`` devices have reported theirs. An excused device is recorded as such
+        (here, or by the caller when ``excuse`` is False). A device that carries only a
+        ``subtree`` (a personalised bundle) trains only experts inside it: a task outside it
+        excuses the device likewise."""
+        if subtree is not None and subtree not in self.tree._index:
+            raise InvalidUpdate(f"unknown subtree node {subtree!r}; nodes with experts are {', '.join(self.tasks)}")
+        idx = self._index.get(device, -1)
+        if leaf_counts is not None:
+            try:
+                counts = self.strategy.check_counts(np.asarray(leaf_counts))
+            except (ValueError, OverflowError) as exc:
+                raise InvalidUpdate(str(exc)) from None
+            if int(counts.sum()) > self.limits.max_samples:
+                raise InvalidUpdate(f"{int(counts.sum())} samples declared; a device may claim at most "
+                                    f"{self.limits.max_samples}")
+            if device is not None and (idx not in self._counts or not np.array_equal(self._counts[idx], counts)):
+                self._write(self._store_counts, device, counts)
+        for _ in range(3):
+            out = self._answer(idx, subtree)
+            if not (out["excused"] and device is not None and excuse):
+                return out
+            try:
+                self.excuse(device, out["round"], out["excused"])
+                return out
+            except StaleUpdate:   # the round closed while we answered: answer for the next one
+                continue
+        return out
+
+    def _answer(self, idx: int, subtree: str | None) -> dict:
+        cur, plan = self.current(), self._plan
+        rnd = cur["round"]
+        out = {**cur, "children": [], "seed": None, "hyperparameters": None, "samples": None, "excused": None,
+               "wait": None}
+        if plan is None or plan.rnd != rnd:
+            out["wait"] = (f"round {rnd} is planned once {self.min_devices} devices have reported their samples "
+                           f"({len(self._counts)} have): send counts with GET /assignment")
             return out
-        try:
-            samples = self.strategy.task_samples(key, np.asarray(leaf_counts))
-        except ValueError as exc:
-            raise InvalidUpdate(str(exc)) from None
-        if sum(leaf_counts) > self.limits.max_samples:
-            raise InvalidUpdate(f"{sum(leaf_counts)} samples declared; a device may claim at most "
-                                f"{self.limits.max_samples}")
-        if outside:
-            samples = 0
-        out.update(hyperparameters=self.strategy.client_config(key, rnd, int(sum(leaf_counts)), samples).to_dict(),
-                   samples=samples, excused=outside or (None if samples else self.strategy.why_no_samples(key, np.asarray(leaf_counts))))
-        if samples == 0 and device is not None and excuse:
-            self.excuse(device, rnd, out["excused"])
+        key = plan.assigned.get(idx)
+        if key is None:
+            reason = plan.excusal(idx) if idx in self._counts else \
+                "no samples reported before the round was planned: send counts with GET /assignment"
+            out.update(samples=0, excused=reason)
+        else:
+            out.update(expert=key, weights_version=self._versions[key], seed=plan.seeds[idx],
+                       hyperparameters=plan.configs[idx].to_dict(), samples=self.driver.task_n[idx][key],
+                       children=[self.tree.names[c] for c in self.tree.children(self.tasks[key].node)])
+            if subtree is not None and not self.tree.ancestor_mask[self.tasks[key].node, self.tree.index(subtree)]:
+                out.update(samples=0, excused=f"the round's expert {key} is outside the device's subtree {subtree}")
         return out
 
     # ------------------------------------------------------------- devices
@@ -349,22 +431,34 @@ class Coordinator:
         return self._enqueue(self._store_device, name)
 
     def _store_device(self, name: str) -> dict:
-        if len(self._index) >= self.limits.max_devices:
-            raise AdmissionError(f"the fleet is full: {self.limits.max_devices} devices are enrolled")
+        most = min(self.limits.max_devices, self.cfg.clients)
+        if len(self._index) >= most:
+            raise AdmissionError(f"the fleet is full: {len(self._index)} devices are enrolled and the run has "
+                                 f"{self.cfg.clients} clients" if most == self.cfg.clients else
+                                 f"the fleet is full: {self.limits.max_devices} devices are enrolled")
         device, token = secrets.token_hex(8), secrets.token_urlsafe(24)
         idx = self.db.execute("SELECT COALESCE(MAX(idx) + 1, 0) FROM devices").fetchone()[0]
         self.db.execute("INSERT INTO devices VALUES (?, ?, ?, ?, ?)", (device, idx, _hash(token), name, time.time()))
         self._devices[_hash(token)] = (device, idx)
         self._index[device] = idx
+        self._device_of[idx] = device
         return {"device_id": device, "token": token, "index": idx}
+
+    def _store_counts(self, device: str, counts: np.ndarray) -> None:
+        """A device's samples per label (used from the next plan on); plans the open round when
+        enough devices have reported."""
+        self.db.execute("INSERT OR REPLACE INTO counts VALUES (?, ?)", (device, json.dumps(counts.tolist())))
+        self._counts[self._index[device]] = counts
+        if self._ready_to_plan():
+            self._plan_round()
 
     def device_for(self, token: str) -> str | None:
         found = self._devices.get(_hash(token))
         return found[0] if found else None
 
     def excuse(self, device: str, rnd: int, reason: str) -> None:
-        """The device will send nothing for round ``rnd`` (no samples under its expert, or its
-        local training diverged): it counts as an answer, as the simulation skips such a client."""
+        """The device will send nothing for round ``rnd`` (not assigned, outside its subtree, or
+        its local training diverged): it counts as an answer."""
         self._write(self._store_excuse, device, rnd, reason[:200])
 
     def excuse_later(self, device: str, rnd: int, reason: str) -> Future:
@@ -391,26 +485,21 @@ class Coordinator:
             raise InvalidUpdate(why)
         return weights
 
-    def check_hyperparameters(self, expert: str, rnd: int, hyperparameters: dict, samples: int,
-                              client_samples: int | None) -> None:
-        """The update must have been trained with what the strategy assigned to this client."""
-        if client_samples is None:
-            assigned = self.strategy.client_config(expert, rnd)
-        else:
-            assigned = self.strategy.client_config(expert, rnd, client_samples, samples)
-        why = check_hyperparameters(hyperparameters, assigned, rnd)
-        if why:
-            raise InvalidUpdate(why)
-
-    def _check_current(self, rnd: int, expert: str, base_version: int) -> None:
-        cur = self._current
+    def _check_current(self, device: str, rnd: int, expert: str, base_version: int) -> None:
+        cur, plan = self._current, self._plan
         if rnd != cur["round"]:
             raise StaleUpdate(f"update for round {rnd}; the current round is {cur['round']}")
-        if expert != cur["expert"]:
-            raise InvalidUpdate(f"update for expert {expert!r}; round {rnd} trains {cur['expert']!r}")
-        if base_version != cur["weights_version"]:
-            raise StaleUpdate(f"update from weights version {base_version}; round {rnd} started from "
-                              f"version {cur['weights_version']}")
+        if plan is None:
+            raise StaleUpdate(f"round {rnd} is not planned yet (it waits for devices to report their samples)")
+        idx = self._index.get(device, -1)
+        if idx not in plan.assigned:
+            raise InvalidUpdate(f"device {device} has no task in round {rnd}: {plan.excusal(idx)}")
+        if expert != plan.assigned[idx]:
+            raise InvalidUpdate(f"update for expert {expert!r}; round {rnd} assigned this device "
+                                f"{plan.assigned[idx]!r}")
+        if base_version != self._versions[expert]:
+            raise StaleUpdate(f"update from weights version {base_version}; round {rnd} trains {expert} from "
+                              f"version {self._versions[expert]}")
 
     def submit(self, *args, **kwargs) -> dict:
         """Accept an update once. Raises InvalidUpdate (422) or StaleUpdate (409)."""
@@ -419,7 +508,9 @@ class Coordinator:
     def submit_later(self, device: str, rnd: int, expert: str, base_version: int, samples: int, idem_key: str,
                      metrics: dict, body: bytes, hyperparameters: dict, client_samples: int | None = None) -> Future:
         """Validate an update now (raising InvalidUpdate or StaleUpdate); the writer checks the
-        round again and stores it: the future's result, or its exception, once committed."""
+        round again and stores it: the future's result, or its exception, once committed. The
+        checks are the driver's (``check_reply``): the plan's task, arrays, sample count and
+        hyper-parameters."""
         if not idem_key or len(idem_key) > 128:
             raise InvalidUpdate("an idempotency key of 1 to 128 characters is required")
         ceiling = self.limits.max_samples
@@ -428,11 +519,13 @@ class Coordinator:
                                 f"expected 1 <= X-Samples <= X-Client-Samples <= {ceiling}")
         if expert not in self.tasks:
             raise InvalidUpdate(f"unknown expert {expert!r}; experts are {', '.join(self.tasks)}")
-        self._check_current(rnd, expert, base_version)   # stale first: a late update is 409, however it looks
-        self.check_hyperparameters(expert, rnd, hyperparameters, samples, client_samples)
-        self.check_update(expert, body)
+        self._check_current(device, rnd, expert, base_version)   # stale first: a late update is 409, however it looks
+        weights = self.check_update(expert, body)
+        why = self.driver.check_reply(self._plan, self._index[device], weights, samples, hyperparameters)
+        if why:
+            raise InvalidUpdate(why)
         return self._enqueue(self._store_update, device, rnd, expert, base_version, samples, idem_key,
-                           json.dumps(metrics), body, json.dumps(hyperparameters))
+                             json.dumps(metrics), body, json.dumps(hyperparameters))
 
     def _store_update(self, device: str, rnd: int, expert: str, base_version: int, samples: int, idem_key: str,
                       metrics: str, body: bytes, hyperparameters: str) -> dict:
@@ -440,7 +533,7 @@ class Coordinator:
                               (device, idem_key)).fetchone()
         if dup:
             return {"accepted": True, "duplicate": True, "round": dup[0], "expert": dup[1]}
-        self._check_current(rnd, expert, base_version)
+        self._check_current(device, rnd, expert, base_version)
         if device in self._answered_by:
             raise StaleUpdate(f"device {device} {self._answered_by[device]} round {rnd}")
         log = self._update_log(rnd)
@@ -468,14 +561,19 @@ class Coordinator:
             log.flush()
             os.fsync(log.fileno())
 
-    def round_updates(self, rnd: int) -> list[tuple[Weights, int]]:
-        """The round's updates in device enrolment order (the simulation's client order)."""
-        rows = self.db.execute("SELECT u.offset, u.length, u.samples FROM updates u JOIN devices d ON d.id = u.device "
-                               "WHERE u.round = ? ORDER BY d.idx", (rnd,)).fetchall()
+    def round_updates(self, rnd: int) -> dict[int, tuple[Weights, dict]]:
+        """The round's updates by client index, as the driver's results."""
+        rows = self.db.execute("SELECT d.idx, u.offset, u.length, u.samples, u.metrics FROM updates u "
+                               "JOIN devices d ON d.id = u.device WHERE u.round = ? ORDER BY d.idx", (rnd,)).fetchall()
         if not rows:
-            return []
+            return {}
         data = self._log_path(rnd).read_bytes()
-        return [(load(data[o:o + n]), samples) for o, n, samples in rows]
+        out = {}
+        for idx, o, n, samples, metrics in rows:
+            m = json.loads(metrics or "{}")
+            out[idx] = (load(data[o:o + n]), {"num_samples": samples, "train_loss": float(m.get("loss_after", 0.0)),
+                                              "train_seconds": float(m.get("seconds", 0.0))})
+        return out
 
     def _validation_error(self, key: str, weights: Weights) -> float | None:
         """Only for a schedule that reads validation errors: the run's validation split, as the
@@ -555,7 +653,9 @@ class Coordinator:
                 done.set_exception(exc)
             else:
                 done.set_result(value)
-        if self.due():
+        for _ in range(MAX_CLOSES):   # a round nobody could take closes at once, and so may the next
+            if not self.due():
+                break
             try:
                 self._transaction(self._close_round)
                 for hook in self._after_commit:
@@ -563,49 +663,67 @@ class Coordinator:
                 self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
             except Exception as exc:   # the updates are committed; the round closes at the next try
                 self.last_aggregation = {"error": repr(exc)}
+                break
             finally:
                 self._after_commit.clear()
         for done in waits:
             done.set_result(None)
 
     def due(self) -> bool:
-        return len(self._answered_by) >= self.min_updates or time.time() >= self._current["deadline"]
+        """The open round is planned, and every device it assigned has answered or its deadline passed."""
+        plan = self._plan
+        if plan is None:
+            return False
+        if time.time() >= self._current["deadline"]:
+            return True
+        return all(self._device_of.get(c) in self._answered_by for c in plan.assigned)
 
     def tick(self) -> None:
-        """Close the open round when ``min_updates`` devices answered it or its deadline passed
-        (the writer closes it after its next batch; this wakes it up and waits)."""
+        """Plan the open round when enough devices have reported (after a restart), and close it
+        when it is due (the writer closes it after its next batch; this wakes it up and waits)."""
+        if self._ready_to_plan():
+            self._write(self._plan_if_ready)
         if self.due():
             self._write(self._wait_for_close)
+
+    def _plan_if_ready(self) -> None:
+        if self._ready_to_plan():
+            self._plan_round()
 
     @staticmethod
     def _wait_for_close() -> None:
         """A job that writes nothing: answered after the round it woke the writer for is closed."""
 
     def _close_round(self) -> None:
-        """Aggregate, let the strategy see the result, open the next round: one transaction."""
-        cur = self._current
-        key, rnd = cur["expert"], cur["round"]
+        """The driver aggregates, the new versions and the round's log entry are stored, and the
+        next round opens (planned at once when enough devices have reported): one transaction.
+        The run directory follows after the commit (``driver.commit``; repaired on start-up)."""
+        plan, rnd = self._plan, self._current["round"]
         started = time.perf_counter()
-        updates = self.round_updates(rnd)
-        if updates:
-            new = self.strategy.aggregate(updates, load(self.current_weights(key)[1]))
-            version = cur["weights_version"] + 1
+        results = self.round_updates(rnd)
+        excused = dict(self.db.execute("SELECT d.idx, e.reason FROM excused e JOIN devices d ON d.id = e.device "
+                                       "WHERE e.round = ?", (rnd,)).fetchall())
+        left_out = {str(c): f"declined: {excused[c]}" if c in excused else "no update before the round's deadline"
+                    for c in plan.assigned if c not in results}
+        updated, entry = self.driver.aggregate(plan, results, left_out)
+        for key, new in updated.items():
+            version = self._versions[key] + 1
             path = self.store / "weights" / f"{self.tasks[key].file_stem}-v{version}.safetensors"
             write_bytes_atomic(path, save(new))
-            if self.strategy.needs_validation:
-                error = self._validation_error(key, new)
-                if error is not None:
-                    self.strategy.record_validation(key, error)
             self.db.execute("INSERT OR REPLACE INTO versions VALUES (?, ?, ?, ?)", (key, version, path.name, rnd))
-            # the run directory's checkpoint follows, so `hmoe export --run` exports the fleet's result
-            self._after_commit.append(lambda: self._write_checkpoint(key, new, rnd))
         self.db.execute("UPDATE rounds SET aggregated = ? WHERE round = ?", (time.time(), rnd))
+        self.db.execute("UPDATE plans SET entry = ? WHERE round = ?", (json.dumps(entry), rnd))
+        self.db.execute("UPDATE meta SET value = ? WHERE key = 'strategy'", (json.dumps(self.strategy.state()),))
         if rnd in self._logs:
             self._logs.pop(rnd).close()
-        self.db.execute("UPDATE meta SET value = ? WHERE key = 'strategy'", (json.dumps(self.strategy.state()),))
+        self._after_commit.append(lambda: self.driver.commit(rnd, updated, entry))
+        self._versions = {k: self._version(self.db, k) for k in self.tasks}
         self._open_round(rnd + 1)
         self._load_current()
-        self.last_aggregation = {"round": rnd, "updates": len(updates), "seconds": time.perf_counter() - started}
+        if self._ready_to_plan():
+            self._plan_round()
+        self.last_aggregation = {"round": rnd, "updates": len(results), "tasks": sorted(updated),
+                                 "seconds": time.perf_counter() - started}
 
     def close(self) -> None:
         """Stop the writer (after what is queued) and close the database."""
