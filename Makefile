@@ -5,11 +5,12 @@ STAMP    := $(VENV)/.hmoe-installed
 APT_PKGS := dataset-fashion-mnist wordnet-base wordnet-sense-index iproute2
 PYTEST_ARGS ?=
 
-.PHONY: setup system-packages test test-fast demo device-check bench bench-quick clean help
+.PHONY: setup system-packages test test-fast test-unit demo device-check bench bench-quick clean help
 
 help:
 	@echo "make test       set up (.venv, Debian data packages) and run the whole test suite"
-	@echo "make test-fast  the same without tests marked slow"
+	@echo "make test-fast  unit and integration tiers: the same without tests marked slow (a few minutes)"
+	@echo "make test-unit  the unit tier only, for editing the round protocol (under a minute)"
 	@echo "make demo       set up, then train HMoE and flat softmax on real Fashion-MNIST"
 	@echo "make device-check  (root) the edge runtime on an emulated arm64 Debian userland (after make demo)"
 	@echo "make bench      regenerate every benchmark and BENCHMARKS.md (about an hour on 2 cores)"
@@ -40,10 +41,13 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+test-unit: setup
+	$(PY) -m pytest -m unit $(PYTEST_ARGS)
+
 demo: setup
 	$(VENV)/bin/hmoe demo --out runs/demo
 
-# The device path on 64-bit ARM (README, "Boards"): needs root and binfmt_misc; says so and
+# The device path on 64-bit ARM (docs/DEVICE.md, "Boards"): needs root and binfmt_misc; says so and
 # exits 0 where they are missing. DEVICE_CHECK_ARGS="--train" adds a local training round.
 DEVICE_CHECK_ARGS ?=
 device-check: setup

@@ -142,7 +142,7 @@ class Userland:
     def mount_sys(self, on: bool) -> None:
         """Whether the host's /sys is visible inside. Off by default: under qemu-user it shows the
         x86-64 host's CPUs beside qemu's arm64 /proc/cpuinfo, a machine no board is, and
-        onnxruntime 1.28+ crashes in cpuinfo_initialize on it (README, "Boards")."""
+        onnxruntime 1.28+ crashes in cpuinfo_initialize on it (docs/DEVICE.md, "Boards")."""
         target = self.root / "sys"
         is_mounted = run(["mountpoint", "-q", str(target)]).returncode == 0
         if on and not is_mounted:
@@ -465,7 +465,7 @@ def main() -> int:
     p.add_argument("--qemu-cpu", default=None, help="emulated CPU (QEMU_CPU), e.g. cortex-a72 (Raspberry Pi 4), "
                    "cortex-a76 (Pi 5); default qemu's 'max'")
     p.add_argument("--host-sys", action="store_true", help="make the host's /sys visible inside (reproduces the "
-                   "onnxruntime crash; see README)")
+                   "onnxruntime crash; see docs/DEVICE.md)")
     p.add_argument("--images", type=int, default=20, help="Fashion-MNIST test images to predict")
     p.add_argument("--train", action="store_true", help="also install the device extra and train one round")
     p.add_argument("--train-timeout", type=float, default=3600)

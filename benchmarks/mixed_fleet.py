@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from trainer.cli.train import DEMO
+from trainer.train import DEMO
 from trainer.protocol.fleet import CostBook, Fleet
 from trainer.protocol.run import RunConfig
 from trainer.protocol.strategy import make_tasks

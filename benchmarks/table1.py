@@ -132,7 +132,7 @@ def measure_shape(shape: str, n: int, repeats: int, max_measured: int, seed: int
     import torch
 
     from trainer.device.client import to_numpy
-    from trainer.cli.train import DEMO
+    from trainer.train import DEMO
     from trainer.device.cost import measure_update
     from trainer.device.nets import build_net
     from trainer.prepare import prepare

@@ -182,7 +182,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.cli.train import DEMO
+    from trainer.train import DEMO
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="docs/results/bench")
     p.add_argument("--work", default="runs/bench/sweep", help="where the sweep's runs are kept")

@@ -14,8 +14,8 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from trainer.cli.train import DEMO, train_run
-from trainer.report import summary
+from trainer.train import DEMO, train_run
+from trainer.device.cost import summary
 
 
 def main() -> int:

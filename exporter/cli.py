@@ -15,7 +15,8 @@ from trainer.cli import COMMANDS
 def _load_optional_commands() -> None:
     """Commands whose modules need torch register themselves on import."""
     import importlib
-    for module in ("trainer.cli.train", "trainer.cli.coordinator", "trainer.cli.flower", "exporter.commands"):
+    for module in ("trainer.cli.train", "trainer.cli.plan", "trainer.cli.coordinator", "trainer.cli.flower",
+                   "exporter.commands"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:

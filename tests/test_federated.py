@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.support import needs_fashion
 from trainer.device.client import LocalConfig
 from trainer.datasets import DatasetError, load_dataset
 from trainer.protocol.run import RunConfig
@@ -18,18 +19,6 @@ from trainer.prepare import open_run
 
 TINY = dict(clients=4, clients_per_round=2, hmoe_rounds=5, flat_rounds=2, expert_width=4, flat_width=4,
             local=LocalConfig(batch_size=16, lr=0.05))
-
-
-def fashion_available() -> bool:
-    try:
-        load_dataset("fashion-mnist", download=False)
-        return True
-    except DatasetError:
-        return False
-
-
-needs_fashion = pytest.mark.skipif(not fashion_available() and not os.environ.get("CI"),
-                                   reason="Fashion-MNIST files not installed (make setup installs them)")
 
 
 def run_family(tmp: Path, kind: str, cfg: RunConfig, rounds: int | None = None) -> Federation:

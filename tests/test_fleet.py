@@ -8,32 +8,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from tests.support import FCFG, STRONG, WEAK, book_for
 from tests.conftest import CFG
 from trainer.device.config import LocalConfig
 from trainer.protocol.fleet import CostBook, Fleet, FleetError, Tier
 from trainer.protocol.fleet import COSTS
 from trainer.transports.inprocess import Federation
 from trainer.prepare import open_run
-
-STRONG = {"name": "strong", "share": 0.5, "memory_mb": 64, "speed": 1.0}
-WEAK = {"name": "weak", "share": 0.5, "memory_mb": 2, "speed": 0.5}
-FCFG = replace(CFG, clients=8, clients_per_round=4, hmoe_rounds=6, expert_width=8, expert_widths="leaves:2")
-
-
-def book_for(cfg, kinds=("hmoe", "flat")) -> CostBook:
-    """Costs that grow with a network's parameters (the measured ones do): memory 1 MB per
-    1,000 parameters at full batch, a fifth of it at micro-batch 1; 0.01 ms per 1,000
-    parameters and sample (five times that at micro-batch 1)."""
-    from trainer.datasets import load_dataset
-    d = load_dataset(cfg.dataset)
-    book = CostBook()
-    for kind in kinds:
-        for t in cfg.tasks(kind, d.tree, d.shape).values():
-            k = sum(int(np.prod(s)) for s in t.net.param_shapes().values()) / 1000
-            book.add(t.net, cfg.local, {"task": t.key, "mem_mb": k, "mem_mb_mb1": k / 5, "ms_per_sample": 0.01 * k,
-                                        "ms_per_sample_mb1": 0.05 * k})
-    return book
-
 
 def test_fleet_file_errors_name_what_is_wrong(tmp_path):
     ok = {"deadline_s": 3, "tiers": [STRONG, WEAK]}
@@ -243,7 +224,7 @@ def test_mixed_fleet_benchmark_runs_end_to_end(tmp_path):
     """The benchmark at toy scale, on real Fashion-MNIST, with the committed cost file."""
     from pathlib import Path
 
-    from tests.test_federated import fashion_available
+    from tests.support import fashion_available
     if not fashion_available():
         pytest.skip("Fashion-MNIST files not installed (make setup installs them)")
     root = Path(__file__).resolve().parents[1]

@@ -15,6 +15,7 @@ import pytest
 flwr = pytest.importorskip("flwr")
 
 from tests.conftest import CFG  # noqa: E402
+from tests.support import simulate_on_flower  # noqa: E402
 from trainer.protocol.aggregate import fedavg  # noqa: E402
 from trainer.transports.inprocess import Federation  # noqa: E402
 from trainer.prepare import open_run  # noqa: E402
@@ -50,31 +51,11 @@ def test_project_fedavg_and_flowers_aggregate_arrayrecords_agree_within_float32(
     assert max(np.abs(ours[k] - exact[k]).max() for k in ours) <= max(np.abs(theirs[k] - exact[k]).max() for k in ours)
 
 
-def _simulate(run: Path, cfg, mode: str = "plain", data_dir: Path | None = None) -> Federation:
-    """Create the run here, then train it under Flower's simulation runtime in a child
-    process inside a loopback-only network namespace (tests.flower_apps)."""
-    from hierarchy.errors import UsageError
-    from trainer.cli.flower import loopback_command
-    if not (run / "config.json").exists():
-        _, prep = open_run(run, cfg, False, kinds=("hmoe",))
-        Federation(run, "hmoe", cfg, prep)
-    cmd = [sys.executable, "-m", "tests.flower_apps", mode, str(run)] + ([str(data_dir)] if data_dir else [])
-    try:
-        cmd = loopback_command(cmd)
-    except UsageError as exc:
-        pytest.skip(f"no loopback-only network namespace here, and Ray would listen on every interface: {exc}")
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root,
-                          env={**os.environ, "PYTHONPATH": str(root)})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return Federation(run, "hmoe", cfg, open_run(run, cfg, True, kinds=("hmoe",))[1])
-
-
 def test_flower_simulation_trains_the_same_experts_as_the_projects_simulation(tmp_path):
     cfg, own_prep = open_run(tmp_path / "own", SMALL, False, kinds=("hmoe",))
     own = Federation(tmp_path / "own", "hmoe", cfg, own_prep)
     own.run(progress=False)
-    fl = _simulate(tmp_path / "flower", SMALL)
+    fl = simulate_on_flower(tmp_path / "flower", SMALL)
     assert fl.state["completed_rounds"] == SMALL.hmoe_rounds
     assert [e["task"] for e in fl.state["log"]] == [e["task"] for e in own.state["log"]]
     assert [e["client_config"] for e in fl.state["log"]] == [e["client_config"] for e in own.state["log"]]
@@ -88,7 +69,7 @@ def test_bad_replies_are_left_out_one_by_one_and_the_run_goes_on(tmp_path):
     """Client 0 replies NaN weights, client 1 a wrong shape, client 2 zero samples, client 3
     raises (an error reply); every round closes with whatever remains, none aborts the run."""
     run = tmp_path / "bad"
-    fed = _simulate(run, replace(SMALL, clients_per_round=4), "bad-replies")
+    fed = simulate_on_flower(run, replace(SMALL, clients_per_round=4), "bad-replies")
     log = fed.state["log"]
     assert fed.state["completed_rounds"] == SMALL.hmoe_rounds
     assert all(e["clients"] == 0 for e in log)            # every reply was bad: the experts stay as they were
@@ -257,7 +238,7 @@ def test_three_ways_agree_project_simulation_flower_simulation_and_a_real_superl
     own_cfg, own_prep = open_run(tmp_path / "own", cfg, False, kinds=("hmoe",))
     own = Federation(tmp_path / "own", "hmoe", own_cfg, own_prep)
     own.run(progress=False)
-    sim = _simulate(tmp_path / "sim", cfg)
+    sim = simulate_on_flower(tmp_path / "sim", cfg)
     real, listeners = _fleet_run(tmp_path / "fleet", cfg)
     assert real.state["completed_rounds"] == sim.state["completed_rounds"] == 3
     for other in (sim, real):
@@ -286,7 +267,7 @@ def test_nodes_with_bad_data_are_left_out_by_name_and_the_run_goes_on(tmp_path):
     run = tmp_path / "run"
     (tmp_path / "hats").mkdir()
     np.savez(tmp_path / "hats" / "train.npz", images=np.zeros((2, 1, 28, 28), np.uint8), labels=np.array(["Hat"] * 2))
-    fed = _simulate(run, replace(SMALL, clients_per_round=4), "bad-data", tmp_path)
+    fed = simulate_on_flower(run, replace(SMALL, clients_per_round=4), "bad-data", tmp_path)
     assert fed.state["completed_rounds"] == SMALL.hmoe_rounds
     flower = json.loads((run / "report.json").read_text())["flower"]
     reasons = " | ".join(flower["nodes_left_out"].values())
@@ -306,22 +287,20 @@ def test_a_server_app_refuses_a_run_of_another_taxonomy(tmp_path):
 def test_a_flower_run_resumes_and_exports(tmp_path):
     from exporter.bundle import export_run
     run = tmp_path / "run"
-    _simulate(run, replace(SMALL, hmoe_rounds=2))
+    simulate_on_flower(run, replace(SMALL, hmoe_rounds=2))
     more = replace(SMALL, hmoe_rounds=4)
     open_run(run, more, True, kinds=("hmoe",))   # raise the run's rounds, as `hmoe train --resume` does
-    fed = _simulate(run, more)
+    fed = simulate_on_flower(run, more)
     assert [e["round"] for e in fed.state["log"]] == [0, 1, 2, 3]
     result = export_run(run, tmp_path / "bundle", progress=False, validate_images=20)
     assert {r["model"] for r in result.rows} >= set(fed.tasks)
 
 
 def test_client_app_trains_a_nodes_folder_under_a_memory_cap_like_without(tmp_path):
-    """The ClientApp on a node's own data folder, called directly: with memory-cap-mb (the
-    micro-batch planner probes first) it gives the update it gives without a cap."""
-    from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-
+    """The ClientApp's training on a node's own data folder, called directly: with memory-cap-mb
+    (the micro-batch planner probes first) it gives the update it gives without a cap."""
+    from trainer.transports.flower.client import train_task
     from trainer.transports.flower.server import HmoeFlowerStrategy
-    from trainer.transports.flower.client import from_record, handle_train, to_record
     cfg, prep = open_run(tmp_path / "run", SMALL, False, kinds=("hmoe",))
     fed = Federation(tmp_path / "run", "hmoe", cfg, prep)
     np.savez(tmp_path / "train.npz", images=prep.data.train_x[prep.parts[0]], labels=prep.data.train_y[prep.parts[0]])
@@ -329,21 +308,12 @@ def test_client_app_trains_a_nodes_folder_under_a_memory_cap_like_without(tmp_pa
     rnd = next(r for r in range(100) if 0 in fed.clients.sample(r))   # a round that samples client 0
     plan = fed.driver.plan(rnd, present={0})
     key = plan.assigned[0]
-    config = ConfigRecord({"task": key, "round": rnd, "partition-id": 0, "seed": plan.seeds[0],
-                           "local": json.dumps(plan.configs[0].to_dict()), "net": fed.tasks[key].net.to_json(),
-                           "targets": strategy._targets(key), "leaves": json.dumps(strategy.leaves),
-                           "shape": json.dumps(list(prep.data.shape)), "input": json.dumps(strategy.spec)})
-    from flwr.supercore.task_identity import TaskIdentity
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1   # what Flower sets in its runtime
-    msg = Message(RecordDict({"arrays": to_record(fed.weights[key]), "config": config}), dst_node_id=1,
-                  message_type=MessageType.TRAIN)
+    config = strategy.train_config(plan, 0)   # what the ServerApp sends client 0
     out = {}
     for cap in (None, 64.0):
         node_config = {"partition-id": 0, "data-dir": str(tmp_path)} | ({"memory-cap-mb": cap} if cap else {})
-        reply = handle_train(msg, Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(),
-                                          run_config={}))
-        out[cap] = from_record(reply.content["arrays"])
-        assert reply.content["metrics"]["num-examples"] == fed.task_n[0][key]
+        out[cap], metrics = train_task(config, fed.weights[key], node_config, {})
+        assert metrics["num-examples"] == fed.task_n[0][key]
     for name in out[None]:
         np.testing.assert_allclose(out[64.0][name], out[None][name], rtol=0, atol=1e-5)
 

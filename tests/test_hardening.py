@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load, save
 
 from tests.conftest import CFG
-from tests.test_federated import needs_fashion
+from tests.support import needs_fashion
 from trainer.transports.coordinator.admission import AdmissionError, Limits, Secrets
 from trainer.device.client import local_update
 from trainer.transports.coordinator.service import Coordinator, StaleUpdate
@@ -59,7 +59,7 @@ def test_idempotency_keys_belong_to_devices(fleet_run, tmp_path):
 
 
 def test_an_acknowledged_update_is_in_its_rounds_aggregate_while_deadlines_close_rounds(fleet_run, tmp_path):
-    """Eight devices send as fast as they can while a ticker closes rounds every 30 ms: every
+    """Eight devices send as fast as they can while a ticker closes rounds at 30 ms deadlines: every
     acknowledged update is stored with its round, and every round's new weights are exactly
     the aggregate of the updates stored for it (an update slipped in after its round closed
     would be counted in the totals but missing from the weights)."""
@@ -93,7 +93,10 @@ def test_an_acknowledged_update_is_in_its_rounds_aggregate_while_deadlines_close
     try:
         for t in threads:
             t.start()
-        time.sleep(3)
+        deadline = time.monotonic() + 120   # run until six rounds with acknowledged updates have closed
+        while time.monotonic() < deadline and len({r for r, _ in list(acked)} & set(dict(coord._read(
+                "SELECT round, aggregated FROM rounds WHERE aggregated IS NOT NULL")))) <= 5:
+            time.sleep(0.05)
         stop.set()
         for t in threads:
             t.join(30)

@@ -16,8 +16,7 @@ from safetensors.numpy import load_file
 
 from edge_runtime.sync import sync
 from tests.conftest import CFG
-from tests.test_coordinator import SECRET, Server
-from tests.test_fleet import STRONG, WEAK, book_for
+from tests.support import SECRET, STRONG, WEAK, Server, book_for, simulate_on_flower
 from trainer.prepare import open_run
 from trainer.transports.inprocess import Federation
 
@@ -125,7 +124,6 @@ def assert_close(ours: dict, theirs: dict, what: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_transport_runs_the_same_rounds(case, tmp_path):
-    from tests.test_flower import _simulate
     cfg = CASES[case]
     fed, sim_rounds = simulate(tmp_path / "sim", cfg)
     log = fed.state["log"]
@@ -143,7 +141,7 @@ def test_every_transport_runs_the_same_rounds(case, tmp_path):
     assert_same_rounds(log, coord_state, "coordinator")
     assert coord_state["strategy"] == fed.state["strategy"] and status["schedule"] == cfg.schedule
     make(tmp_path / "flower", cfg)
-    fl = _simulate(tmp_path / "flower", cfg)
+    fl = simulate_on_flower(tmp_path / "flower", cfg)
     assert_same_rounds(log, fl.state, "flower")
     assert fl.state["strategy"] == fed.state["strategy"]
     assert_close(fed.weights, fl.weights, "flower")

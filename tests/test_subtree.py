@@ -13,8 +13,7 @@ import pytest
 
 from edge_runtime.engine import Engine
 from exporter.bundle import export_run
-from tests.test_coordinator import SECRET, Server, enrol, make_run
-from tests.test_edge_app import png, start_serve
+from tests.support import ALL, SECRET, Server, enrol, make_run, png, start_serve
 from trainer.protocol.run import load_hierarchy
 
 BIN = Path(sys.executable).parent
@@ -70,7 +69,6 @@ def test_serving_a_subtree_bundle_says_so(goods, bundle_dir):
 
 
 def test_a_device_with_a_subtree_bundle_trains_only_experts_inside_it(tmp_path, goods):
-    from tests.test_coordinator import ALL
     run = make_run(tmp_path / "run", ALL)   # the one device is sampled every round
     tree = load_hierarchy(run)
     server = Server(run, tmp_path / "state.sqlite", min_devices=1)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hierarchy.tree import write_text_atomic
-from trainer.device.cost import summarize_costs, summary, table1, task_cost
+from trainer.device.cost import summarize_costs, task_cost
 from trainer.evaluate import expert_accuracy
 from trainer.plots import plot_cost_per_task, plot_metric_vs_round
 from trainer.protocol.run import RunConfig

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import threading
 import time
 
@@ -26,7 +27,10 @@ def _serve(args: argparse.Namespace) -> int:
     def ticker() -> None:  # rounds whose deadline passed close even when nobody asks
         while True:
             time.sleep(min(5.0, args.round_seconds / 4))
-            coord.tick()
+            try:
+                coord.tick()
+            except Exception as exc:   # noqa: BLE001 - one failed tick must not stop deadlines for good
+                print(f"coordinator: tick failed: {exc!r}", file=sys.stderr, flush=True)
 
     threading.Thread(target=ticker, daemon=True).start()
     print(f"coordinator for {args.run_dir} on http://{args.host}:{args.port} (state in {args.db})", flush=True)

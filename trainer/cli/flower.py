@@ -79,7 +79,7 @@ def run_in_loopback_namespace(argv: list[str]) -> int:
 def _flower(args: argparse.Namespace) -> int:
     if args.loopback_only and os.environ.get(NETNS_ENV) != "1":
         return run_in_loopback_namespace(sys.argv[1:])
-    from trainer.report import summary, table1
+    from trainer.device.cost import summary, table1
     report = flower_simulation(Path(args.out), _config(args), args.model, args.resume, args.supernodes,
                                args.client_cpus, args.client_gpus, args.ray_cpus, args.round_timeout)
     print(table1(summary(report)))

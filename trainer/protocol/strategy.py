@@ -227,7 +227,7 @@ class Strategy:
         """The client learning rate of round ``rnd`` (cosine: from lr down to lr/10 over the run)."""
         if self.lr_decay == "none":
             return self.local.lr
-        frac = rnd / max(1, self.rounds - 1)
+        frac = min(1.0, rnd / max(1, self.rounds - 1))   # a fleet past the planned rounds stays at lr/10
         return self.local.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
     def client_config(self, key: str, rnd: int, client_samples: int = 0, task_samples: int = 0,

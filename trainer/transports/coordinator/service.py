@@ -233,17 +233,26 @@ class Coordinator:
         r = self.db.execute("SELECT round, expert, base_version, deadline FROM rounds WHERE aggregated IS NULL "
                             "ORDER BY round DESC LIMIT 1").fetchone()
         planned = self.db.execute("SELECT plan, counts FROM plans WHERE round = ?", (r[0],)).fetchone()
-        self._plan = None
+        plan = None
         if planned is not None:
-            self._plan = RoundPlan.from_dict(json.loads(planned[0]))
+            plan = RoundPlan.from_dict(json.loads(planned[0]))
             for idx, c in json.loads(planned[1]).items():   # the samples the plan was made with
                 self.driver.use_counts(int(idx), np.asarray(c, dtype=np.int64))
-        self._current = {"round": r[0], "expert": r[1], "weights_version": r[2],
-                         "deadline": r[3] if planned is not None else None, "planned": planned is not None}
+        # one tuple, swapped in one assignment: request threads always read a round with its own plan
+        self._round = ({"round": r[0], "expert": r[1], "weights_version": r[2],
+                        "deadline": r[3] if planned is not None else None, "planned": planned is not None}, plan)
         self._answered_by = {d: "already sent an update for" for (d,) in
                              self.db.execute("SELECT device FROM updates WHERE round = ?", (r[0],))}
         self._answered_by.update({d: "was excused from" for (d,) in
                                   self.db.execute("SELECT device FROM excused WHERE round = ?", (r[0],))})
+
+    @property
+    def _current(self) -> dict:
+        return self._round[0]
+
+    @property
+    def _plan(self) -> RoundPlan | None:
+        return self._round[1]
 
     def _checkpoint_path(self, key: str) -> Path:
         return self.driver.store.checkpoint_path(key)
@@ -285,7 +294,6 @@ class Coordinator:
         expert = self.strategy.order(rnd)[0]
         self.db.execute("INSERT INTO rounds VALUES (?, ?, ?, ?, ?, NULL)",
                         (rnd, expert, self._version(self.db, expert), time.time(), math.inf))
-        self._plan = None
 
     def _plan_round(self) -> None:
         """The driver plans the open round over the devices that reported their samples (writer thread)."""
@@ -341,14 +349,14 @@ class Coordinator:
         return cached
 
     def current(self) -> dict:
-        return dict(self._current)
+        return dict(self._round[0])
 
     def status(self) -> dict:
-        cur = self.current()
+        cur, plan = self._round
+        cur = dict(cur)
         n = self._read("SELECT COUNT(*) FROM updates WHERE round = ?", (cur["round"],))[0][0]
         done = self._read("SELECT COUNT(*) FROM rounds WHERE aggregated IS NOT NULL")[0][0]
         total = self._read("SELECT COUNT(*) FROM updates")[0][0]
-        plan = self._plan
         return {**cur, "updates_received": n, "answered": len(self._answered_by),
                 "assigned": {str(c): k for c, k in plan.assigned.items()} if plan else None,
                 "devices_reported": len(self._counts), "min_devices": self.min_devices,
@@ -394,7 +402,7 @@ class Coordinator:
         return out
 
     def _answer(self, idx: int, subtree: str | None) -> dict:
-        cur, plan = self.current(), self._plan
+        cur, plan = self._round
         rnd = cur["round"]
         out = {**cur, "children": [], "seed": None, "hyperparameters": None, "samples": None, "excused": None,
                "wait": None}
@@ -486,7 +494,7 @@ class Coordinator:
         return weights
 
     def _check_current(self, device: str, rnd: int, expert: str, base_version: int) -> None:
-        cur, plan = self._current, self._plan
+        cur, plan = self._round
         if rnd != cur["round"]:
             raise StaleUpdate(f"update for round {rnd}; the current round is {cur['round']}")
         if plan is None:
@@ -521,7 +529,10 @@ class Coordinator:
             raise InvalidUpdate(f"unknown expert {expert!r}; experts are {', '.join(self.tasks)}")
         self._check_current(device, rnd, expert, base_version)   # stale first: a late update is 409, however it looks
         weights = self.check_update(expert, body)
-        why = self.driver.check_reply(self._plan, self._index[device], weights, samples, hyperparameters)
+        cur, plan = self._round
+        if plan is None or plan.rnd != rnd:   # the round closed since the checks above: stale
+            raise StaleUpdate(f"update for round {rnd}; the current round is {cur['round']}")
+        why = self.driver.check_reply(plan, self._index[device], weights, samples, hyperparameters)
         if why:
             raise InvalidUpdate(why)
         return self._enqueue(self._store_update, device, rnd, expert, base_version, samples, idem_key,
@@ -671,10 +682,10 @@ class Coordinator:
 
     def due(self) -> bool:
         """The open round is planned, and every device it assigned has answered or its deadline passed."""
-        plan = self._plan
-        if plan is None:
+        cur, plan = self._round
+        if plan is None or plan.rnd != cur["round"] or cur["deadline"] is None:
             return False
-        if time.time() >= self._current["deadline"]:
+        if time.time() >= cur["deadline"]:
             return True
         return all(self._device_of.get(c) in self._answered_by for c in plan.assigned)
 

@@ -22,6 +22,7 @@ simulation; two threads per client on two cores were also 3.4x slower than one).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +47,11 @@ def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
 
 
-def node_data(context: Context, leaves: list[str], shape: tuple[int, int, int],
+def node_data(node_config: Mapping, run_config: Mapping, leaves: list[str], shape: tuple[int, int, int],
               run_dir: str | None = None) -> tuple[int, np.ndarray, np.ndarray]:
     """(client id, uint8 images, leaf labels) of this node, loaded once per process."""
-    cfg = context.node_config
-    run_dir = run_dir or str(context.run_config.get("run-dir", ""))
+    cfg = node_config
+    run_dir = run_dir or str(run_config.get("run-dir", ""))
     if "partition-id" not in cfg:
         raise NodeDataError("node config has no partition-id (this node's client id); start the SuperNode with "
                             "--node-config 'partition-id=N data-dir=\"FOLDER\"'")
@@ -108,17 +109,21 @@ def _load_simulated(run_dir: Path, client: int) -> tuple[np.ndarray, np.ndarray]
 def handle_query(msg: Message, context: Context, run_dir: str | None = None) -> Message:
     cfg = msg.content["config"]
     leaves, shape = json.loads(str(cfg["leaves"])), tuple(json.loads(str(cfg["shape"])))
-    client, _, y = node_data(context, leaves, shape, run_dir)
+    client, _, y = node_data(context.node_config, context.run_config, leaves, shape, run_dir)
     counts = np.bincount(y, minlength=len(leaves)).tolist()
     return Message(RecordDict({"config": ConfigRecord({"partition-id": client, "counts": counts})}), reply_to=msg)
 
 
-def handle_train(msg: Message, context: Context, run_dir: str | None = None) -> Message:
+def train_task(cfg: Mapping, weights: dict[str, np.ndarray], node_config: Mapping, run_config: Mapping,
+               run_dir: str | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """A train message's work, without Flower's message types: the node's samples under the
+    expert (the message's relabelling table), the device core's local update with the
+    strategy's hyper-parameters and seed (under ``memory-cap-mb`` when the node sets it).
+    Returns the new weights and the reply's metrics."""
     from trainer.device.client import TRAIN_THREADS, Normalizer, local_update
     from trainer.device.config import LocalConfig, NetConfig
-    cfg = msg.content["config"]
     leaves, shape = json.loads(str(cfg["leaves"])), tuple(json.loads(str(cfg["shape"])))
-    client, x, y = node_data(context, leaves, shape, run_dir)
+    client, x, y = node_data(node_config, run_config, leaves, shape, run_dir)
     if client != int(cfg["partition-id"]):
         raise NodeDataError(f"this node is client {client}, the message was for client {int(cfg['partition-id'])}")
     table = np.asarray(cfg["targets"], dtype=np.int64)       # leaf -> child index under the expert, -1: not under it
@@ -128,19 +133,22 @@ def handle_train(msg: Message, context: Context, run_dir: str | None = None) -> 
     local = LocalConfig.from_dict(json.loads(str(cfg["local"])))
     spec = json.loads(str(cfg["input"]))
     normalize = Normalizer(tuple(spec["mean"]), tuple(spec["std"]))
-    weights = from_record(msg.content["arrays"])
-    cap = context.node_config.get("memory-cap-mb")
+    cap = node_config.get("memory-cap-mb")
     micro = None
     if cap:
         from trainer.device.memory import PeakMeter, plan_micro_batch, warm_up
         warm_up(net, local, normalize)
         micro = plan_micro_batch(net, local, normalize, x[keep], target[keep], float(cap), PeakMeter()).micro_batch
     new, metrics = local_update(net, weights, x[keep], target[keep], local, normalize, int(cfg["seed"]),
-                                micro_batch=micro, threads=int(context.node_config.get("threads", TRAIN_THREADS)))
-    reply = RecordDict({"arrays": to_record(new), "metrics": MetricRecord({
-        "num-examples": int(metrics["num_samples"]), "train-loss": float(metrics["train_loss"]),
-        "train-seconds": float(metrics["train_seconds"])})})
-    return Message(reply, reply_to=msg)
+                                micro_batch=micro, threads=int(node_config.get("threads", TRAIN_THREADS)))
+    return new, {"num-examples": int(metrics["num_samples"]), "train-loss": float(metrics["train_loss"]),
+                 "train-seconds": float(metrics["train_seconds"])}
+
+
+def handle_train(msg: Message, context: Context, run_dir: str | None = None) -> Message:
+    new, metrics = train_task(msg.content["config"], from_record(msg.content["arrays"]), context.node_config,
+                              context.run_config, run_dir)
+    return Message(RecordDict({"arrays": to_record(new), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 def make_client_app(run_dir: str | None = None) -> ClientApp:

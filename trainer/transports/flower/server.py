@@ -59,7 +59,17 @@ class HmoeFlowerStrategy(Strategy):
         print(f"HMoE strategy over {self.fed.run_dir} ({self.fed.kind}, {len(self.fed.tasks)} tasks, "
               f"{len(self.nodes)} nodes)")
 
-    def _targets(self, key: str) -> list[int]:
+    def train_config(self, plan: RoundPlan, client: int) -> dict:
+        """What a train message tells ``client``: its task, the plan's hyper-parameters and seed,
+        the task's relabelling table and the run's input."""
+        key, fed = plan.assigned[client], self.fed
+        return {"task": key, "round": plan.rnd, "partition-id": client, "seed": plan.seeds[client],
+                "local": json.dumps(plan.configs[client].to_dict()), "net": fed.tasks[key].net.to_json(),
+                "targets": self.targets(key), "leaves": json.dumps(self.leaves),
+                "shape": json.dumps(list(fed.prep.data.shape)), "input": json.dumps(self.spec)}
+
+    def targets(self, key: str) -> list[int]:
+        """Leaf index -> the index of ``key``'s child on its path (-1: not under ``key``)."""
         task, tree = self.fed.tasks[key], self.fed.tree
         mask, target = task.select(tree, np.arange(tree.num_leaves))
         table = np.full(tree.num_leaves, -1, dtype=np.int64)
@@ -72,12 +82,8 @@ class HmoeFlowerStrategy(Strategy):
         self.plan = fed.driver.plan(rnd, present=set(self.nodes))
         messages = []
         for client, key in self.plan.assigned.items():
-            task = fed.tasks[key]
-            cfg = ConfigRecord({"task": key, "round": rnd, "partition-id": client, "seed": self.plan.seeds[client],
-                                "local": json.dumps(self.plan.configs[client].to_dict()), "net": task.net.to_json(),
-                                "targets": self._targets(key), "leaves": json.dumps(self.leaves),
-                                "shape": json.dumps(list(fed.prep.data.shape)), "input": json.dumps(self.spec)})
-            messages.append(Message(RecordDict({"arrays": to_record(fed.weights[key]), "config": cfg}),
+            messages.append(Message(RecordDict({"arrays": to_record(fed.weights[key]),
+                                                "config": ConfigRecord(self.train_config(self.plan, client))}),
                                     dst_node_id=self.nodes[client], message_type=MessageType.TRAIN, group_id=str(rnd)))
         return messages
 
