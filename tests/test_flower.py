@@ -258,6 +258,8 @@ def test_a_supernode_killed_mid_run_leaves_the_run_to_finish_with_the_others(tmp
     late = [e for e in log[2:]]   # rounds that started after the kill
     assert all("2" in e.get("left_out", {}) or 2 in e["dropped"] for e in late), [e.get("left_out") for e in log]
     assert all(e["clients"] >= 1 for e in late), "the others' updates still make the round"
+    named = json.loads((tmp_path / "run" / "report.json").read_text())["flower"]["clients_left_out_of_rounds"]
+    assert "2" in named and named["2"]["node"] is not None and named["2"]["rounds"], named   # the report names it
 
 
 def test_nodes_with_bad_data_are_left_out_by_name_and_the_run_goes_on(tmp_path):

@@ -179,9 +179,18 @@ def serve(grid: Grid, run_dir: str | Path, kind: str = "hmoe", round_timeout: fl
     report = build_report(run_dir, cfg, {kind: fed}, cost_clients=0,
                           previous=json.loads((run_dir / "report.json").read_text())
                           if (run_dir / "report.json").exists() else None)
+    missed: dict[str, dict] = {}   # nodes that fell silent or failed mid-run, by client, with the rounds
+    for e in fed.state["log"]:
+        for c, why in e.get("left_out", {}).items():
+            m = missed.setdefault(c, {"node": nodes.get(int(c)), "rounds": [], "last_reason": why})
+            m["rounds"].append(e["round"])
+            m["last_reason"] = why
     report["flower"] = {"nodes": {str(c): n for c, n in nodes.items()},
                         "nodes_left_out": {str(n): why for n, why in errors.items()},
-                        "clients_without_node": sorted(set(range(cfg.clients)) - set(nodes))}
+                        "clients_without_node": sorted(set(range(cfg.clients)) - set(nodes)),
+                        "clients_left_out_of_rounds": missed}
+    for c, m in missed.items():
+        print(f"client {c} (node {m['node']}) was left out of rounds {m['rounds']}: {m['last_reason']}", flush=True)
     write_text_atomic(run_dir / "report.json", json.dumps(report, indent=1) + "\n")
     return strategy.entries
 
