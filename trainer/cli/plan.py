@@ -90,8 +90,8 @@ def _plan(args: argparse.Namespace) -> int:
         run = Path(args.run_dir)
         extra = _given(args, args.parser)
         if extra:
-            raise UsageError(f"--run changes only a run's planned rounds; the run's other settings ({', '.join(extra)}) "
-                             f"are fixed in {run}/config.json: plan a new run with --out to change them")
+            raise UsageError(f"--run changes only a run's planned rounds; the run's other settings "
+                             f"({', '.join(extra)}) are fixed in {run}/config.json: plan a new run with --out")
         rounds = {k[:-len("_rounds")]: getattr(args, k) for k in ROUNDS if getattr(args, k) is not None}
         if rounds:
             cfg = set_rounds(run, rounds)
@@ -110,8 +110,8 @@ def _add_plan(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=["hmoe", "flat", "both"], default="hmoe")
     p.add_argument("--out", help="create this run directory, untrained (every flag is checked before anything "
                                  "is written; its --hmoe-rounds fix the learning-rate schedule the fleet follows)")
-    p.add_argument("--run", dest="run_dir", help="an existing run: change its planned rounds (--hmoe-rounds, --flat-rounds) "
-                                 "without training, or export its clients' data")
+    p.add_argument("--run", dest="run_dir", help="an existing run: change its planned rounds (--hmoe-rounds, "
+                                                 "--flat-rounds) without training, or export its clients' data")
     p.add_argument("--export-clients", metavar="DIR",
                    help="write DIR/client-N/train.npz, client N's partition of the run's training set, for "
                         "`hmoe-edge sync --data` (device N) and SuperNodes (partition-id=N data-dir=...)")

@@ -1,1 +1,2 @@
-"""The device core: network and local-update configs, networks, the local update and the memory meter. Imports torch and numpy only, nothing else of the server."""
+"""The device core: network and local-update configs, networks, the local update, the memory
+meter and the cost meter. Imports torch and numpy, nothing else of the server."""

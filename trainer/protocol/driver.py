@@ -303,7 +303,8 @@ class RoundDriver:
         most = self.task_n[client][key]
         if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) \
                 or not 0 < num_samples <= most:
-            return f"num-examples {num_samples!r}: expected an integer in [1, {most}] (the client's samples under {key})"
+            return (f"num-examples {num_samples!r}: expected an integer in [1, {most}] "
+                    f"(the client's samples under {key})")
         if hyperparameters is not None:
             why = check_hyperparameters(hyperparameters, plan.configs[client], plan.rnd)
             if why:
@@ -327,8 +328,9 @@ class RoundDriver:
     def aggregate(self, plan: RoundPlan, results: dict[int, tuple[Weights, dict]], left_out: dict | None = None,
                   extra: Callable[[], dict] | None = None) -> tuple[dict[str, Weights], dict]:
         """Aggregate each task over its clients' results (``results[client]``: new weights and
-        metrics with num_samples, train_loss, train_seconds), record the schedule's inputs, log
-        and commit. Replies that fail ``check_reply`` are left out with their reason (a
+        metrics with num_samples, train_loss, train_seconds), record the schedule's inputs and
+        build the round's log entry; returns the new weights and the entry (``commit`` writes
+        them). Replies that fail ``check_reply`` are left out with their reason (a
         non-finite one, or a non-finite loss, as 'diverged'). ``extra()``, called once the new
         weights are in place, adds a transport's own figures to the log entry."""
         s, rnd = self.strategy, plan.rnd
