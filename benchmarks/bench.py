@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
     p.add_argument("--jobs", type=int, default=2, help="trainings at once (costs are always measured one at a time)")
     args = p.parse_args(argv)
+    from trainer.device.client import TRAIN_THREADS
     from trainer.machine import git_commit, machine_info
     prof = PROFILES["quick" if args.quick else "full"]
     # paths relative to the repository (every step runs there), so the commands the JSON
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             steps[step] = time.perf_counter() - t
             meta.update({"profile": "quick" if args.quick else "full", "machine": machine_info(),
                          "commit": git_commit(), "steps": steps, "seconds": sum(steps.values()),
+                         "train_threads": TRAIN_THREADS,
                          "command": "make bench-quick" if args.quick else "make bench",
                          "started": meta.get("started", started) if set(args.steps) != set(STEPS) else started})
             meta_path.write_text(json.dumps(meta, indent=1) + "\n")

@@ -269,6 +269,13 @@ def render(results: Path, fleet: Path, out: Path) -> str:
                   "seed and the data (same machine and seed); the live-tensor peaks are fixed by the torch build; "
                   "times and resident growth move with the machine's load (min–max over repeats shown) and are only "
                   "comparable as ratios measured in one run.", ""]
+        if not b.get("train_threads"):   # a profile run before every local update had one torch thread
+            lines += ["These figures predate two changes a re-run would show. Every local update now runs on one "
+                      "torch thread on every transport, so that they all give the same experts; with the same seed "
+                      "this moves Information F1 in the fourth decimal (the README's `make demo` section gives both "
+                      "runs' figures) and makes simulated rounds slower on two cores. And the coordinator now "
+                      "plans its rounds (a device reports its samples before a round is planned), so its load "
+                      "figures below were measured with the protocol before that.", ""]
     lines += table1_section(load(results / "table1.json"), out, results)
     lines += tradeoffs_section(load(results / "tradeoffs.json"), out, results)
     lines += edge_section(load(results / "edge_inference.json"))
