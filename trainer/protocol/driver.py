@@ -60,7 +60,7 @@ class RoundPlan:
         if client in self.unfit:
             return "its predicted round does not fit its tier's memory or deadline"
         if client in self.skipped:
-            return f"no usable samples under {self.first} (none, or under fewer than --min-children children)"
+            return "no usable samples under the round's tasks (none, or under fewer than --min-children children)"
         return "not sampled for this round"
 
     def to_dict(self) -> dict:
@@ -113,8 +113,7 @@ class RunStore:
     def open(self, init: Callable[[str], Weights] | None) -> dict[str, Weights]:
         """Every task's latest committed weights (rolling a committed round's pending files
         forward); a task without a checkpoint gets ``init(key)``, saved at once."""
-        if self.state_path.exists():
-            self.state = json.loads(self.state_path.read_text())
+        self.load_state()
         weights = {}
         for key, task in self.tasks.items():
             path = self.checkpoint_path(key)
@@ -134,6 +133,12 @@ class RunStore:
                 weights[key] = init(key)
                 save_checkpoint(path, weights[key], task.net, {"node": key, "round": None})
         return weights
+
+    def load_state(self) -> dict:
+        """The state file as saved (a new run's empty state when there is none)."""
+        if self.state_path.exists():
+            self.state = json.loads(self.state_path.read_text())
+        return self.state
 
     def write_state(self) -> None:
         write_text_atomic(self.state_path, json.dumps(self.state, indent=1) + "\n")

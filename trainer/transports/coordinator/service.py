@@ -185,7 +185,7 @@ class Coordinator:
     def _bootstrap(self, db: Path) -> None:
         """Before the writer thread starts: nothing else touches the database yet."""
         saved = self.db.execute("SELECT value FROM meta WHERE key = 'strategy'").fetchone()
-        self.driver.store.open(None)   # the run directory's state (its log so far); checkpoints must exist
+        self.driver.store.load_state()   # the run directory's log so far (weights come from the versions below)
         if saved is None:   # first start: the schedule's state as the run left it
             state = {**load_strategy_state(self.run_dir), "schedule": self.strategy.schedule_name}
             self.strategy.restore(state)
