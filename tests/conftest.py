@@ -12,7 +12,8 @@ from hierarchy import load_taxonomy
 # The unit tier (make test-unit, under a minute on 2 cores): files whose tests start no server,
 # no subprocess and no Ray. Every other test not marked slow is integration (make test-fast).
 UNIT_FILES = {"test_metrics.py", "test_decode.py", "test_hierarchy_tree.py", "test_taxonomies.py",
-              "test_config_flags.py", "test_plan.py", "test_trainer_units.py"}
+              "test_config_flags.py", "test_plan.py", "test_trainer_units.py",
+              "test_label_skew.py"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -36,6 +36,11 @@ CASES = {s: protocol_cfg(s) for s in ("round-robin", "proportional", "worst-vali
 CASES["resource-aware-fleet"] = protocol_cfg("round-robin", assignment="resource-aware", min_cohort=1,
                                              expert_width=8, expert_widths="leaves:2",
                                              fleet={"deadline_s": 0, "tiers": [STRONG, WEAK]})
+# Every label-skew remedy at once: the local objective travels in the assignment's
+# hyper-parameters, the server optimizer's moments with the run (docs/TRAINING.md, "Label skew").
+CASES["label-skew-remedies"] = protocol_cfg("round-robin", server_optimizer="adam", server_lr=0.01,
+                                            local=replace(CFG.local, prox_mu=0.05, restricted_softmax=0.5,
+                                                          logit_adjust=1.0))
 
 
 def make(run: Path, cfg):

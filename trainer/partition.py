@@ -1,4 +1,5 @@
-"""Splitting a data set's samples across clients: IID or Dirichlet(alpha) over labels."""
+"""Splitting a data set's samples across clients: IID, Dirichlet(alpha) over labels, or shards
+of two labels per client."""
 
 from __future__ import annotations
 
@@ -39,7 +40,29 @@ def dirichlet(labels: np.ndarray, num_clients: int, seed: int, alpha: float = 0.
     return out
 
 
-PARTITIONS: dict[str, Callable[..., list[np.ndarray]]] = {"iid": iid, "dirichlet": dirichlet}
+def shards(labels: np.ndarray, num_clients: int, seed: int, alpha: float = 0.0) -> list[np.ndarray]:
+    """McMahan et al. (2017)'s pathological non-IID split: sort by label, cut into two shards
+    per client, and give every client two shards of two different labels (so every client
+    holds exactly two labels, where the data set has two or more)."""
+    labels = np.asarray(labels)
+    if num_clients * 2 > len(labels):
+        raise UsageError(f"{num_clients} clients need {2 * num_clients} shards; the data set has {len(labels)} samples")
+    rng = np.random.default_rng([seed, 3])
+    order = np.argsort(labels, kind="stable")
+    cut = np.array_split(order, 2 * num_clients)
+    shard_label = np.array([np.bincount(labels[c]).argmax() for c in cut])
+    for _ in range(1000):   # a seeded shuffle of the shards until no client gets one label twice
+        perm = rng.permutation(2 * num_clients)
+        pairs = perm.reshape(num_clients, 2)
+        if len(np.unique(labels)) < 2 or (shard_label[pairs[:, 0]] != shard_label[pairs[:, 1]]).all():
+            break
+    else:
+        # Pair shards greedily across labels: the k-th with the (k + n)-th in label order.
+        pairs = np.stack([np.arange(num_clients), np.arange(num_clients) + num_clients], axis=1)
+    return [np.sort(np.concatenate([cut[a], cut[b]])) for a, b in pairs]
+
+
+PARTITIONS: dict[str, Callable[..., list[np.ndarray]]] = {"iid": iid, "dirichlet": dirichlet, "shards": shards}
 
 
 def partition(name: str, labels: np.ndarray, num_clients: int, seed: int, alpha: float = 0.5) -> list[np.ndarray]:

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from dataclasses import MISSING, Field, fields
 
 from hierarchy.errors import UsageError
 from trainer.device.config import LocalConfig
-from trainer.protocol.run import RunConfig
+from trainer.protocol.run import REMEDIES, RunConfig, load_run_config
 
 ROUNDS = ("hmoe_rounds", "flat_rounds")   # left unset, they keep a resumed or grown run's own count
+UNSET_KEEPS = {name.rpartition(".")[2] for name in REMEDIES}   # label-skew settings: a run keeps them for life
 
 
 def flag_name(f: Field) -> str:
@@ -30,6 +32,12 @@ def _add(group: argparse._ArgumentGroup, f: Field, default) -> None:
     kw: dict = {"dest": f.name, "help": meta["help"] + shown}
     if f.name in ROUNDS:
         kw.update(type=int, default=None)
+    elif f.name in UNSET_KEEPS:   # left unset, a resumed run keeps its own value
+        if isinstance(default, bool):
+            kw.update(action=argparse.BooleanOptionalAction, default=None)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
+            kw.update(type=kind, default=None, choices=list(meta["choices"]) if meta.get("choices") else None)
     elif isinstance(default, bool):
         kw.update(action=argparse.BooleanOptionalAction, default=default)
     elif meta.get("parse"):
@@ -76,12 +84,23 @@ def _parse(kind: str, text: str, name: str):
 def config_from_args(args: argparse.Namespace, resume: bool = False) -> RunConfig:
     """The ``RunConfig`` the flags describe. Rounds left unset take the default, or 0 on
     ``resume`` (0 keeps the saved count). Raises UsageError naming a bad flag."""
+    saved = None
+    out = getattr(args, "out", None)
+    if resume and out and (Path(out) / "config.json").is_file():
+        saved = load_run_config(Path(out))
+
+    def value_of(f: Field, owner):
+        value = getattr(args, f.name)
+        if f.name in UNSET_KEEPS and value is None:   # unset: the resumed run's own, or the default
+            return getattr(owner(saved), f.name) if saved is not None else _default(f)
+        return value
+
     values: dict = {}
     for f in fields(RunConfig):
         if f.name == "local":
-            values["local"] = LocalConfig(**{lf.name: getattr(args, lf.name) for lf in fields(LocalConfig)})
+            values["local"] = LocalConfig(**{lf.name: value_of(lf, lambda c: c.local) for lf in fields(LocalConfig)})
             continue
-        value = getattr(args, f.name)
+        value = value_of(f, lambda c: c)
         if f.name in ROUNDS and value is None:
             value = 0 if resume else _default(f)
         elif f.metadata.get("parse") and value is not None:

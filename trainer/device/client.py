@@ -42,6 +42,43 @@ def make_optimizer(params, cfg: LocalConfig) -> torch.optim.Optimizer:
     raise UsageError(f"unknown optimizer {cfg.optimizer!r}; expected sgd or adam")
 
 
+class Objective:
+    """The local loss with the label-skew remedies of ``LocalConfig`` (docs/TRAINING.md, "Label
+    skew"), all derived from the client's own targets ``counts`` (samples per output):
+
+    - restricted softmax (FedRS): the logits of outputs with no local sample are multiplied by
+      ``restricted_softmax`` (1: plain softmax), so a client that holds one child of an expert
+      does not push the others' rows down as hard;
+    - logit adjustment (balanced softmax, FedLC): ``logit_adjust * log(count / n)`` is added
+      to the logits, so the loss is the one of a label-balanced client; an output with no
+      local sample gets -inf, i.e. no probability and no gradient;
+    - proximal term (FedProx): ``prox_mu / 2 * ||w - w_round||^2``, once per batch.
+    Plain cross entropy when all three are off (the update is then bit-identical to it)."""
+
+    def __init__(self, cfg: LocalConfig, counts: np.ndarray, anchor: list[torch.Tensor] | None, device: str) -> None:
+        self.cfg, self.anchor = cfg, anchor
+        held = torch.from_numpy(counts > 0).to(device)
+        self.scale = None
+        if cfg.restricted_softmax < 1:
+            self.scale = torch.where(held, 1.0, float(cfg.restricted_softmax)).to(device)
+        self.shift = None
+        if cfg.logit_adjust > 0:
+            share = torch.from_numpy(counts / max(1, counts.sum())).float().to(device)
+            self.shift = torch.where(held, cfg.logit_adjust * torch.log(share.clamp_min(1e-12)),
+                                     torch.tensor(float("-inf"), device=device))
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Summed cross entropy of the batch's ``logits`` under the remedies."""
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.shift is not None:
+            logits = logits + self.shift
+        return nn.functional.cross_entropy(logits, target, reduction="sum")
+
+    def proximal(self, net: nn.Module) -> torch.Tensor:
+        return 0.5 * self.cfg.prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(net.parameters(), self.anchor))
+
+
 TRAIN_THREADS = 1   # torch threads of every local update, on every transport (see local_update)
 
 
@@ -82,6 +119,8 @@ def _update(net_cfg: NetConfig, weights: Weights | None, x: np.ndarray, y: np.nd
     xt = torch.from_numpy(np.ascontiguousarray(x))
     yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
     n = len(xt)
+    objective = Objective(cfg, np.bincount(np.asarray(y, dtype=np.int64), minlength=net_cfg.num_outputs),
+                          [p.detach().clone() for p in net.parameters()] if cfg.prox_mu > 0 else None, device)
     mb = micro_batch or cfg.batch_size
     losses: list[float] = []
     start = time.perf_counter()
@@ -95,7 +134,9 @@ def _update(net_cfg: NetConfig, weights: Weights | None, x: np.ndarray, y: np.nd
             for clo in range(0, len(batch), mb):
                 chunk = batch[clo:clo + mb]
                 xb = normalize(xt[chunk]).to(device)
-                loss = nn.functional.cross_entropy(net(xb), yt[chunk].to(device), reduction="sum") / len(batch)
+                loss = objective.loss(net(xb), yt[chunk].to(device)) / len(batch)
+                if objective.anchor is not None and clo == 0:
+                    loss = loss + objective.proximal(net)
                 loss.backward()
                 total += float(loss.detach())
             if cfg.clip_norm > 0:

@@ -85,6 +85,20 @@ class LocalConfig:
     optimizer: str = field(default="sgd", metadata={"help": "the client's optimizer", "choices": ("sgd", "adam")})
     clip_norm: float = field(default=0.0, metadata={"help": "clip each batch's gradient to this L2 norm (0: off)",
                                                      "least": 0})
+    # The label-skew remedies of the local objective (docs/TRAINING.md, "Label skew"): each
+    # reads only the client's own targets, so every transport applies them alike.
+    prox_mu: float = field(default=0.0, metadata={
+        "help": "FedProx (Li et al., MLSys 2020): add mu/2 * ||w - w_round||^2 to the loss (0: off)",
+        "least": 0, "most": 1e3})
+    restricted_softmax: float = field(default=1.0, metadata={
+        "help": "FedRS (Li & Zhan, KDD 2021): logits of the outputs the client holds no sample of are scaled by "
+                "this factor in [0, 1] during training (1: off; 0: their logits are held at 0)",
+        "least": 0, "most": 1})
+    logit_adjust: float = field(default=0.0, metadata={
+        "help": "balanced softmax / FedLC-style calibration (Ren et al., NeurIPS 2020; Zhang et al., ICML 2022): "
+                "add tau * log(the client's share of each output) to the logits during training, so an output the "
+                "client lacks gets no push down and a frequent one no free lead (0: off)",
+        "least": 0, "most": 10})
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -93,8 +107,11 @@ class LocalConfig:
             kinds = {"int": (int,), "float": (int, float), "str": (str,)}[str(f.type)]
             if isinstance(value, bool) or not isinstance(value, kinds):
                 raise UsageError(f"{flag} {value!r}: expected {'a number' if f.type != 'str' else 'a name'}")
-            if meta.get("least") is not None and value < meta["least"]:
-                raise UsageError(f"{flag} must be at least {meta['least']:g}; got {value}")
+            if meta.get("least") is not None and value < meta["least"] or \
+                    meta.get("most") is not None and value > meta["most"]:
+                bound = f"in [{meta['least']:g}, {meta['most']:g}]" if meta.get("most") is not None \
+                    else f"at least {meta['least']:g}"
+                raise UsageError(f"{flag} must be {bound}; got {value}")
             if meta.get("choices") and value not in meta["choices"]:
                 raise UsageError(f"{flag} {value!r}; expected one of {', '.join(meta['choices'])}")
         if not self.lr > 0:

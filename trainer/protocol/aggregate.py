@@ -76,3 +76,40 @@ def bound_results(results: list[tuple[Weights, int]], base: Weights, factor: flo
 
 
 AGGREGATORS = {"fedavg": fedavg, "median": median, "trimmed-mean": trimmed_mean}
+
+# Server optimizers (Reddi et al., "Adaptive Federated Optimization", ICLR 2021; Hsu et al.,
+# FedAvgM, 2019): the round's aggregate is taken as a pseudo-gradient, delta = base - aggregate,
+# and the server steps along it with momentum or an adaptive rate. "none" is plain FedAvg.
+SERVER_OPTIMIZERS = ("none", "avgm", "adam", "yogi")
+ADAPTIVE_BETA2 = 0.99      # FedAdam / FedYogi second-moment decay (Flower's default)
+ADAPTIVE_TAU = 1e-3        # their adaptivity floor (Reddi et al.'s recommended range: 1e-3 and below)
+
+
+def server_step(rule: str, base: Weights, aggregate: Weights, state: dict[str, np.ndarray], lr: float,
+                momentum: float) -> tuple[Weights, dict[str, np.ndarray]]:
+    """One server optimizer step from ``base`` towards the round's ``aggregate``; ``state``
+    holds the rule's moments by name ('m/<array>', 'v/<array>'), empty on a task's first step.
+    Returns the new weights and state. With ``rule`` none, the aggregate itself."""
+    if rule == "none":
+        return aggregate, state
+    if rule not in SERVER_OPTIMIZERS:
+        raise ValueError(f"unknown server optimizer {rule!r}; expected one of {', '.join(SERVER_OPTIMIZERS)}")
+    new, out = {}, {}
+    for name, b in base.items():
+        b64 = b.astype(np.float64)
+        delta = b64 - aggregate[name].astype(np.float64)
+        m = state.get(f"m/{name}", np.zeros_like(b64)).astype(np.float64)
+        if rule == "avgm":
+            m = momentum * m + delta
+            step = m
+        else:
+            m = momentum * m + (1 - momentum) * delta
+            v = state.get(f"v/{name}", np.zeros_like(b64)).astype(np.float64)
+            sq = delta * delta
+            v = ADAPTIVE_BETA2 * v + (1 - ADAPTIVE_BETA2) * sq if rule == "adam" \
+                else v - (1 - ADAPTIVE_BETA2) * sq * np.sign(v - sq)
+            out[f"v/{name}"] = v.astype(np.float32)
+            step = m / (np.sqrt(v) + ADAPTIVE_TAU)
+        out[f"m/{name}"] = m.astype(np.float32)
+        new[name] = (b64 - lr * step).astype(b.dtype)
+    return new, out

@@ -27,7 +27,8 @@ import numpy as np
 
 from hierarchy import Hierarchy
 from hierarchy.errors import UsageError
-from hierarchy.tree import write_text_atomic
+from hierarchy.tree import write_bytes_atomic, write_text_atomic
+from safetensors.numpy import load_file, save
 from trainer.device.config import LocalConfig, Weights
 from trainer.protocol.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from trainer.protocol.fleet import FleetCosts, Prediction
@@ -110,6 +111,30 @@ class RunStore:
         stem = self.tasks[key].file_stem
         return self.run_dir / (FLAT_FILE if self.tasks[key].node < 0 else f"experts/{stem}.safetensors")
 
+    def server_path(self, key: str) -> Path:
+        """The server optimizer's moments of ``key`` (--server-optimizer avgm, adam, yogi)."""
+        return self.run_dir / f"server/{self.kind}-{self.tasks[key].file_stem}.safetensors"
+
+    def _settle(self, path: Path) -> None:
+        """Roll a committed round's pending file forward, delete any other (see the module)."""
+        pending = path.with_name(path.name + ".pending")
+        if pending.exists():
+            meta = json.loads(read_metadata(pending).get("meta", "{}"))
+            if meta.get("round") is not None and meta.get("round") == self.state["versions"].get(meta.get("node")):
+                os.replace(pending, path)  # committed round: roll forward
+            else:
+                pending.unlink()           # round never committed: roll back
+
+    def server_state(self) -> dict[str, dict[str, np.ndarray]]:
+        """Every task's saved server optimizer moments (after ``open``)."""
+        out = {}
+        for key in self.tasks:
+            path = self.server_path(key)
+            self._settle(path)
+            if path.exists():
+                out[key] = load_file(str(path))
+        return out
+
     def open(self, init: Callable[[str], Weights] | None) -> dict[str, Weights]:
         """Every task's latest committed weights (rolling a committed round's pending files
         forward); a task without a checkpoint gets ``init(key)``, saved at once."""
@@ -117,13 +142,7 @@ class RunStore:
         weights = {}
         for key, task in self.tasks.items():
             path = self.checkpoint_path(key)
-            pending = path.with_name(path.name + ".pending")
-            if pending.exists():
-                meta = json.loads(read_metadata(pending).get("meta", "{}"))
-                if meta.get("round") == self.state["versions"].get(key):
-                    os.replace(pending, path)  # committed round: roll forward
-                else:
-                    pending.unlink()           # round never committed: roll back
+            self._settle(path)
             if path.exists():
                 weights[key], _, _ = load_checkpoint(path)
             elif init is None:
@@ -143,20 +162,28 @@ class RunStore:
     def write_state(self) -> None:
         write_text_atomic(self.state_path, json.dumps(self.state, indent=1) + "\n")
 
-    def commit(self, rnd: int, updated: dict[str, Weights], entry: dict, strategy_state: dict) -> None:
-        """Write the round's new weights as pending files, commit the state, then rename."""
+    def commit(self, rnd: int, updated: dict[str, Weights], entry: dict, strategy_state: dict,
+               server: dict[str, dict[str, np.ndarray]] | None = None) -> None:
+        """Write the round's new weights (and the server optimizer's moments of the tasks it
+        updated) as pending files, commit the state, then rename."""
         pendings = {}
         for key, new in updated.items():
             path = self.checkpoint_path(key)
-            pendings[key] = path.with_name(path.name + ".pending")
-            save_checkpoint(pendings[key], new, self.tasks[key].net, {"node": key, "round": rnd})
+            pendings[path] = path.with_name(path.name + ".pending")
+            save_checkpoint(pendings[path], new, self.tasks[key].net, {"node": key, "round": rnd})
             self.state["versions"][key] = rnd
+            if server and key in server:
+                spath = self.server_path(key)
+                spath.parent.mkdir(parents=True, exist_ok=True)
+                pendings[spath] = spath.with_name(spath.name + ".pending")
+                write_bytes_atomic(pendings[spath], save({k: np.ascontiguousarray(v) for k, v in server[key].items()},
+                                                         metadata={"meta": json.dumps({"node": key, "round": rnd})}))
         self.state["completed_rounds"] = rnd + 1
         self.state["log"].append(entry)
         self.state["strategy"] = strategy_state
         self.write_state()
-        for key, pending in pendings.items():
-            os.replace(pending, self.checkpoint_path(key))
+        for path, pending in pendings.items():
+            os.replace(pending, path)
 
 
 Validator = Callable[[str, Weights], "float | None"]
@@ -220,6 +247,7 @@ class RoundDriver:
     def open(self, init: Callable[[str], Weights] | None) -> None:
         """Load the weights and the schedule's state; a new run records every validation error once."""
         self.weights = self.store.open(init)
+        self.strategy.server_state = self.store.server_state()
         if "strategy" in self.store.state:
             self.strategy.restore(self.store.state["strategy"])
         else:
@@ -328,7 +356,7 @@ class RoundDriver:
 
     def commit(self, rnd: int, updated: dict[str, Weights], entry: dict) -> None:
         """The round's files (``RunStore.commit``), with the strategy's state after it."""
-        self.store.commit(rnd, updated, entry, self.strategy.state())
+        self.store.commit(rnd, updated, entry, self.strategy.state(), self.strategy.server_state)
 
     def aggregate(self, plan: RoundPlan, results: dict[int, tuple[Weights, dict]], left_out: dict | None = None,
                   extra: Callable[[], dict] | None = None) -> tuple[dict[str, Weights], dict]:
@@ -355,7 +383,8 @@ class RoundDriver:
                 continue
             by_task.setdefault(plan.assigned[client], []).append((client, new, int(metrics["num_samples"])))
             losses.append(float(metrics.get("train_loss", 0.0)))
-        updated = {key: s.aggregate([(w, n) for _, w, n in res], self.weights[key]) for key, res in by_task.items()}
+        updated = {key: s.aggregate([(w, n) for _, w, n in res], self.weights[key], key)
+                   for key, res in by_task.items()}
         entry = {"round": rnd, "task": plan.first, "clients": sum(map(len, by_task.values())),
                  "samples": sum(n for res in by_task.values() for _, _, n in res),
                  "skipped": plan.skipped, "dropped": plan.dropped, "diverged": diverged,

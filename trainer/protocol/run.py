@@ -13,9 +13,17 @@ from hierarchy.errors import HmoeError, UsageError
 from hierarchy.spec import InputSpec
 from hierarchy.tree import write_text_atomic
 from trainer.device.config import LocalConfig
+from trainer.protocol.aggregate import SERVER_OPTIMIZERS
 from trainer.protocol.strategy import Strategy, Task, expert_widths, make_tasks
 
 INPUT_SPEC = "input.json"
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of a RunConfig or LocalConfig field ('local.prox_mu' -> --prox-mu)."""
+    cls, field_name = (LocalConfig, name.split(".", 1)[1]) if name.startswith("local.") else (RunConfig, name)
+    meta = next(f.metadata for f in fields(cls) if f.name == field_name)
+    return meta.get("flag") or "--" + field_name.replace("_", "-")
 
 
 class RunError(HmoeError, ValueError):
@@ -32,6 +40,15 @@ def opt(default, help: str, group: str = "federation", flag: str | None = None, 
     return field(default=default, metadata=meta, **kw)
 
 
+SKEW = "label skew (docs/TRAINING.md, \"Label skew\")"
+
+# The settings a run keeps for life: a resumed run given other values is refused, naming
+# both; a run saved before a setting existed was trained without it (its value here).
+REMEDIES = {"local.prox_mu": 0.0, "local.restricted_softmax": 1.0, "local.logit_adjust": 0.0,
+            "server_optimizer": "none", "server_lr": 1.0, "server_momentum": 0.9, "epochs_cap": 0,
+            "min_children": 1, "balanced_epochs": True}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """A federated run; saved as config.json in the run directory. Every field is a flag of
@@ -42,7 +59,8 @@ class RunConfig:
     data_root: str | None = opt(None, "folder holding the data sets (default: $HMOE_DATA or ./data)", "data")
     clients: int = opt(20, "number of clients K", least=1)
     clients_per_round: int = opt(5, "clients sampled per round M", least=1)
-    partition: str = opt("dirichlet", "how the training set is split over the clients", choices=("dirichlet", "iid"))
+    partition: str = opt("dirichlet", "how the training set is split over the clients (shards: every client "
+                         "holds exactly two labels, McMahan et al. 2017)", choices=("dirichlet", "iid", "shards"))
     alpha: float = opt(0.5, "Dirichlet concentration (smaller: more label skew)")
     dropout: float = opt(0.0, "chance that a sampled client drops out of a round (simulation)")
     val_fraction: float = opt(0.05, "share of the training set held out for validation")
@@ -96,17 +114,27 @@ class RunConfig:
                                   "changed and new ones)", parse="list")
     extends: dict | None = opt(None, "a grown run's record of the run it grew from (written by --extend; as a "
                                "flag: a JSON object)", parse="json")
+    server_optimizer: str = opt("none", "label skew: the server's step towards each round's aggregate (none: "
+                                "FedAvg; avgm: server momentum, Hsu et al. 2019; adam, yogi: Reddi et al., ICLR 2021)",
+                                SKEW, choices=SERVER_OPTIMIZERS)
+    server_lr: float = opt(1.0, "label skew: the server optimizer's learning rate (avgm: 1 is FedAvg plus momentum; "
+                           "adam and yogi want about 0.01)", SKEW)
+    server_momentum: float = opt(0.9, "label skew: the server optimizer's momentum (avgm) or first-moment decay "
+                                 "(adam, yogi), in [0, 1)", SKEW)
+    epochs_cap: int = opt(0, "label skew: HMoE balanced epochs at most this many times --local-epochs (0: no cap)",
+                          SKEW, flag="--balanced-epochs-cap", least=0)
     device: str = opt("cpu", "cpu | cuda (when available)", "networks and local training")
 
     def __post_init__(self) -> None:
         for f in fields(self):
             least = f.metadata.get("least")
             value = getattr(self, f.name)
+            flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
             if least is not None and value < least:
-                raise UsageError(f"--{f.name.replace('_', '-')} must be at least {least:g}; got {value}")
+                raise UsageError(f"{flag} must be at least {least:g}; got {value}")
             choices = f.metadata.get("choices")
             if choices and value not in choices:
-                raise UsageError(f"--{f.name.replace('_', '-')} {value!r}; expected one of {', '.join(choices)}")
+                raise UsageError(f"{flag} {value!r}; expected one of {', '.join(choices)}")
         if self.clients_per_round > self.clients:
             raise UsageError(f"--clients-per-round {self.clients_per_round} is more than --clients {self.clients}")
         if not 0.0 <= self.dropout < 1.0:
@@ -115,6 +143,20 @@ class RunConfig:
             raise UsageError(f"--val-fraction must be in [0, 1); got {self.val_fraction}")
         if self.alpha <= 0:
             raise UsageError(f"--alpha must be positive; got {self.alpha}")
+        if not 0 < self.server_lr <= 10:
+            raise UsageError(f"--server-lr must be in (0, 10]; got {self.server_lr}")
+        if not 0 <= self.server_momentum < 1:
+            raise UsageError(f"--server-momentum must be in [0, 1); got {self.server_momentum}")
+
+    def remedy(self, name: str):
+        """A label-skew setting by its ``REMEDIES`` name ('local.prox_mu' reads the local config)."""
+        head, _, tail = name.partition(".")
+        return getattr(self.local, tail) if tail else getattr(self, head)
+
+    def remedy_differences(self, other: "RunConfig") -> list[str]:
+        """'NAME: ours vs theirs' for every label-skew setting that differs from ``other``'s."""
+        return [f"{flag_of(n)} {self.remedy(n)!r} vs {other.remedy(n)!r}" for n in REMEDIES
+                if self.remedy(n) != other.remedy(n)]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -126,7 +168,14 @@ class RunConfig:
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
             raise UsageError(f"unknown run settings {', '.join(unknown)}")
-        d["local"] = LocalConfig.from_dict(d.get("local", {}))
+        local = dict(d.get("local", {}))
+        for name, legacy in REMEDIES.items():          # a run saved before the setting existed
+            head, _, tail = name.partition(".")
+            if tail and tail not in local:
+                local[tail] = legacy
+            elif not tail and head not in d:
+                d[head] = legacy
+        d["local"] = LocalConfig.from_dict(local)
         return cls(**d)
 
     def rounds(self, kind: str) -> int:
@@ -152,7 +201,8 @@ class RunConfig:
                         self.rounds(kind), self.balanced_epochs and hmoe, self.lr_decay, shares,
                         aggregation=self.aggregation, influence_bound=self.influence_bound,
                         assignment=self.assignment if hmoe else "one", min_clients=self.min_cohort,
-                        min_children=self.min_children)
+                        min_children=self.min_children, server_optimizer=self.server_optimizer,
+                        server_lr=self.server_lr, server_momentum=self.server_momentum, epochs_cap=self.epochs_cap)
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
@@ -171,6 +221,11 @@ def merged_config(run_dir: Path, cfg: RunConfig, resume: bool) -> RunConfig:
     if not resume:
         raise RunError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
     saved = load_run_config(run_dir)
+    changed = cfg.remedy_differences(saved)
+    if changed:
+        raise RunError(f"{run_dir} was created with other label-skew settings than asked now ({'; '.join(changed)}, "
+                       "asked vs created): a run keeps its objective and server optimizer for life; resume it without "
+                       "those flags, or start a new run with --out")
     return RunConfig.from_dict({**saved.to_dict(), "hmoe_rounds": max(saved.hmoe_rounds, cfg.hmoe_rounds),
                                 "flat_rounds": max(saved.flat_rounds, cfg.flat_rounds), "device": cfg.device})
 

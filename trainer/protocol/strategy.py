@@ -13,7 +13,8 @@ import numpy as np
 from hierarchy import Hierarchy
 from hierarchy.errors import HmoeError, UsageError
 from trainer.device.config import LocalConfig, NetConfig
-from trainer.protocol.aggregate import AGGREGATORS, Weights, bound_results, trimmed_mean
+from trainer.protocol.aggregate import AGGREGATORS, SERVER_OPTIMIZERS, Weights, bound_results, server_step, \
+    trimmed_mean
 from trainer.protocol.schedules import ScheduleContext, get_schedule, reads_validation
 
 FLAT = "flat"
@@ -141,7 +142,8 @@ class Strategy:
                  lr_decay: str = "none", shares: dict[str, float] | None = None,
                  val_error: dict[str, float] | None = None, aggregation: str = "fedavg",
                  influence_bound: float = 0.0, assignment: str = "one", min_clients: int = 2,
-                 min_children: int = 1) -> None:
+                 min_children: int = 1, server_optimizer: str = "none", server_lr: float = 1.0,
+                 server_momentum: float = 0.9, epochs_cap: int = 0) -> None:
         if lr_decay not in LR_DECAYS:
             raise UsageError(f"unknown lr decay {lr_decay!r}; expected one of {', '.join(LR_DECAYS)}")
         rule, _, arg = aggregation.partition(":")
@@ -149,6 +151,12 @@ class Strategy:
             raise UsageError(f"unknown aggregation {aggregation!r}; expected fedavg, median or trimmed-mean[:SHARE]")
         if assignment not in ASSIGNMENTS:
             raise UsageError(f"unknown assignment {assignment!r}; expected one of {', '.join(ASSIGNMENTS)}")
+        if server_optimizer not in SERVER_OPTIMIZERS:
+            raise UsageError(f"unknown server optimizer {server_optimizer!r}; expected one of "
+                             f"{', '.join(SERVER_OPTIMIZERS)}")
+        self.server_optimizer, self.server_lr, self.server_momentum = server_optimizer, server_lr, server_momentum
+        self.server_state: dict[str, dict[str, np.ndarray]] = {}   # per task: the server optimizer's moments
+        self.epochs_cap = epochs_cap
         self.aggregation, self.influence_bound, self.assignment = aggregation, influence_bound, assignment
         self.min_clients, self.min_children = min_clients, min_children
         self._aggregate = (lambda r: trimmed_mean(r, float(arg))) if arg else AGGREGATORS[rule]
@@ -240,7 +248,8 @@ class Strategy:
         the balanced epochs at what the client's round deadline allows."""
         local = replace(self.local, lr=self.lr(rnd))
         if self.balanced_epochs and self.tasks[key].node >= 0 and task_samples > 0:
-            epochs = local.epochs * balanced_epochs(client_samples, task_samples, local.batch_size)
+            factor = balanced_epochs(client_samples, task_samples, local.batch_size)
+            epochs = local.epochs * (min(factor, self.epochs_cap) if self.epochs_cap else factor)
             local = replace(local, epochs=min(epochs, max(local.epochs, max_epochs)) if max_epochs else epochs)
         return local
 
@@ -269,8 +278,15 @@ class Strategy:
         return idx[mask], target
 
     # ------------------------------------------------------------ aggregate
-    def aggregate(self, results: list[tuple[Weights, int]], base: Weights) -> Weights:
-        """Combine a round's results for a task whose weights were ``base``: each result's
+    def aggregate(self, results: list[tuple[Weights, int]], base: Weights, key: str | None = None) -> Weights:
+        """Combine a round's results for task ``key`` whose weights were ``base``: each result's
         influence bounded (``influence_bound`` x the round's median change and sample count),
-        then the aggregation rule (FedAvg, coordinate-wise median or trimmed mean)."""
-        return self._aggregate(bound_results(results, base, self.influence_bound))
+        then the aggregation rule (FedAvg, coordinate-wise median or trimmed mean), then the
+        server optimizer's step towards it (its moments kept per task in ``server_state``)."""
+        combined = self._aggregate(bound_results(results, base, self.influence_bound))
+        if self.server_optimizer == "none":
+            return combined
+        new, self.server_state[key] = server_step(self.server_optimizer, base, combined,
+                                                  self.server_state.get(key, {}), self.server_lr,
+                                                  self.server_momentum)
+        return new

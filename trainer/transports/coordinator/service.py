@@ -69,6 +69,11 @@ CREATE TABLE IF NOT EXISTS plans (round INTEGER PRIMARY KEY, plan TEXT NOT NULL,
 """
 
 
+
+def server_file(weights_file: Path) -> Path:
+    """Where a stored weights version keeps the server optimizer's moments after it."""
+    return weights_file.with_name(weights_file.stem + ".server.safetensors")
+
 class CoordinatorError(HmoeError):
     """The coordinator cannot start as asked (its database disagrees with the run or the flags)."""
 
@@ -223,9 +228,13 @@ class Coordinator:
         self._counts = {self._index[d]: np.asarray(json.loads(c), dtype=np.int64)
                         for d, c in self.db.execute("SELECT device, counts FROM counts") if d in self._index}
         self._versions = {k: self._version(self.db, k) for k in self.tasks}
-        self.driver.weights = {k: load_file(str(self.store / "weights" / self.db.execute(
-            "SELECT file FROM versions WHERE expert = ? AND version = ?", (k, v)).fetchone()[0]))
+        files = {k: self.store / "weights" / self.db.execute(
+            "SELECT file FROM versions WHERE expert = ? AND version = ?", (k, v)).fetchone()[0]
             for k, v in self._versions.items()}
+        self.driver.weights = {k: load_file(str(f)) for k, f in files.items()}
+        for k, f in files.items():   # moments of versions this coordinator made (version 0's: the run's own)
+            if server_file(f).exists():
+                self.strategy.server_state[k] = load_file(str(server_file(f)))
         self._load_current()
 
     def _load_current(self) -> None:
@@ -282,6 +291,10 @@ class Coordinator:
             if meta.get("round") != row[1]:
                 save_checkpoint(self._checkpoint_path(key), load_file(str(self.store / "weights" / row[0])),
                                 self.tasks[key].net, {"node": key, "round": row[1]})
+                moments = server_file(self.store / "weights" / row[0])
+                if moments.exists():
+                    store.server_path(key).parent.mkdir(parents=True, exist_ok=True)
+                    write_bytes_atomic(store.server_path(key), moments.read_bytes())
                 repaired.append(key)
         if log != state["log"] or repaired:
             state.update(log=log, completed_rounds=first + len(entries), strategy=self.strategy.state())
@@ -721,6 +734,8 @@ class Coordinator:
             version = self._versions[key] + 1
             path = self.store / "weights" / f"{self.tasks[key].file_stem}-v{version}.safetensors"
             write_bytes_atomic(path, save(new))
+            if key in self.strategy.server_state:   # the server optimizer's moments travel with the version
+                write_bytes_atomic(server_file(path), save(self.strategy.server_state[key]))
             self.db.execute("INSERT OR REPLACE INTO versions VALUES (?, ?, ?, ?)", (key, version, path.name, rnd))
         self.db.execute("UPDATE rounds SET aggregated = ? WHERE round = ?", (time.time(), rnd))
         self.db.execute("UPDATE plans SET entry = ? WHERE round = ?", (json.dumps(entry), rnd))
