@@ -75,6 +75,12 @@ REMEDIES: dict[str, dict] = {
     "fedlc+min-children": {"flags": _with(logit_adjust="1", min_children="2"),
                            "what": "--logit-adjust 1 --min-children 2", "hmoe_only": True},
     "fedlc+fedprox": {"flags": _with(logit_adjust="1", prox_mu="0.01"), "what": "--logit-adjust 1 --prox-mu 0.01"},
+    "fedlc+fedadam": {"flags": _with(logit_adjust="1", server_optimizer="adam", server_lr="0.01"),
+                      "what": "--logit-adjust 1 --server-optimizer adam --server-lr 0.01"},
+    "fedlc+min-children+fedadam": {"flags": _with(logit_adjust="1", min_children="2", server_optimizer="adam",
+                                                  server_lr="0.01"),
+                                   "what": "--logit-adjust 1 --min-children 2 --server-optimizer adam --server-lr 0.01",
+                                   "hmoe_only": True},
 }
 PROFILES = {"demo": [], "quick": ["--train-limit", "12000", "--test-limit", "2000"]}
 RULE = {"hmoe": "greedy", "flat": "leaf"}

@@ -205,3 +205,38 @@ def test_shards_give_every_client_exactly_two_labels():
     assert sorted(np.concatenate(parts)) == list(range(len(labels)))
     assert all(len(np.unique(labels[p])) == 2 for p in parts)
     assert [list(p) for p in parts] == [list(p) for p in shards(labels, 20, seed=3)]
+
+
+def test_logit_adjustment_calibrates_to_the_federations_prior():
+    """A client holding outputs 0 and 1 equally, in a federation where output 0 is four times
+    as frequent: with the prior, its update moves output 0's bias ahead of output 1's (the
+    stored logits are the federation's); without, it keeps them level."""
+    import torch
+    torch.manual_seed(0)
+    before = to_numpy(build_net(NET))
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 255, (100, 1, 8, 8), dtype=np.uint8)
+    y = np.array([0, 1] * 50)
+    gap = {}
+    for prior in ((), (0.8, 0.2, 0.0)):
+        cfg = LocalConfig(momentum=0.0, epochs=5, logit_adjust=1.0, prior=prior)
+        after, _ = local_update(NET, before, x, y, cfg, NORM, 1)
+        gap[prior] = after["head.3.bias"][0] - after["head.3.bias"][1]
+    assert gap[(0.8, 0.2, 0.0)] - gap[()] > 0.05
+
+
+def test_strategy_sends_the_prior_only_with_logit_adjustment():
+    from trainer.datasets import load_dataset
+    from trainer.protocol.strategy import task_priors
+    data = load_dataset(CFG.dataset, None)
+    tasks = make_tasks(data.tree, "hmoe", (1, 28, 28), 2)
+    priors = task_priors(data.tree, tasks, data.train_y)
+    assert all(abs(sum(p) - 1) < 1e-4 for p in priors.values())
+    plain = Strategy(data.tree, tasks, "round-robin", 0, priors=priors)
+    adjusted = Strategy(data.tree, tasks, "round-robin", 0, local=LocalConfig(logit_adjust=1.0), priors=priors)
+    key = next(iter(tasks))
+    assert plain.client_config(key, 0).prior == ()
+    assert list(adjusted.client_config(key, 0).prior) == priors[key]
+    assert LocalConfig.from_dict(adjusted.client_config(key, 0).to_dict()) == adjusted.client_config(key, 0)
+    with pytest.raises(UsageError, match="prior"):
+        LocalConfig(prior=(0.5, "x"))

@@ -57,7 +57,8 @@ def add_config_flags(p: argparse.ArgumentParser, defaults: RunConfig = RunConfig
         group = groups.setdefault(f.metadata["group"], p.add_argument_group(f.metadata["group"]))
         if f.name == "local":
             for lf in fields(LocalConfig):
-                _add(group, lf, getattr(defaults.local, lf.name))
+                if not lf.metadata.get("internal"):
+                    _add(group, lf, getattr(defaults.local, lf.name))
         else:
             _add(group, f, getattr(defaults, f.name))
 
@@ -98,7 +99,8 @@ def config_from_args(args: argparse.Namespace, resume: bool = False) -> RunConfi
     values: dict = {}
     for f in fields(RunConfig):
         if f.name == "local":
-            values["local"] = LocalConfig(**{lf.name: value_of(lf, lambda c: c.local) for lf in fields(LocalConfig)})
+            values["local"] = LocalConfig(**{lf.name: value_of(lf, lambda c: c.local) for lf in fields(LocalConfig)
+                                             if not lf.metadata.get("internal")})
             continue
         value = value_of(f, lambda c: c)
         if f.name in ROUNDS and value is None:

@@ -49,9 +49,11 @@ class Objective:
     - restricted softmax (FedRS): the logits of outputs with no local sample are multiplied by
       ``restricted_softmax`` (1: plain softmax), so a client that holds one child of an expert
       does not push the others' rows down as hard;
-    - logit adjustment (balanced softmax, FedLC): ``logit_adjust * log(count / n)`` is added
-      to the logits, so the loss is the one of a label-balanced client; an output with no
-      local sample gets -inf, i.e. no probability and no gradient;
+    - logit adjustment (balanced softmax, FedLC; Menon et al., ICLR 2021):
+      ``logit_adjust * (log(count / n) - log(prior))`` is added to the logits, so the
+      network learns the logits of the federation's label distribution ``prior`` (sent by the
+      strategy; uniform when empty) whatever the client's own; an output with no local
+      sample gets -inf, i.e. no probability and no gradient;
     - proximal term (FedProx): ``prox_mu / 2 * ||w - w_round||^2``, once per batch.
     Plain cross entropy when all three are off (the update is then bit-identical to it)."""
 
@@ -64,7 +66,12 @@ class Objective:
         self.shift = None
         if cfg.logit_adjust > 0:
             share = torch.from_numpy(counts / max(1, counts.sum())).float().to(device)
-            self.shift = torch.where(held, cfg.logit_adjust * torch.log(share.clamp_min(1e-12)),
+            log_prior = torch.zeros_like(share)
+            if cfg.prior:
+                if len(cfg.prior) != len(counts):
+                    raise UsageError(f"prior has {len(cfg.prior)} shares; the network has {len(counts)} outputs")
+                log_prior = torch.log(torch.tensor(cfg.prior, dtype=torch.float32).clamp_min(1e-12)).to(device)
+            self.shift = torch.where(held, cfg.logit_adjust * (torch.log(share.clamp_min(1e-12)) - log_prior),
                                      torch.tensor(float("-inf"), device=device))
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -99,9 +99,19 @@ class LocalConfig:
                 "add tau * log(the client's share of each output) to the logits during training, so an output the "
                 "client lacks gets no push down and a frequent one no free lead (0: off)",
         "least": 0, "most": 10})
+    prior: tuple = field(default=(), metadata={
+        "help": "set by the strategy with --logit-adjust: the share of each output in the whole federation, the "
+                "prior the adjusted logits are calibrated to", "internal": True})
 
     def __post_init__(self) -> None:
+        if not isinstance(self.prior, tuple):
+            object.__setattr__(self, "prior", tuple(self.prior) if isinstance(self.prior, list) else self.prior)
+        if not isinstance(self.prior, tuple) or not all(
+                isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1 for p in self.prior):
+            raise UsageError(f"prior {self.prior!r}: expected a list of shares in [0, 1], one per output")
         for f in fields(self):
+            if f.metadata.get("internal"):
+                continue
             value, meta = getattr(self, f.name), f.metadata
             flag = meta.get("flag") or "--" + f.name.replace("_", "-")
             kinds = {"int": (int,), "float": (int, float), "str": (str,)}[str(f.type)]

@@ -190,7 +190,7 @@ class RunConfig:
         return make_tasks(tree, kind, in_shape, self.width(kind), self.depth, widths=widths)
 
     def strategy(self, kind: str, tree: Hierarchy, tasks: dict[str, Task], shares: dict[str, float] | None = None,
-                 schedule: str | None = None) -> Strategy:
+                 schedule: str | None = None, priors: dict[str, list[float]] | None = None) -> Strategy:
         """The strategy of model family ``kind`` (the flat model has one task: round-robin)."""
         hmoe = kind == "hmoe"
         if hmoe and self.train_only is not None:
@@ -202,7 +202,8 @@ class RunConfig:
                         aggregation=self.aggregation, influence_bound=self.influence_bound,
                         assignment=self.assignment if hmoe else "one", min_clients=self.min_cohort,
                         min_children=self.min_children, server_optimizer=self.server_optimizer,
-                        server_lr=self.server_lr, server_momentum=self.server_momentum, epochs_cap=self.epochs_cap)
+                        server_lr=self.server_lr, server_momentum=self.server_momentum, epochs_cap=self.epochs_cap,
+                        priors=priors)
 
 
 def load_run_config(run_dir: Path) -> RunConfig:

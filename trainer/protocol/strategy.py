@@ -83,6 +83,19 @@ def usable_samples(tree: Hierarchy, task: Task, leaf_counts: np.ndarray, min_chi
     return int(np.asarray(leaf_counts, dtype=np.int64)[mask].sum())
 
 
+def task_priors(tree: Hierarchy, tasks: dict[str, Task], labels: np.ndarray | None = None) -> dict[str, list[float]]:
+    """Each task's share of samples per output (child or leaf) over the whole training set
+    ``labels``; without labels, as if every leaf held as many samples (the tree alone). The
+    prior that --logit-adjust calibrates a client's logits to."""
+    labels = np.arange(tree.num_leaves) if labels is None else np.asarray(labels, dtype=np.int64)
+    out = {}
+    for key, task in tasks.items():
+        _, target = task.select(tree, labels)
+        counts = np.bincount(target, minlength=task.net.num_outputs).astype(np.float64)
+        out[key] = [round(float(c), 6) for c in counts / max(1.0, counts.sum())]
+    return out
+
+
 def make_tasks(tree: Hierarchy, kind: str, in_shape: tuple[int, int, int], width: int,
                depth: int = 0, hidden: int = 0, widths: dict[str, int] | None = None) -> dict[str, Task]:
     """``kind`` hmoe: one task per expert node (of width ``widths[name]`` where given, else
@@ -143,7 +156,8 @@ class Strategy:
                  val_error: dict[str, float] | None = None, aggregation: str = "fedavg",
                  influence_bound: float = 0.0, assignment: str = "one", min_clients: int = 2,
                  min_children: int = 1, server_optimizer: str = "none", server_lr: float = 1.0,
-                 server_momentum: float = 0.9, epochs_cap: int = 0) -> None:
+                 server_momentum: float = 0.9, epochs_cap: int = 0,
+                 priors: dict[str, list[float]] | None = None) -> None:
         if lr_decay not in LR_DECAYS:
             raise UsageError(f"unknown lr decay {lr_decay!r}; expected one of {', '.join(LR_DECAYS)}")
         rule, _, arg = aggregation.partition(":")
@@ -157,6 +171,7 @@ class Strategy:
         self.server_optimizer, self.server_lr, self.server_momentum = server_optimizer, server_lr, server_momentum
         self.server_state: dict[str, dict[str, np.ndarray]] = {}   # per task: the server optimizer's moments
         self.epochs_cap = epochs_cap
+        self.priors = dict(priors or task_priors(tree, tasks))
         self.aggregation, self.influence_bound, self.assignment = aggregation, influence_bound, assignment
         self.min_clients, self.min_children = min_clients, min_children
         self._aggregate = (lambda r: trimmed_mean(r, float(arg))) if arg else AGGREGATORS[rule]
@@ -218,7 +233,7 @@ class Strategy:
     def state(self) -> dict:
         """What drives the schedule; saved with the run, restored on resume and restart."""
         return {"schedule": self.schedule_name, "shares": dict(self.context.shares),
-                "val_error": dict(self.context.val_error)}
+                "val_error": dict(self.context.val_error), "priors": dict(self.priors)}
 
     def restore(self, state: dict) -> None:
         if state.get("schedule", self.schedule_name) != self.schedule_name:
@@ -229,6 +244,8 @@ class Strategy:
             raise StrategyError(f"the saved state has no data share for tasks {missing[:5]}")
         self.context.shares = {k: float(state["shares"][k]) for k in self.tasks}
         self.context.val_error = {k: float(v) for k, v in state.get("val_error", {}).items() if k in self.tasks}
+        if all(k in state.get("priors", {}) for k in self.tasks):   # a run saved before priors: the tree's
+            self.priors = {k: list(state["priors"][k]) for k in self.tasks}
 
     # --------------------------------------------------------------- clients
     def lr(self, rnd: int) -> float:
@@ -247,6 +264,8 @@ class Strategy:
         expert's round, in samples or in optimizer steps; ``max_epochs`` (0: no limit) caps
         the balanced epochs at what the client's round deadline allows."""
         local = replace(self.local, lr=self.lr(rnd))
+        if local.logit_adjust > 0:
+            local = replace(local, prior=tuple(self.priors[key]))
         if self.balanced_epochs and self.tasks[key].node >= 0 and task_samples > 0:
             factor = balanced_epochs(client_samples, task_samples, local.batch_size)
             epochs = local.epochs * (min(factor, self.epochs_cap) if self.epochs_cap else factor)

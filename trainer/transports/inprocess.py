@@ -18,7 +18,7 @@ from trainer.prepare import Prepared, task_shares
 from trainer.protocol.driver import ClientSampler, RoundDriver, RoundPlan, RunStore
 from trainer.protocol.fleet import run_fleet
 from trainer.protocol.run import RunConfig
-from trainer.protocol.strategy import stable_seed
+from trainer.protocol.strategy import stable_seed, task_priors
 
 
 class Federation:
@@ -29,7 +29,8 @@ class Federation:
         self.run_dir, self.kind, self.cfg, self.prep = Path(run_dir), kind, cfg, prep
         self.tree = prep.data.tree
         self.tasks = cfg.tasks(kind, self.tree, prep.data.shape)
-        strategy = cfg.strategy(kind, self.tree, self.tasks, task_shares(self.tree, self.tasks, prep.data.train_y))
+        strategy = cfg.strategy(kind, self.tree, self.tasks, task_shares(self.tree, self.tasks, prep.data.train_y),
+                                priors=task_priors(self.tree, self.tasks, prep.data.train_y))
         counts = {c: np.bincount(prep.data.train_y[p], minlength=self.tree.num_leaves) for c, p in enumerate(prep.parts)}
         self.driver = RoundDriver(RunStore(run_dir, kind, self.tasks), strategy, self.tree,
                                   ClientSampler(cfg.seed, cfg.clients, cfg.clients_per_round, cfg.dropout), counts,
