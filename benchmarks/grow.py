@@ -54,7 +54,7 @@ def common(args: argparse.Namespace) -> list[str]:
 
 def settings(args: argparse.Namespace) -> list[str]:
     """Run settings of the old and scratch runs (a grown run takes its old run's)."""
-    return ["--min-children", str(args.min_children)]
+    return [] if args.min_children is None else ["--min-children", str(args.min_children)]
 
 
 def jobs_for(out: Path, args: argparse.Namespace) -> list[dict]:
@@ -213,8 +213,9 @@ def main() -> int:
     p.add_argument("--flat-grow-rounds", type=int, default=20, help="grown flat: fine-tuning rounds")
     p.add_argument("--model", choices=["hmoe", "flat", "both"], default="both",
                    help="which models to train (the flat model does not depend on --min-children)")
-    p.add_argument("--min-children", type=int, default=1,
-                   help="HMoE: a client trains an expert only with samples of this many of its children (hmoe train)")
+    p.add_argument("--min-children", type=int, default=None,
+                   help="HMoE: a client trains an expert only with samples of this many of its children (hmoe train; "
+                        "default: the release's default)")
     p.add_argument("--train-limit", type=int, default=0, help="subsample the training set (0: all)")
     p.add_argument("--test-limit", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)

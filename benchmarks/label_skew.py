@@ -122,14 +122,17 @@ def run_one(job: dict, args: argparse.Namespace) -> None:
     if proc.returncode != 0:
         print(f"FAILED {' '.join(cmd)}:\n{proc.stderr[-2000:]}", file=sys.stderr, flush=True)
         return
+    (run / "wall_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
     print(f"done {job['partition']} {job['model']} {job['remedy']} seed {job['seed']} "
           f"in {time.perf_counter() - start:.0f} s", flush=True)
 
 
 def collect(out: Path, args: argparse.Namespace) -> dict:
     """Per cell: Information F1 per seed and its mean; per remedy, the ratios the issue asks for."""
-    cells = []
+    cells, run_seconds = [], 0.0
     for job in jobs_for(out, args):
+        timing = Path(job["dir"]) / "wall_seconds.txt"
+        run_seconds += float(timing.read_text()) if timing.exists() else 0.0
         path = Path(job["dir"]) / "report.json"
         if not path.exists():
             continue
@@ -158,7 +161,7 @@ def collect(out: Path, args: argparse.Namespace) -> dict:
         if hs:
             row["hmoe_mean_over_partitions"] = float(np.mean(hs))
         summary[remedy] = row
-    return {"cells": cells, "table": table, "summary": summary}
+    return {"cells": cells, "table": table, "summary": summary, "run_seconds": run_seconds}
 
 
 def results_lines(res: dict) -> list[str]:

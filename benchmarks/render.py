@@ -7,7 +7,7 @@
 Reads, from --results: bench.json (what `benchmarks/bench.py` ran, how long, on what),
 table1.json, tradeoffs.json, edge_inference.json, coordinator_load.json, flower_scale.json;
 and, from --fleet-results, the committed results of the longer fleet benchmarks
-(mixed_fleet/, grow/, grow-min-children-2/, subtree_bundle/), which `make bench` renders
+(mixed_fleet/, grow/, grow-min-children-2/, label_skew/, label_skew-demo/, subtree_bundle/), which `make bench` renders
 but does not run again (each takes 20 to 50 minutes on two cores). A missing file leaves
 its section saying which command writes it.
 """
@@ -244,6 +244,19 @@ def fleet_section(results: Path, fleet: Path, out: Path) -> list[str]:
                   f"`{rel(fleet / folder / 'results.json', out)}`, commit `{g['commit']}`, `{g['command']}`.", "",
                   *[ln.replace("### ", "#### ") for ln in grow.results_lines(g["scenarios"])],
                   f"![grow]({rel(fleet / folder / 'f1_vs_compute.png', out)})", ""]
+    import label_skew
+    for folder, title in (("label_skew", "Label skew (quick profile, every remedy)"),
+                          ("label_skew-demo", "Label skew at the demo's settings")):
+        ls = load(fleet / folder / "results.json")
+        lines += [f"### {title}", ""]
+        if ls is None:
+            lines += [f"Not measured: `python benchmarks/label_skew.py --out docs/results/{folder}`.", ""]
+            continue
+        lines += [f"Not re-run by `make bench` ({len(ls['cells'])} runs, {ls['run_seconds'] / 3600:.1f} h of run wall "
+                  f"time, {ls['settings']['jobs']} at a time); from "
+                  f"`{rel(fleet / folder / 'results.json', out)}`, commit `{ls['commit']}`, `{ls['command']}`; "
+                  f"{machine_line(ls['machine'])}.", "", *label_skew.results_lines(ls),
+                  f"![label skew]({rel(fleet / folder / 'f1_vs_alpha.png', out)})", ""]
     sb = load(fleet / "subtree_bundle" / "subtree_bundle.json")
     lines += ["### Per-subtree bundles", ""]
     if sb is None:

@@ -22,6 +22,7 @@ from trainer.protocol.strategy import Strategy, make_tasks
 
 NET = NetConfig((1, 8, 8), 3, width=2).resolved()
 NORM = Normalizer((0.5,), (0.25,))
+PLAIN = {"momentum": 0.0, "logit_adjust": 0.0}   # plain cross entropy (the default adjusts logits)
 
 
 def one_child_update(**remedy) -> tuple[dict, dict]:
@@ -32,7 +33,7 @@ def one_child_update(**remedy) -> tuple[dict, dict]:
     rng = np.random.default_rng(0)
     x = rng.integers(0, 255, (64, 1, 8, 8), dtype=np.uint8)
     y = np.zeros(64, dtype=np.int64)
-    after, _ = local_update(NET, before, x, y, LocalConfig(momentum=0.0, **remedy), NORM, seed=1)
+    after, _ = local_update(NET, before, x, y, LocalConfig(**{**PLAIN, **remedy}), NORM, seed=1)
     return before, after
 
 
@@ -70,7 +71,7 @@ def test_logit_adjustment_balances_an_imbalanced_client():
     y = np.array([0] * 90 + [1] * 10)
     gaps = {}
     for tau in (0.0, 1.0):
-        after, _ = local_update(NET, before, x, y, LocalConfig(momentum=0.0, epochs=3, logit_adjust=tau), NORM, 1)
+        after, _ = local_update(NET, before, x, y, LocalConfig(**{**PLAIN, "epochs": 3, "logit_adjust": tau}), NORM, 1)
         gaps[tau] = (after["head.3.bias"][0] - after["head.3.bias"][1]) - (before["head.3.bias"][0]
                                                                             - before["head.3.bias"][1])
     assert gaps[0.0] > 0.02 and abs(gaps[1.0]) < gaps[0.0] / 3
@@ -79,7 +80,7 @@ def test_logit_adjustment_balances_an_imbalanced_client():
 def test_proximal_term_keeps_the_update_near_the_rounds_weights():
     def dist(a, b):
         return float(np.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a)))
-    b0, plain = one_child_update(epochs=5)
+    b0, plain = one_child_update(epochs=5)   # plain cross entropy, no proximal term
     b1, prox = one_child_update(epochs=5, prox_mu=10.0)
     assert dist(b1, prox) < 0.5 * dist(b0, plain)
 
@@ -232,7 +233,7 @@ def test_strategy_sends_the_prior_only_with_logit_adjustment():
     tasks = make_tasks(data.tree, "hmoe", (1, 28, 28), 2)
     priors = task_priors(data.tree, tasks, data.train_y)
     assert all(abs(sum(p) - 1) < 1e-4 for p in priors.values())
-    plain = Strategy(data.tree, tasks, "round-robin", 0, priors=priors)
+    plain = Strategy(data.tree, tasks, "round-robin", 0, local=LocalConfig(logit_adjust=0.0), priors=priors)
     adjusted = Strategy(data.tree, tasks, "round-robin", 0, local=LocalConfig(logit_adjust=1.0), priors=priors)
     key = next(iter(tasks))
     assert plain.client_config(key, 0).prior == ()

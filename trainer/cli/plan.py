@@ -70,7 +70,8 @@ def export_clients(run: Path, out: Path) -> list[Path]:
 
 def _given(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
     """Configuration flags given on the command line (values other than their defaults)."""
-    names = [f for f in fields(RunConfig) if f.name != "local"] + list(fields(LocalConfig))
+    names = [f for f in [*fields(RunConfig), *fields(LocalConfig)]
+             if f.name != "local" and not f.metadata.get("internal")]
     return [flag_name(f) for f in names if getattr(args, f.name) != parser.get_default(f.name)
             and f.name not in ROUNDS]
 

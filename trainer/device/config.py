@@ -94,7 +94,7 @@ class LocalConfig:
         "help": "FedRS (Li & Zhan, KDD 2021): logits of the outputs the client holds no sample of are scaled by "
                 "this factor in [0, 1] during training (1: off; 0: their logits are held at 0)",
         "least": 0, "most": 1})
-    logit_adjust: float = field(default=0.0, metadata={
+    logit_adjust: float = field(default=1.0, metadata={
         "help": "balanced softmax / FedLC-style calibration (Ren et al., NeurIPS 2020; Zhang et al., ICML 2022): "
                 "add tau * log(the client's share of each output) to the logits during training, so an output the "
                 "client lacks gets no push down and a frequent one no free lead (0: off)",

@@ -101,7 +101,7 @@ class RunConfig:
     min_cohort: int = opt(2, "resource-aware: an expert other than the round's own trains only if at least this "
                           "many clients chose it (the others move on to their next choice)",
                           "fleet (device tiers; see trainer/protocol/fleet.py)", least=1)
-    min_children: int = opt(1, "HMoE: a client trains an expert only if it holds samples of at least this many of "
+    min_children: int = opt(2, "HMoE: a client trains an expert only if it holds samples of at least this many of "
                             "the expert's children (a client with one child's samples can only teach it that child)",
                             least=1)
     tree: dict | None = opt(None, "train on this taxonomy instead of the data set's (a .json or .csv file, or a "
