@@ -73,7 +73,9 @@ def _train(args: argparse.Namespace) -> int:
                          "pip install 'hmoe-edge[device]'") from None
     bundle = load_bundle(args.bundle)
     x, labels = load_local_data(args.data, bundle)
-    local = LocalConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+    # one device fine-tuning on its own data, outside any federation: plain cross entropy (the
+    # label-skew remedies are for a federated round, whose assignment carries them)
+    local = LocalConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, logit_adjust=0.0)
     weights, report = train_expert(bundle, args.expert, x, labels, args.memory_cap_mb, local, args.seed)
     path = write_update(args.out, weights, report)
     print(f"trained {args.expert} on {report['samples']} samples in {report['seconds']:.1f} s; loss "

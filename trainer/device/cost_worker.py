@@ -67,11 +67,13 @@ def warm_up(net, local, normalize, device: str) -> None:
     on a device, not once per round, so it belongs to the idle baseline."""
     import numpy as np
 
+    from dataclasses import replace
+
     from trainer.device.client import local_update
     from trainer.device.nets import NetConfig
     tiny = NetConfig(net.in_shape, 2, width=1, depth=net.depth, hidden=2)
     x = np.zeros((2, *net.in_shape), dtype=np.uint8)
-    local_update(tiny, None, x, np.array([0, 1]), local, normalize, seed=0, device=device)
+    local_update(tiny, None, x, np.array([0, 1]), replace(local, prior=()), normalize, seed=0, device=device)
 
 
 def main(folder: str) -> int:

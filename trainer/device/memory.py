@@ -13,7 +13,7 @@ result, does not change.
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -115,4 +115,4 @@ def warm_up(net_cfg, local, normalize) -> None:
     from trainer.device.nets import NetConfig
     tiny = NetConfig(tuple(net_cfg.in_shape), 2, width=1, depth=net_cfg.depth, hidden=2)
     local_update(tiny, None, np.zeros((2, *net_cfg.in_shape), dtype=np.uint8), np.array([0, 1]),
-                 _one_step(local, 2), normalize, seed=0)
+                 replace(_one_step(local, 2), prior=()), normalize, seed=0)   # the task's prior is not the tiny net's

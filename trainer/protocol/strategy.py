@@ -68,8 +68,9 @@ def why_unusable(tree: Hierarchy, task: Task, leaf_counts: np.ndarray, min_child
     held = np.asarray(leaf_counts, dtype=np.int64)[mask]
     if held.sum() == 0:
         return "no samples under the expert" if task.node >= 0 else "no samples"
-    if task.node >= 0 and min_children > 1 and len(np.unique(child[held > 0])) < min_children:
-        return f"samples under fewer than {min_children} of the expert's children (--min-children)"
+    least = min(min_children, task.net.num_outputs)   # an expert of two children asks at most for both
+    if task.node >= 0 and least > 1 and len(np.unique(child[held > 0])) < least:
+        return f"samples under fewer than {least} of the expert's children (--min-children)"
     return None
 
 
