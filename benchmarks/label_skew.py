@@ -81,6 +81,14 @@ REMEDIES: dict[str, dict] = {
                                                   server_lr="0.01"),
                                    "what": "--logit-adjust 1 --min-children 2 --server-optimizer adam --server-lr 0.01",
                                    "hmoe_only": True},
+    "defaults+resource-aware": {"flags": ["--assignment", "resource-aware"],
+                                "what": "the defaults and --assignment resource-aware (a sampled client that "
+                                        "cannot train the round's expert trains its next most useful one)",
+                                "hmoe_only": True},
+    "defaults+epochs-cap": {"flags": ["--balanced-epochs-cap", "2"],
+                            "what": "the defaults and --balanced-epochs-cap 2", "hmoe_only": True},
+    "defaults+one-epoch": {"flags": ["--no-balanced-epochs"],
+                           "what": "the defaults and --no-balanced-epochs", "hmoe_only": True},
 }
 PROFILES = {"demo": [], "quick": ["--train-limit", "12000", "--test-limit", "2000"]}
 RULE = {"hmoe": "greedy", "flat": "leaf"}

@@ -234,7 +234,9 @@ def fleet_section(results: Path, fleet: Path, out: Path) -> list[str]:
                   f"`{rel(fleet / 'mixed_fleet' / 'results.json', out)}`, commit `{m['commit']}`, "
                   f"`{m['command']}`.", "", *mixed_fleet.results_table(m["rows"]), "",
                   f"![mixed fleets]({rel(fleet / 'mixed_fleet' / 'f1_vs_weak_share.png', out)})", ""]
-    for folder, title in (("grow", "Growing the taxonomy"), ("grow-min-children-2", "Growing, --min-children 2")):
+    for folder, title in (("grow", "Growing the taxonomy (--min-children 1, no logit adjustment)"),
+                          ("grow-min-children-2", "Growing, --min-children 2 (no logit adjustment)"),
+                          ("grow-defaults", "Growing with today's defaults (--logit-adjust 1, --min-children 2)")):
         g = load(fleet / folder / "results.json")
         lines += [f"### {title}", ""]
         if g is None:

@@ -128,7 +128,8 @@ class LocalConfig:
             raise UsageError(f"--lr must be positive; got {self.lr}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON's shapes: the prior as a list (what every transport reads back)."""
+        return {**asdict(self), "prior": list(self.prior)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "LocalConfig":
