@@ -89,6 +89,7 @@ REMEDIES: dict[str, dict] = {
                             "what": "the defaults and --balanced-epochs-cap 2", "hmoe_only": True},
     "defaults+one-epoch": {"flags": ["--no-balanced-epochs"],
                            "what": "the defaults and --no-balanced-epochs", "hmoe_only": True},
+    "defaults+fedprox": {"flags": ["--prox-mu", "0.01"], "what": "the defaults and --prox-mu 0.01"},
 }
 PROFILES = {"demo": [], "quick": ["--train-limit", "12000", "--test-limit", "2000"]}
 RULE = {"hmoe": "greedy", "flat": "leaf"}

@@ -225,40 +225,35 @@ def fleet_section(results: Path, fleet: Path, out: Path) -> list[str]:
                   f"| {st['clients']} | {st['clients_per_round']} | {fl['rounds']} | {fl['wall_seconds']:.0f} | "
                   f"{f(fl['seconds_to_first_round'], '.0f')} | {f(fl['rounds_per_minute_after_the_first'])} | "
                   f"{fl['peak_rss_mb']:.0f} |", "", fl["memory_method"] + ".", ""]
-    m = load(fleet / "mixed_fleet" / "results.json")
-    lines += ["### Mixed fleets (weak devices)", ""]
-    if m is None:
-        lines += ["Not measured: `python benchmarks/mixed_fleet.py --out docs/results/mixed_fleet --jobs 2`.", ""]
-    else:
-        lines += [f"Not re-run by `make bench` (about {m['wall_seconds'] / 60:.0f} min); from "
-                  f"`{rel(fleet / 'mixed_fleet' / 'results.json', out)}`, commit `{m['commit']}`, "
-                  f"`{m['command']}`.", "", *mixed_fleet.results_table(m["rows"]), "",
-                  f"![mixed fleets]({rel(fleet / 'mixed_fleet' / 'f1_vs_weak_share.png', out)})", ""]
+    import label_skew
+
+    def saved(script: str, folder: str, title: str, png: str, body) -> list[str]:
+        """A benchmark's saved results.json under docs/results/FOLDER, or how to measure it."""
+        r = load(fleet / folder / "results.json")
+        if r is None:
+            return [f"### {title}", "", f"Not measured: `python benchmarks/{script} --out docs/results/{folder}`.", ""]
+        cost = (f"{len(r['cells'])} runs, {r['run_seconds'] / 3600:.1f} h of run wall time, "
+                f"{r['settings']['jobs']} at a time" if "run_seconds" in r else f"about {r['wall_seconds'] / 60:.0f} min")
+        text = body(r)
+        while text and not text[-1]:
+            text = text[:-1]
+        return [f"### {title}", "", f"Not re-run by `make bench` ({cost}); from "
+                f"`{rel(fleet / folder / 'results.json', out)}`, commit `{r['commit']}`, `{r['command']}`; "
+                f"{machine_line(r.get('machine'))}.", "", *text, "",
+                f"![{title}]({rel(fleet / folder / png, out)})", ""]
+
+    for folder, title in (("mixed_fleet", "Mixed fleets (weak devices; before the label-skew defaults)"),
+                          ("mixed_fleet-defaults", "Mixed fleets at Dirichlet 0.1 with today's defaults")):
+        lines += saved("mixed_fleet.py", folder, title, "f1_vs_weak_share.png",
+                       lambda r: mixed_fleet.results_table(r["rows"]))
     for folder, title in (("grow", "Growing the taxonomy (--min-children 1, no logit adjustment)"),
                           ("grow-min-children-2", "Growing, --min-children 2 (no logit adjustment)"),
                           ("grow-defaults", "Growing with today's defaults (--logit-adjust 1, --min-children 2)")):
-        g = load(fleet / folder / "results.json")
-        lines += [f"### {title}", ""]
-        if g is None:
-            lines += [f"Not measured: `python benchmarks/grow.py --out docs/results/{folder}`.", ""]
-            continue
-        lines += [f"Not re-run by `make bench` (about {g['wall_seconds'] / 60:.0f} min); from "
-                  f"`{rel(fleet / folder / 'results.json', out)}`, commit `{g['commit']}`, `{g['command']}`.", "",
-                  *[ln.replace("### ", "#### ") for ln in grow.results_lines(g["scenarios"])],
-                  f"![grow]({rel(fleet / folder / 'f1_vs_compute.png', out)})", ""]
-    import label_skew
+        lines += saved("grow.py", folder, title, "f1_vs_compute.png",
+                       lambda r: [ln.replace("### ", "#### ") for ln in grow.results_lines(r["scenarios"])])
     for folder, title in (("label_skew", "Label skew (quick profile, every remedy)"),
                           ("label_skew-demo", "Label skew at the demo's settings")):
-        ls = load(fleet / folder / "results.json")
-        lines += [f"### {title}", ""]
-        if ls is None:
-            lines += [f"Not measured: `python benchmarks/label_skew.py --out docs/results/{folder}`.", ""]
-            continue
-        lines += [f"Not re-run by `make bench` ({len(ls['cells'])} runs, {ls['run_seconds'] / 3600:.1f} h of run wall "
-                  f"time, {ls['settings']['jobs']} at a time); from "
-                  f"`{rel(fleet / folder / 'results.json', out)}`, commit `{ls['commit']}`, `{ls['command']}`; "
-                  f"{machine_line(ls['machine'])}.", "", *label_skew.results_lines(ls),
-                  f"![label skew]({rel(fleet / folder / 'f1_vs_alpha.png', out)})", ""]
+        lines += saved("label_skew.py", folder, title, "f1_vs_alpha.png", label_skew.results_lines)
     sb = load(fleet / "subtree_bundle" / "subtree_bundle.json")
     lines += ["### Per-subtree bundles", ""]
     if sb is None:
