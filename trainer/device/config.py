@@ -96,8 +96,9 @@ class LocalConfig:
         "least": 0, "most": 1})
     logit_adjust: float = field(default=1.0, metadata={
         "help": "balanced softmax / FedLC-style calibration (Ren et al., NeurIPS 2020; Zhang et al., ICML 2022): "
-                "add tau * log(the client's share of each output) to the logits during training, so an output the "
-                "client lacks gets no push down and a frequent one no free lead (0: off)",
+                "add tau * (log of the client's share of each output - log of the federation's share) to the "
+                "logits during training, so an output the client lacks gets no push down and one it holds more of "
+                "than the federation no free lead (0: off)",
         "least": 0, "most": 10})
     prior: tuple = field(default=(), metadata={
         "help": "set by the strategy with --logit-adjust: the share of each output in the whole federation, the "
