@@ -383,8 +383,19 @@ class RoundDriver:
                 continue
             by_task.setdefault(plan.assigned[client], []).append((client, new, int(metrics["num_samples"])))
             losses.append(float(metrics.get("train_loss", 0.0)))
-        updated = {key: s.aggregate([(w, n) for _, w, n in res], self.weights[key], key)
-                   for key, res in by_task.items()}
+        updated = {}
+        for key in list(by_task):   # each result's influence bounded against the task's own history
+            res = by_task[key]
+            kept, rejected, norms = s.bound([(w, n) for _, w, n in res], self.weights[key], key)
+            for i, why in rejected.items():
+                left_out[str(res[i][0])] = why
+            by_task[key] = [res[i] for i in kept]
+            if not kept:
+                del by_task[key]
+                continue
+            cap = s.sample_cap([n[key] for n in self.task_n.values()])
+            updated[key] = s.combine(list(kept.values()), self.weights[key], key, cap)
+            s.remember(key, norms)
         entry = {"round": rnd, "task": plan.first, "clients": sum(map(len, by_task.values())),
                  "samples": sum(n for res in by_task.values() for _, _, n in res),
                  "skipped": plan.skipped, "dropped": plan.dropped, "diverged": diverged,

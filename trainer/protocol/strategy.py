@@ -13,8 +13,8 @@ import numpy as np
 from hierarchy import Hierarchy
 from hierarchy.errors import HmoeError, UsageError
 from trainer.device.config import LocalConfig, NetConfig
-from trainer.protocol.aggregate import AGGREGATORS, SERVER_OPTIMIZERS, Weights, bound_results, server_step, \
-    trimmed_mean
+from trainer.protocol.aggregate import AGGREGATORS, CHANGE_WINDOW, SERVER_OPTIMIZERS, Weights, bound_results, \
+    cap_samples, lower_median, server_step, trimmed_mean
 from trainer.protocol.schedules import ScheduleContext, get_schedule, reads_validation
 
 FLAT = "flat"
@@ -171,6 +171,7 @@ class Strategy:
                              f"{', '.join(SERVER_OPTIMIZERS)}")
         self.server_optimizer, self.server_lr, self.server_momentum = server_optimizer, server_lr, server_momentum
         self.server_state: dict[str, dict[str, np.ndarray]] = {}   # per task: the server optimizer's moments
+        self.changes: dict[str, list[float]] = {}   # per task: norms of its last accepted changes (the bound's)
         self.epochs_cap = epochs_cap
         self.priors = dict(priors or task_priors(tree, tasks))
         self.aggregation, self.influence_bound, self.assignment = aggregation, influence_bound, assignment
@@ -234,7 +235,8 @@ class Strategy:
     def state(self) -> dict:
         """What drives the schedule; saved with the run, restored on resume and restart."""
         return {"schedule": self.schedule_name, "shares": dict(self.context.shares),
-                "val_error": dict(self.context.val_error), "priors": dict(self.priors)}
+                "val_error": dict(self.context.val_error), "priors": dict(self.priors),
+                "changes": {k: list(v) for k, v in self.changes.items()}}
 
     def restore(self, state: dict) -> None:
         if state.get("schedule", self.schedule_name) != self.schedule_name:
@@ -247,6 +249,7 @@ class Strategy:
         self.context.val_error = {k: float(v) for k, v in state.get("val_error", {}).items() if k in self.tasks}
         if all(k in state.get("priors", {}) for k in self.tasks):   # a run saved before priors: the tree's
             self.priors = {k: list(state["priors"][k]) for k in self.tasks}
+        self.changes = {k: [float(x) for x in v] for k, v in state.get("changes", {}).items() if k in self.tasks}
 
     # --------------------------------------------------------------- clients
     def lr(self, rnd: int) -> float:
@@ -298,12 +301,49 @@ class Strategy:
         return idx[mask], target
 
     # ------------------------------------------------------------ aggregate
-    def aggregate(self, results: list[tuple[Weights, int]], base: Weights, key: str | None = None) -> Weights:
+    def sample_cap(self, task_samples: list[int]) -> int | None:
+        """The most samples one result of a task may weigh: ``influence_bound`` x the lower
+        median of what the fleet's clients hold under it (``task_samples``, every client the
+        transport knows, not only this round's), so a sample count claimed by one device, or
+        by a minority, buys at most that much. None: no cap (bound off, or nothing known)."""
+        held = [n for n in task_samples if n > 0]
+        if self.influence_bound <= 0 or not held:
+            return None
+        return max(1, int(self.influence_bound * lower_median(held)))
+
+    def bound(self, results: list[tuple[Weights, int]], base: Weights, key: str | None = None
+              ) -> tuple[dict[int, tuple[Weights, int]], dict[int, str], list[float]]:
+        """Each result of task ``key`` bounded (``aggregate.bound_results``, against the task's
+        remembered changes): kept results by index, reasons for those left out, kept norms."""
+        return bound_results(results, base, self.influence_bound, self.changes.get(key, []))
+
+    def remember(self, key: str, norms: list[float]) -> None:
+        """The accepted changes of a round of ``key``: the history its next bounds read, to six
+        significant digits (transports whose devices train the same update on other machines
+        agree on them, not on the last bits)."""
+        if norms:
+            self.changes[key] = (self.changes.get(key, []) + [float(f"{n:.6g}") for n in norms])[-CHANGE_WINDOW:]
+
+    def aggregate(self, results: list[tuple[Weights, int]], base: Weights, key: str | None = None,
+                  sample_cap: int | None = None) -> Weights:
         """Combine a round's results for task ``key`` whose weights were ``base``: each result's
-        influence bounded (``influence_bound`` x the round's median change and sample count),
-        then the aggregation rule (FedAvg, coordinate-wise median or trimmed mean), then the
-        server optimizer's step towards it (its moments kept per task in ``server_state``)."""
-        combined = self._aggregate(bound_results(results, base, self.influence_bound))
+        change bounded (``bound``; none left: ``base``), sample counts capped at
+        ``sample_cap``, then the aggregation rule (FedAvg, coordinate-wise median or trimmed
+        mean), then the server optimizer's step towards it (its moments kept per task in
+        ``server_state``). Reads the bound's history but does not add to it (``remember``)."""
+        kept, _, _ = self.bound(results, base, key)
+        return self.combine(list(kept.values()), base, key, sample_cap)
+
+    def combine(self, results: list[tuple[Weights, int]], base: Weights, key: str | None = None,
+                sample_cap: int | None = None) -> Weights:
+        """The aggregation rule and the server step over results already bounded, sample counts
+        capped at ``sample_cap`` (None: ``sample_cap`` of the round's own counts, with three
+        results or more)."""
+        if not results:
+            return base
+        if sample_cap is None and len(results) >= 3:   # no fleet known: the round's own counts
+            sample_cap = self.sample_cap([n for _, n in results])
+        combined = self._aggregate(cap_samples(results, sample_cap))
         if self.server_optimizer == "none":
             return combined
         new, self.server_state[key] = server_step(self.server_optimizer, base, combined,
