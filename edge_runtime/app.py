@@ -25,7 +25,7 @@ from hierarchy.decode import DecodeError, parse_decoder
 # The OpenAPI description tells the truth about every request and answer, errors included,
 # so schema-driven tools can test the service (tests/test_api_fuzz.py does).
 ERROR_BODY = {"type": "object", "properties": {"detail": {"type": "string"}}, "required": ["detail"]}
-WHY = {400: "empty body, or a multipart body without a 'file' part", 401: "no bearer token", 403: "wrong token",
+WHY = {400: "empty body, a malformed multipart body, or one without a 'file' part", 401: "no bearer token", 403: "wrong token",
        408: "the body did not arrive in time", 413: "body or image over the limits",
        415: "not a PNG or JPEG image", 422: "a corrupt image, an unsupported layout or an unknown decoder",
        500: "the bundle on disk is damaged", 503: "too many predictions waiting; see Retry-After"}
@@ -105,7 +105,14 @@ def create_app(bundle: str | os.PathLike, memory_budget_mb: float | None = None,
         async def replay() -> dict:
             return {"type": "http.request", "body": body, "more_body": False}
 
-        form = await Request(request.scope, replay).form(max_files=1, max_fields=4, max_part_size=max_body_bytes)
+        try:
+            form = await Request(request.scope, replay).form(max_files=1, max_fields=4,
+                                                             max_part_size=max_body_bytes)
+        except HTTPException as exc:   # starlette's own refusals of a multipart body are 400s
+            raise ImageError(f"malformed multipart body: {exc.detail}", 400) from None
+        except Exception as exc:   # noqa: BLE001 - any parser failure is the body's fault, never a 500
+            raise ImageError(f"malformed multipart body ({exc.__class__.__name__}: {str(exc)[:200]}); expected "
+                             "multipart/form-data with a 'file' part holding a PNG or JPEG image", 400) from None
         part = form.get("file") or form.get("image")
         if part is None or isinstance(part, str):
             raise ImageError("multipart body without a 'file' (or 'image') part holding the image", 400)
@@ -124,10 +131,15 @@ def create_app(bundle: str | os.PathLike, memory_budget_mb: float | None = None,
         return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
     @app.get("/health", responses=documented({"type": "object"}))
-    async def health() -> dict:
-        return {"status": "ok", "bundle": str(engine.bundle.root), "experts": len(engine.bundle.experts),
-                "input": list(engine.bundle.input_spec.shape), **scope,
-                "leaves": [engine.tree.names[v] for v in engine.tree.leaf_order]}
+    async def health(request: Request) -> dict:
+        """Liveness for anyone (a monitor, systemd); what the bundle holds only with the token
+        (when the server has one). No file path is ever shown."""
+        try:
+            authorize(request)
+        except HTTPException:
+            return {"status": "ok"}
+        return {"status": "ok", "experts": len(engine.bundle.experts), "input": list(engine.bundle.input_spec.shape),
+                **scope, "leaves": [engine.tree.names[v] for v in engine.tree.leaf_order]}
 
     @app.get("/experts", responses=documented({"type": "object"}, 401, 403))
     def experts(request: Request) -> dict:

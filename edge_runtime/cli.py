@@ -7,6 +7,7 @@ import os
 import sys
 
 from edge_runtime.bundle import load_bundle
+from edge_runtime.sync import DeviceBounds
 from hierarchy.errors import HmoeError, UsageError
 
 
@@ -54,13 +55,12 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from edge_runtime.app import create_app
+    from hierarchy.serving import serve
     app = create_app(args.bundle, memory_budget_mb=args.memory_budget_mb, token=args.token,
                      max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels, threads=args.threads,
                      decoder=args.decode, workers=args.workers, body_timeout=args.body_timeout)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    serve(app, args.host, args.port, args.log_level)
     return 0
 
 
@@ -133,7 +133,9 @@ def _sync(args: argparse.Namespace) -> int:
     if subtree:
         print(f"this device carries the subtree {subtree}: it trains only the experts inside it")
     done = sync(args.server, args.token, args.data, args.memory_cap_mb, args.rounds, args.state,
-                poll=args.poll, name=args.name, until_round=args.until_round, subtree=subtree)
+                poll=args.poll, name=args.name, until_round=args.until_round, subtree=subtree,
+                bounds=DeviceBounds(max_epochs=args.max_epochs, max_lr=args.max_lr,
+                                    max_sample_passes=args.max_sample_passes, reply_seconds=args.reply_seconds))
     print(f"took part in {done} rounds")
     return 0
 
@@ -192,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_bench)
     p = sub.add_parser("sync", help="take part in federated rounds run by a coordinator")
     p.add_argument("--server", required=True, help="coordinator URL, e.g. http://127.0.0.1:8000")
-    p.add_argument("--token", required=True, help="the fleet's enrolment secret (the device token is kept in --state)")
+    p.add_argument("--token", required=True, help="the fleet's enrolment secret, or a one-time enrolment token from "
+                   "the operator (used once; the device's own token is then kept in --state, mode 0600)")
     p.add_argument("--data", required=True, help="local labelled data (class folders or .npz)")
     p.add_argument("--memory-cap-mb", type=float, default=None)
     p.add_argument("--rounds", type=int, default=None, help="rounds to take part in (default: until stopped)")
@@ -205,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "train only the experts inside its subtree")
     p.add_argument("--subtree", help="train only the experts inside this node's subtree (the others' rounds are "
                    "excused)")
+    b = DeviceBounds()
+    p.add_argument("--max-epochs", type=int, default=b.max_epochs,
+                   help="refuse an assignment asking for more local epochs than this")
+    p.add_argument("--max-lr", type=float, default=b.max_lr, help="refuse a larger learning rate")
+    p.add_argument("--max-sample-passes", type=int, default=b.max_sample_passes,
+                   help="refuse a round whose epochs x samples is larger (its work)")
+    p.add_argument("--reply-seconds", type=float, default=b.reply_seconds,
+                   help="give up on a reply not complete within this (every reply also has a size limit)")
     p.set_defaults(run=_sync)
     return parser
 

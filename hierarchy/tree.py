@@ -332,19 +332,20 @@ class Hierarchy:
         return "\n".join(lines)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str, mode: int = 0o644) -> None:
     """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename."""
-    write_bytes_atomic(path, text.encode())
+    write_bytes_atomic(path, text.encode(), mode)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
+def write_bytes_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` via a temporary file, fsync and rename: readers see the old
-    file or the whole new one, never a half-written one."""
+    file or the whole new one, never a half-written one. The file has ``mode`` from its first
+    byte on (the temporary file is created 0600 and only ever widened to ``mode``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o644)
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -120,6 +120,7 @@ def make_run(path: Path, cfg) -> Path:
 
 class Server:
     def __init__(self, run: Path, db: Path, min_devices: int | None = None, round_seconds: float = 600) -> None:
+        self.db = Path(db)
         self.args = [str(BIN / "hmoe"), "coordinator", "--run", str(run), "--db", str(db), "--secret", SECRET,
                      "--round-seconds", str(round_seconds)] + ([] if min_devices is None else
                                                                ["--min-devices", str(min_devices)])
@@ -130,7 +131,7 @@ class Server:
     def start(self) -> None:
         self.proc = subprocess.Popen(self.args + ["--port", str(self.port)], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE)
-        wait_for_http(self.url + "/status", self.proc)
+        wait_for_http(self.url + "/health", self.proc)
 
     def kill9(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -140,8 +141,15 @@ class Server:
         self.proc.terminate()
         self.proc.wait(10)
 
+    @property
+    def operator(self) -> dict:
+        """The operator's bearer header (the token the coordinator wrote beside its database)."""
+        return {"Authorization": f"Bearer {Path(str(self.db) + '.operator-token').read_text().strip()}"}
+
     def status(self) -> dict:
-        return httpx.get(self.url + "/status").json()
+        r = httpx.get(self.url + "/status", headers=self.operator)
+        assert r.status_code == 200, r.text
+        return r.json()
 
 
 def enrol(url: str) -> dict:

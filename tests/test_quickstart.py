@@ -31,7 +31,7 @@ def test_the_readme_coordinator_quickstart_gives_the_simulations_experts(tmp_pat
     script = quickstart("coordinator")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     # bash -e with job control for the `&` lines; every job's process group ends with the script
-    up = ("python -c \"import urllib.request as u; u.urlopen('http://127.0.0.1:8765/status', timeout=1)\" "
+    up = ("python -c \"import urllib.request as u; u.urlopen('http://127.0.0.1:8765/health', timeout=1)\" "
           "2>/dev/null")
     done = ("python -c \"import json; s = json.load(open('runs/fleet/state-hmoe.json')); "
             "raise SystemExit(s['completed_rounds'] < 5)\"")

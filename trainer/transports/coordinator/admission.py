@@ -1,5 +1,6 @@
-"""What the coordinator lets in: enrolment secrets (rotatable), a ceiling on devices, an
-enrolment rate, and a ceiling on the samples one device may claim (no torch)."""
+"""What the coordinator lets in: enrolment secrets (rotatable) and one-time enrolment tokens,
+a ceiling on devices, an enrolment rate, a rate on failed secrets per peer, and a ceiling
+on the samples one device may claim (no torch)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ class Limits:
     enrol_per_second: float = 100.0    # sustained enrolment rate ...
     enrol_burst: int = 1_000           # ... and how many may come at once
     max_samples: int = 100_000         # samples one device may claim (label counts, X-Samples)
+    failed_per_second: float = 0.2     # wrong secrets a peer may try, sustained (one every 5 s) ...
+    failed_burst: int = 10             # ... and at once; past that 429 without a look at the secret
 
 
 class TokenBucket:
@@ -48,15 +51,47 @@ class TokenBucket:
                 return 0.0
             return (1 - self.tokens) / self.rate
 
+    def peek(self) -> float:
+        """The tokens saved up now, taking none."""
+        with self.lock:
+            return min(self.burst, self.tokens + (time.monotonic() - self.stamp) * self.rate)
+
+
+class PeerBuckets:
+    """A ``TokenBucket`` per peer address (at most ``most`` peers remembered: the fullest
+    buckets are forgotten first, since they hold nothing against anyone)."""
+
+    def __init__(self, rate: float, burst: int, most: int = 10_000) -> None:
+        self.rate, self.burst, self.most = rate, burst, most
+        self.buckets: dict[str, TokenBucket] = {}
+        self.lock = threading.Lock()
+
+    def _bucket(self, peer: str) -> TokenBucket:
+        with self.lock:
+            if peer not in self.buckets:
+                if len(self.buckets) >= self.most:
+                    for key in [k for k, b in self.buckets.items() if b.peek() >= b.burst][: self.most // 2] or \
+                            list(self.buckets)[: self.most // 2]:
+                        del self.buckets[key]
+                self.buckets[peer] = TokenBucket(self.rate, self.burst)
+            return self.buckets[peer]
+
+    def blocked(self, peer: str) -> float:
+        """Seconds until ``peer`` may try again (0: it may now)."""
+        b = self._bucket(peer)
+        return 0.0 if b.peek() >= 1 else (1 - b.peek()) / self.rate
+
+    def failed(self, peer: str) -> None:
+        self._bucket(peer).take()
+
 
 class Secrets:
     """The enrolment secrets: one string, or a file of them (one a line, `#` comments) that is
     read again whenever it changes, so a secret is rotated by editing the file; devices
-    already enrolled keep their tokens."""
+    already enrolled keep their tokens. With neither, devices enrol only with one-time
+    enrolment tokens the operator issues (``hmoe coordinator-admin tokens``)."""
 
     def __init__(self, secret: str | None = None, path: str | os.PathLike | None = None) -> None:
-        if not secret and path is None:
-            raise AdmissionError("an enrolment secret is required: --secret S, --secret-file F or $HMOE_ENROL_SECRET")
         self.fixed, self.path = secret, Path(path) if path is not None else None
         self._stamp, self._values = None, []
         self.lock = threading.Lock()
@@ -65,7 +100,7 @@ class Secrets:
 
     def values(self) -> list[str]:
         if self.path is None:
-            return [self.fixed]
+            return [self.fixed] if self.fixed else []
         with self.lock:
             try:
                 stamp = self.path.stat().st_mtime_ns

@@ -37,7 +37,7 @@ from safetensors.numpy import load, load_file, save
 from hierarchy.errors import HmoeError
 from hierarchy.manifest import Manifest, ModelEntry
 from hierarchy.tree import write_bytes_atomic
-from trainer.transports.coordinator.admission import AdmissionError, Limits, Secrets, TokenBucket
+from trainer.transports.coordinator.admission import AdmissionError, Limits, PeerBuckets, Secrets, TokenBucket
 from trainer.protocol.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from trainer.device.config import Weights
 from trainer.protocol.driver import ClientSampler, RoundDriver, RoundPlan, RunStore, check_arrays
@@ -45,7 +45,7 @@ from trainer.protocol.fleet import run_fleet
 from trainer.protocol.run import load_strategy_state, run_files
 from trainer.protocol.strategy import StrategyError
 
-MAX_UPDATE_BYTES = 16 * 1024 * 1024
+UPDATE_SLACK = 4096      # bytes an update may carry beyond its tensors (the safetensors header)
 MAX_BATCH = 512          # writes committed together by the writer thread
 MAX_CLOSES = 64          # rounds closed after one batch at most
 
@@ -66,7 +66,60 @@ CREATE TABLE IF NOT EXISTS versions (expert TEXT NOT NULL, version INTEGER NOT N
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS counts (device TEXT PRIMARY KEY, counts TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS plans (round INTEGER PRIMARY KEY, plan TEXT NOT NULL, counts TEXT NOT NULL, entry TEXT);
+CREATE TABLE IF NOT EXISTS enrol_tokens (hash TEXT PRIMARY KEY, created REAL NOT NULL, note TEXT, used_by TEXT,
+    used REAL);
 """
+
+
+def open_db(db: str | os.PathLike) -> sqlite3.Connection:
+    """The coordinator's database with its schema (created, or brought up to date)."""
+    con = _connect(db)
+    con.executescript(SCHEMA)
+    if "revoked" not in {row[1] for row in con.execute("PRAGMA table_info(devices)")}:
+        con.execute("ALTER TABLE devices ADD COLUMN revoked REAL")
+    return con
+
+
+def issue_enrol_tokens(db: str | os.PathLike, count: int, note: str = "") -> list[str]:
+    """``count`` one-time enrolment tokens (each enrols one device, once), stored hashed; the
+    coordinator may be running. Returns the tokens: the only time they are seen."""
+    if not 1 <= count <= 100_000:
+        raise CoordinatorError(f"count {count}: expected 1 to 100000 tokens")
+    tokens = [secrets.token_urlsafe(24) for _ in range(count)]
+    con = open_db(db)
+    try:
+        with con:
+            con.execute("BEGIN IMMEDIATE")
+            con.executemany("INSERT INTO enrol_tokens (hash, created, note) VALUES (?, ?, ?)",
+                            [(_hash(t), time.time(), note[:200]) for t in tokens])
+    finally:
+        con.close()
+    return tokens
+
+
+def list_devices(db: str | os.PathLike) -> list[dict]:
+    con = open_db(db)
+    try:
+        return [{"device_id": d, "index": i, "name": n, "enrolled": c, "revoked": r} for d, i, n, c, r in
+                con.execute("SELECT id, idx, name, created, revoked FROM devices ORDER BY idx")]
+    finally:
+        con.close()
+
+
+def revoke_device(db: str | os.PathLike, device: str) -> None:
+    """The device's token stops working (403) within a second, running coordinator or not;
+    its samples leave the next plan. Its index stays taken (client indices never move)."""
+    con = open_db(db)
+    try:
+        with con:
+            con.execute("BEGIN IMMEDIATE")
+            if con.execute("UPDATE devices SET revoked = ? WHERE id = ? AND revoked IS NULL",
+                           (time.time(), device)).rowcount == 0:
+                known = con.execute("SELECT revoked FROM devices WHERE id = ?", (device,)).fetchone()
+                raise CoordinatorError(f"device {device!r} was already revoked" if known else
+                                       f"no device {device!r} in {db}")
+    finally:
+        con.close()
 
 
 
@@ -172,11 +225,13 @@ class Coordinator:
         self.last_aggregation: dict | None = None
         self._validation = None
         self._weights_cache: dict[str, tuple[int, bytes]] = {}
-        self.db = _connect(db)              # the writer's (and start-up's) connection
+        self.db = open_db(db)               # the writer's (and start-up's) connection
         self.db.execute("PRAGMA wal_autocheckpoint=0")   # checkpoint once a round, not while updates stream in
-        self.db.executescript(SCHEMA)
         self._reader = _connect(db)         # request threads read committed snapshots through this one
         self._read_lock = threading.Lock()
+        self._failed = PeerBuckets(limits.failed_per_second, limits.failed_burst)
+        self._revoked: set[str] = set()
+        self._revoked_seen = (-1, 0.0)      # (the reader's data_version, when) of the last look
         self._jobs: queue.Queue = queue.Queue()
         self._after_commit: list = []
         self._logs: dict = {}
@@ -223,6 +278,7 @@ class Coordinator:
         saved = self.db.execute("SELECT value FROM meta WHERE key = 'strategy'").fetchone()
         self.strategy.restore(json.loads(saved[0]))
         self._devices = {h: (d, i) for d, i, h in self.db.execute("SELECT id, idx, token_hash FROM devices")}
+        self._revoked = {d for (d,) in self.db.execute("SELECT id FROM devices WHERE revoked IS NOT NULL")}
         self._index = {d: i for d, i in self._devices.values()}
         self._device_of = {i: d for d, i in self._index.items()}
         self._counts = {self._index[d]: np.asarray(json.loads(c), dtype=np.int64)
@@ -252,8 +308,8 @@ class Coordinator:
                         "deadline": r[3] if planned is not None else None, "planned": planned is not None}, plan)
         self._answered_by = {d: "already sent an update for" for (d,) in
                              self.db.execute("SELECT device FROM updates WHERE round = ?", (r[0],))}
-        self._answered_by.update({d: "was excused from" for (d,) in
-                                  self.db.execute("SELECT device FROM excused WHERE round = ?", (r[0],))})
+        self._excused_why = dict(self.db.execute("SELECT device, reason FROM excused WHERE round = ?", (r[0],)))
+        self._answered_by.update({d: "was excused from" for d in self._excused_why})
 
     @property
     def _current(self) -> dict:
@@ -311,7 +367,8 @@ class Coordinator:
     def _plan_round(self) -> None:
         """The driver plans the open round over the devices that reported their samples (writer thread)."""
         rnd = self._current["round"]
-        counts = {i: c for i, c in self._counts.items() if i < self.cfg.clients}
+        revoked = {self._index[d] for d in self._revoked if d in self._index}
+        counts = {i: c for i, c in self._counts.items() if i < self.cfg.clients and i not in revoked}
         for idx, c in counts.items():
             self.driver.use_counts(idx, c)
         plan = self.driver.plan(rnd, present=set(counts), simulate_dropout=False)
@@ -352,14 +409,16 @@ class Coordinator:
         row = self._read("SELECT file FROM versions WHERE expert = ? AND version = ?", (expert, version))
         return self.store / "weights" / row[0][0]
 
-    def current_weights(self, expert: str) -> tuple[int, bytes]:
-        """The expert's latest version and its safetensors bytes (read once per version)."""
+    def current_weights(self, expert: str, with_digest: bool = False) -> tuple:
+        """The expert's latest version and its safetensors bytes (read once per version), and
+        with ``with_digest`` their SHA-256 in hex (a device checks what it received)."""
         version = self._versions[expert]
         cached = self._weights_cache.get(expert)
         if cached is None or cached[0] != version:
-            cached = (version, self.weights_file(expert, version).read_bytes())
+            data = self.weights_file(expert, version).read_bytes()
+            cached = (version, data, hashlib.sha256(data).hexdigest())
             self._weights_cache[expert] = cached
-        return cached
+        return cached if with_digest else cached[:2]
 
     def current(self) -> dict:
         return dict(self._round[0])
@@ -404,9 +463,9 @@ class Coordinator:
             if device is not None and (idx not in self._counts or not np.array_equal(self._counts[idx], counts)):
                 self._write(self._store_counts, device, counts)
         for _ in range(3):
-            out = self._answer(idx, subtree)
-            if not (out["excused"] and device is not None and excuse):
-                return out
+            out = self._answer(idx, subtree, device)
+            if not (out["excused"] and device is not None and excuse) or device in self._excused_why:
+                return out   # (an excusal already recorded is not written again)
             try:
                 self.excuse(device, out["round"], out["excused"])
                 return out
@@ -414,11 +473,16 @@ class Coordinator:
                 continue
         return out
 
-    def _answer(self, idx: int, subtree: str | None) -> dict:
+    def _answer(self, idx: int, subtree: str | None, device: str | None = None) -> dict:
         cur, plan = self._round
         rnd = cur["round"]
         out = {**cur, "children": [], "seed": None, "hyperparameters": None, "samples": None, "excused": None,
                "wait": None}
+        why = self._excused_why.get(device) if device is not None else None
+        if why is not None and plan is not None and plan.rnd == rnd:   # excused stays excused for the round
+            out.update(samples=0, excused=f"excused from round {rnd} already ({why}); new counts count from the "
+                       "next plan")
+            return out
         if plan is None or plan.rnd != rnd:
             out["wait"] = (f"round {rnd} is planned once {self.min_devices} devices have reported their samples "
                            f"({len(self._counts)} have): send counts with GET /assignment")
@@ -437,33 +501,63 @@ class Coordinator:
         return out
 
     # ------------------------------------------------------------- devices
-    def enroll(self, secret: str, name: str = "") -> dict:
-        return self.enroll_later(secret, name).result()
+    def enroll(self, secret: str, name: str = "", peer: str = "local") -> dict:
+        return self.enroll_later(secret, name, peer).result()
 
-    def enroll_later(self, secret: str, name: str = "") -> Future:
-        """Check the secret, the rate and the ceiling now; the new device is committed by the
-        writer (the future's result). Raises AdmissionError (403, or 429 when too fast)."""
+    def enroll_later(self, secret: str, name: str = "", peer: str = "local") -> Future:
+        """Check the secret (a fleet secret, or a one-time enrolment token), the rate and the
+        ceiling now; the new device is committed by the writer (the future's result). Raises
+        AdmissionError: 403, or 429 when too fast or when ``peer`` sent too many wrong secrets
+        (then the secret is not even looked at)."""
+        wait = self._failed.blocked(peer)
+        if wait:
+            raise AdmissionError(f"too many wrong enrolment secrets from {peer}; retry in {wait:.0f} s", 429, wait)
+        one_time = None
         if not self.secrets.check(secret):
-            raise AdmissionError("wrong enrolment secret")
+            row = self._read("SELECT used_by FROM enrol_tokens WHERE hash = ?", (_hash(secret),))
+            if not row or row[0][0] is not None:
+                self._failed.failed(peer)
+                raise AdmissionError("wrong enrolment secret or token" if not row else
+                                     "this enrolment token was already used; ask the operator for another")
+            one_time = _hash(secret)
         wait = self._enrol_bucket.take()
         if wait:
             raise AdmissionError(f"too many enrolments (at most {self.limits.enrol_per_second:g} a second); "
                                  f"retry in {wait:.1f} s", 429, wait)
-        return self._enqueue(self._store_device, name)
+        return self._enqueue(self._store_device, name, one_time)
 
-    def _store_device(self, name: str) -> dict:
+    def _store_device(self, name: str, one_time: str | None = None) -> dict:
         most = min(self.limits.max_devices, self.cfg.clients)
         if len(self._index) >= most:
             raise AdmissionError(f"the fleet is full: {len(self._index)} devices are enrolled and the run has "
                                  f"{self.cfg.clients} clients" if most == self.cfg.clients else
                                  f"the fleet is full: {self.limits.max_devices} devices are enrolled")
         device, token = secrets.token_hex(8), secrets.token_urlsafe(24)
+        if one_time is not None and self.db.execute(
+                "UPDATE enrol_tokens SET used_by = ?, used = ? WHERE hash = ? AND used_by IS NULL",
+                (device, time.time(), one_time)).rowcount != 1:
+            raise AdmissionError("this enrolment token was already used; ask the operator for another")
         idx = self.db.execute("SELECT COALESCE(MAX(idx) + 1, 0) FROM devices").fetchone()[0]
-        self.db.execute("INSERT INTO devices VALUES (?, ?, ?, ?, ?)", (device, idx, _hash(token), name, time.time()))
+        self.db.execute("INSERT INTO devices (id, idx, token_hash, name, created) VALUES (?, ?, ?, ?, ?)",
+                        (device, idx, _hash(token), name, time.time()))
         self._devices[_hash(token)] = (device, idx)
         self._index[device] = idx
         self._device_of[idx] = device
         return {"device_id": device, "token": token, "index": idx}
+
+    def revoked(self, device: str) -> bool:
+        """Whether the operator revoked ``device`` (``revoke_device``; looked up again at most
+        once a second, and only when the database changed)."""
+        version, when = self._revoked_seen
+        now = time.monotonic()
+        if now - when >= 1.0:
+            with self._read_lock:
+                current = self._reader.execute("PRAGMA data_version").fetchone()[0]
+                if current != version:
+                    self._revoked = {d for (d,) in self._reader.execute(
+                        "SELECT id FROM devices WHERE revoked IS NOT NULL")}
+                self._revoked_seen = (current, now)
+        return device in self._revoked
 
     def _store_counts(self, device: str, counts: np.ndarray) -> None:
         """A device's samples per label (used from the next plan on); plans the open round when
@@ -494,8 +588,18 @@ class Coordinator:
             raise StaleUpdate(f"device {device} {self._answered_by[device]} round {rnd}")
         self.db.execute("INSERT INTO excused VALUES (?, ?, ?)", (rnd, device, reason))
         self._answered_by[device] = "was excused from"
+        self._excused_why[device] = reason
 
     # ------------------------------------------------------------- updates
+    def max_update_bytes(self, expert: str | None = None) -> int:
+        """The largest body an update of ``expert`` (None: of any expert) can honestly be: its
+        float32 tensors and a safetensors header (1 KB and 256 bytes a tensor, as
+        ``check_update`` allows), plus ``UPDATE_SLACK``."""
+        def size(key: str) -> int:
+            shapes = self.expected[key]
+            return 8 + 1024 + 256 * len(shapes) + sum(4 * math.prod(s) for s in shapes.values()) + UPDATE_SLACK
+        return size(expert) if expert is not None else max(size(k) for k in self.tasks)
+
     def check_update(self, expert: str, body: bytes) -> Weights:
         """Parse and validate an update's tensors without copying them; raises InvalidUpdate (-> 422).
         The header is bounded by what the expert's tensors need before it is parsed, so a body
@@ -555,6 +659,9 @@ class Coordinator:
                       metrics: str, body: bytes, hyperparameters: str) -> dict:
         dup = self.db.execute("SELECT round, expert FROM updates WHERE device = ? AND idem_key = ?",
                               (device, idem_key)).fetchone()
+        if dup and dup[0] != rnd:
+            raise StaleUpdate(f"idempotency key {idem_key[:128]!r} was used for this device's update of round "
+                              f"{dup[0]}; a key names one update: send round {rnd}'s with a key of its own")
         if dup:
             return {"accepted": True, "duplicate": True, "round": dup[0], "expert": dup[1]}
         self._check_current(device, rnd, expert, base_version)

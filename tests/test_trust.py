@@ -1,0 +1,89 @@
+"""Trust on the coordinator's side: no small round lets one device set an expert (the audit's
+attacks of issue 25, end to end through the coordinator on real Fashion-MNIST), identities
+cost something, and the answers agree with what happens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from safetensors.numpy import load, save
+
+from tests.support import needs_fashion
+from trainer.device.client import local_update
+from trainer.device.config import LocalConfig
+from trainer.prepare import open_run
+from trainer.protocol.run import RunConfig
+from trainer.transports.coordinator.service import Coordinator
+from trainer.transports.inprocess import Federation
+
+SECRET = "s"
+ROUNDS = 6
+ATTACK_COUNTS = [10_000] * 10   # 100,000 samples: the ceiling a device may claim
+
+
+def fleet(tmp_path, clients: int):
+    cfg = RunConfig(dataset="fashion-mnist", train_limit=4000, test_limit=1000, clients=clients,
+                    clients_per_round=clients, hmoe_rounds=ROUNDS, expert_width=8, seed=0, partition="iid")
+    cfg, prep = open_run(tmp_path / "run", cfg, resume=False)
+    Federation(tmp_path / "run", "hmoe", cfg, prep)
+    return cfg, prep
+
+
+def drive(tmp_path, name: str, cfg, prep, attack: bool, sybils: int = 0) -> tuple[float, list[dict]]:
+    """ROUNDS coordinator rounds over a copy of the run: device 0 is honest (trains its
+    assignment on its own samples), device 1 claims 100,000 samples and either sends weights
+    of 1e4 (``attack``) or declines every round, and ``sybils`` more enrolments report no
+    samples and are excused. Returns the test Information F1 and the rounds' log entries."""
+    import shutil
+    run = tmp_path / name
+    shutil.copytree(tmp_path / "run", run)
+    coord = Coordinator(run, tmp_path / f"{name}.sqlite", SECRET, min_devices=cfg.clients)
+    d = prep.data
+    try:
+        honest, attacker, *extra = (coord.enroll(SECRET)["device_id"] for _ in range(2 + sybils))
+        own = np.bincount(d.train_y[prep.parts[0]], minlength=10).tolist()
+        for dev, counts in [(attacker, ATTACK_COUNTS), (honest, own)] + [(dev, [0] * 10) for dev in extra]:
+            coord.assignment(dev, counts)   # every device reports its samples: the first round is planned
+        for rnd in range(ROUNDS):
+            a = coord.assignment(attacker, ATTACK_COUNTS)
+            h = coord.assignment(honest, own)
+            for dev in extra:
+                assert coord.assignment(dev, [0] * 10)["excused"]
+            assert a["round"] == h["round"] == rnd and a["expert"] and h["expert"]
+            if attack:
+                w = load(coord.current_weights(a["expert"])[1])
+                coord.submit(attacker, rnd, a["expert"], a["weights_version"], a["samples"], f"a-{rnd}", {},
+                             save({k: np.full_like(v, 1e4) for k, v in w.items()}), a["hyperparameters"])
+            else:
+                coord.excuse(attacker, rnd, "declined")
+            key = h["expert"]
+            task = coord.tasks[key]
+            idx, target = coord.strategy.client_data(key, d.train_y, prep.parts[0])
+            local = LocalConfig.from_dict(h["hyperparameters"])
+            w, m = local_update(task.net, load(coord.current_weights(key)[1]), d.train_x[idx], target, local,
+                                prep.normalize, h["seed"])
+            coord.submit(honest, rnd, key, h["weights_version"], m["num_samples"], f"h-{rnd}", {}, save(w),
+                         h["hyperparameters"])
+            coord.tick()   # waits for the writer to close the round
+            assert coord.status()["rounds_aggregated"] == rnd + 1
+        log = list(coord.driver.state["log"])
+    finally:
+        coord.close()
+    fed = Federation(run, "hmoe", cfg, prep)   # the run directory as the coordinator left it
+    return fed.evaluate(d.test_x, d.test_y)["info_f1"], log
+
+
+@needs_fashion
+@pytest.mark.slow
+@pytest.mark.parametrize("sybils", [0, 3], ids=["one-attacker-two-devices", "attacker-and-excused-sybils"])
+def test_a_small_round_does_not_let_one_device_set_an_expert(tmp_path, sybils):
+    """The audit: at two devices (one honest, one attacker claiming 100,000 samples and sending
+    weights of 1e4), and with three more enrolments that report no samples and are excused,
+    test Information F1 stays within 0.01 of the same rounds with the attacker silent."""
+    cfg, prep = fleet(tmp_path, 2 + sybils)
+    clean, _ = drive(tmp_path, "honest", cfg, prep, attack=False, sybils=sybils)
+    attacked, log = drive(tmp_path, "attacked", cfg, prep, attack=True, sybils=sybils)
+    print(f"sybils {sybils}: honest {clean:.4f}, attacked {attacked:.4f}")
+    assert clean > 0.3                                  # the honest rounds learnt something
+    assert abs(attacked - clean) <= 0.01, (clean, attacked)
+    assert all("over 100 x" in e["left_out"]["1"] for e in log), [e.get("left_out") for e in log]
