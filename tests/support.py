@@ -53,11 +53,11 @@ def wait_for_http(url: str, proc: subprocess.Popen | None = None, seconds: float
     raise RuntimeError(f"{url} never answered within {seconds:g} s: {err[-3000:]}")
 
 
-def serve_in_thread(app, seconds: float = 30.0):
+def serve_in_thread(app, seconds: float = 30.0, **config):
     """An ASGI app under uvicorn on a free loopback port in this process: (url, server, thread)."""
     import uvicorn
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + seconds

@@ -4,6 +4,9 @@ cost something, and the answers agree with what happens."""
 
 from __future__ import annotations
 
+import json
+import time
+
 import numpy as np
 import pytest
 from safetensors.numpy import load, save
@@ -87,3 +90,74 @@ def test_a_small_round_does_not_let_one_device_set_an_expert(tmp_path, sybils):
     assert clean > 0.3                                  # the honest rounds learnt something
     assert abs(attacked - clean) <= 0.01, (clean, attacked)
     assert all("over 100 x" in e["left_out"]["1"] for e in log), [e.get("left_out") for e in log]
+
+
+# ------------------------------------------------------------ identities and answers
+def small_run(tmp_path):
+    from tests.support import ALL, make_run
+    return make_run(tmp_path / "run", ALL)
+
+
+def test_identities_cost_something(tmp_path):
+    """One-time enrolment tokens enrol one device once; wrong secrets are rate-limited per
+    address (429 without a look at the secret); a revoked device's token is refused and it
+    leaves the next plan."""
+    from trainer.transports.coordinator.admission import AdmissionError, Limits, Secrets
+    from trainer.transports.coordinator.service import issue_enrol_tokens, list_devices, revoke_device
+    run, db = small_run(tmp_path), tmp_path / "db.sqlite"
+    tokens = issue_enrol_tokens(db, 2, "two boards")
+    coord = Coordinator(run, db, Secrets(), min_devices=1, limits=Limits(failed_burst=3))   # tokens only
+    try:
+        first = coord.enroll(tokens[0], "board-a", peer="10.0.0.1")
+        with pytest.raises(AdmissionError, match="already used"):
+            coord.enroll(tokens[0], peer="10.0.0.2")
+        for _ in range(2):
+            with pytest.raises(AdmissionError, match="wrong enrolment secret or token") as err:
+                coord.enroll("guess", peer="10.0.0.2")
+            assert err.value.status == 403
+        with pytest.raises(AdmissionError) as err:   # the third wrong guess of 10.0.0.2 (one was the used token)
+            coord.enroll("guess", peer="10.0.0.2")
+        with pytest.raises(AdmissionError, match="too many wrong") as err:
+            coord.enroll(tokens[1], peer="10.0.0.2")   # even a good token waits: the secret is not looked at
+        assert err.value.status == 429 and err.value.retry_after > 0
+        second = coord.enroll(tokens[1], "board-b", peer="10.0.0.3")   # another address is not held back
+        assert coord.device_for(second["token"]) == second["device_id"]
+        revoke_device(db, first["device_id"])
+        time.sleep(1.1)   # a running coordinator looks again at most once a second
+        assert coord.revoked(first["device_id"]) and not coord.revoked(second["device_id"])
+        assert [d["revoked"] is not None for d in list_devices(db)] == [True, False]
+        with pytest.raises(Exception, match="already revoked"):
+            revoke_device(db, first["device_id"])
+    finally:
+        coord.close()
+
+
+def test_answers_agree_with_what_happens(tmp_path):
+    """A key reused from another round is a 409 that says so; an excused device stays excused
+    for the round whatever counts it sends next; the manifest shows no server path."""
+    from trainer.transports.coordinator.service import StaleUpdate
+    run = small_run(tmp_path)
+    coord = Coordinator(run, tmp_path / "db.sqlite", SECRET, min_devices=3)
+    try:
+        alice, bob, carol = (coord.enroll(SECRET)["device_id"] for _ in range(3))
+        assert coord.assignment(carol, [0] * 10)["wait"] and coord.assignment(alice, [10] * 10)["wait"]
+        b = coord.assignment(bob, [10] * 10)   # the third report: the round is planned
+        a = coord.assignment(alice, [10] * 10)
+        assert coord.assignment(carol, [0] * 10)["excused"]
+        again = coord.assignment(carol, [10] * 10)   # now claims samples: still excused this round
+        assert again["excused"] and "already" in again["excused"] and not again["samples"]
+        w = load(coord.current_weights(a["expert"])[1])
+        for dev, x in ((alice, a), (bob, b)):
+            coord.submit(dev, 0, x["expert"], x["weights_version"], x["samples"], f"key-{dev}", {}, save(w),
+                         x["hyperparameters"])
+        coord.tick()
+        a1 = coord.assignment(alice, [10] * 10)
+        assert a1["round"] == 1
+        w1 = load(coord.current_weights(a1["expert"])[1])
+        with pytest.raises(StaleUpdate, match="was used for this device's update of round 0"):
+            coord.submit(alice, 1, a1["expert"], a1["weights_version"], a1["samples"], f"key-{alice}", {},
+                         save(w1), a1["hyperparameters"])
+        text = json.dumps(coord.manifest())
+        assert str(tmp_path) not in text and str(run) not in text
+    finally:
+        coord.close()
