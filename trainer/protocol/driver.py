@@ -21,6 +21,7 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -206,8 +207,17 @@ def check_arrays(task: Task, weights: Weights, finite: bool = True) -> str | Non
     return None
 
 
+@lru_cache(maxsize=1024)
+def config_dict(local: LocalConfig) -> dict:
+    """``local.to_dict()``, once per distinct config (a round's clients mostly share one; a
+    coordinator answers thousands of requests with it). Callers must not change it."""
+    return local.to_dict()
+
+
 def check_hyperparameters(used: dict, assigned: LocalConfig, rnd: int) -> str | None:
     """Why a reply trained with ``used`` does not count for an assignment of ``assigned``, or None."""
+    if used == config_dict(assigned):   # the common case, without building a config
+        return None
     try:
         got = LocalConfig.from_dict(used)
     except (TypeError, ValueError) as exc:

@@ -92,7 +92,8 @@ async def read_body(request: Request, limit: int, seconds: float = BODY_SECONDS)
                 raise HTTPException(413, f"body larger than the limit of {limit} bytes")
 
     try:
-        await asyncio.wait_for(stream(), seconds)
+        async with asyncio.timeout(seconds):
+            await stream()
     except (asyncio.TimeoutError, TimeoutError):
         raise HTTPException(408, f"the body did not arrive within {seconds:g} s",
                             headers={"Connection": "close"}) from None
@@ -159,7 +160,7 @@ def create_app(coord: Coordinator, max_update_bytes: int | None = None, operator
         event loop waits for it without holding a thread."""
         try:
             out = fn(*args, **kwargs)
-            return await asyncio.wrap_future(out) if isinstance(out, Future) else out
+            return await coord.awaitable(out) if isinstance(out, Future) else out
         except StaleUpdate as exc:
             raise HTTPException(409, str(exc)) from None
         except InvalidUpdate as exc:
@@ -197,6 +198,9 @@ def create_app(coord: Coordinator, max_update_bytes: int | None = None, operator
             leaf_counts = [bounded_int(c.strip(), "a label count") for c in parts]
         if coord.due():
             await run_in_threadpool(coord.tick)
+        now = coord.answer_now(dev, leaf_counts, subtree)   # the common case: a poll that changes nothing
+        if now is not None:
+            return JSONResponse(now)
         try:
             return JSONResponse(await run_in_threadpool(coord.assignment, dev, leaf_counts, True, subtree))
         except InvalidUpdate as exc:
