@@ -2,7 +2,7 @@
 VENV     ?= .venv
 PY       := $(VENV)/bin/python
 STAMP    := $(VENV)/.hmoe-installed
-APT_PKGS := dataset-fashion-mnist wordnet-base wordnet-sense-index iproute2
+APT_PKGS := dataset-fashion-mnist wordnet-base wordnet-sense-index iproute2 wrk
 PYTEST_ARGS ?=
 
 .PHONY: setup system-packages test test-fast test-unit demo device-check bench bench-quick clean help

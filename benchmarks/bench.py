@@ -12,7 +12,7 @@ kept under --work and reused, so an interrupted bench resumes):
 2. table1  benchmarks/table1.py: Table 1 on three shapes, both policies, repeats;
 3. tradeoffs  benchmarks/tradeoffs.py: width sweep, Pareto fronts, decoding, compute to F1;
 4. edge    benchmarks/edge_inference.py: fp32 and int8 bundles, path-only / all / flat;
-5. fleet   benchmarks/coordinator_load.py and (with flwr) benchmarks/flower_scale.py;
+5. fleet   benchmarks/coordinator_load.py (wrk), benchmarks/event_loops.py and (with flwr) benchmarks/flower_scale.py;
 6. render  benchmarks/render.py: BENCHMARKS.md from the JSON (mixed-fleet, grow and subtree
            results are rendered from docs/results/, not run again: 20 to 50 min each).
 
@@ -37,11 +37,11 @@ STEPS = ("fm", "table1", "tradeoffs", "edge", "fleet", "render")
 PROFILES = {
     "full": {"results": "docs/results/bench", "work": "runs/bench", "out": "BENCHMARKS.md",
              "fm": [], "repeats": 3, "scale": 1.0, "max_measured": 8, "widths": [8, 16, 32], "images": 300,
-             "devices": 200, "load_repeat": 3, "flower": ["--clients", "1000", "--rounds", "20"]},
+             "devices": [200, 1000], "load_seconds": 15, "flower": ["--clients", "1000", "--rounds", "20"]},
     "quick": {"results": "runs/bench-quick/results", "work": "runs/bench-quick", "out": "runs/bench-quick/BENCHMARKS.md",
               "fm": ["--train-limit", "12000", "--hmoe-rounds", "25", "--flat-rounds", "10"], "repeats": 2,
               "max_measured": 4,
-              "scale": 0.1, "widths": [8, 16], "images": 100, "devices": 100, "load_repeat": 1,
+              "scale": 0.1, "widths": [8, 16], "images": 100, "devices": [100], "load_seconds": 5,
               "flower": ["--clients", "200", "--rounds", "5", "--train-limit", "4000"]},
 }
 
@@ -123,9 +123,10 @@ def main(argv: list[str] | None = None) -> int:
                  "--work", "runs/bench/edge", "--images", str(prof["images"]), "--shapes", *shapes])
             (ROOT / results / "edge_inference.md").unlink(missing_ok=True)
         elif step == "fleet":
-            run([py, "benchmarks/coordinator_load.py", "--devices", str(prof["devices"]), "--repeat",
-                 str(prof["load_repeat"]), "--out", str(work / "coordinator_load")])
+            run([py, "benchmarks/coordinator_load.py", "--devices", *map(str, prof["devices"]), "--seconds",
+                 str(prof["load_seconds"]), "--out", str(work / "coordinator_load")])
             shutil.copy(ROOT / work / "coordinator_load" / "coordinator_load.json", ROOT / results / "coordinator_load.json")
+            run([py, "benchmarks/event_loops.py", "--out", str(results)])
             try:
                 import flwr  # noqa: F401
             except ImportError:

@@ -226,7 +226,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     import platform
     result = {"command": "python benchmarks/coordinator_load.py " + " ".join(sys.argv[1:]), "tool": "wrk",
-              "wrk": subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()[0:1],
+              "wrk": [line.split(" Copyright")[0] for line in
+                      subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()[0:1]],
               "cpu_cores": os.cpu_count(), "machine": platform.machine(), "seconds_per_phase": args.seconds,
               "sizes": [one_size(args, n) for n in args.devices]}
     (out / "coordinator_load.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +70,19 @@ def test_table1_on_a_small_cifar100_shape(tmp_path):
             assert all(v["epochs"] == 1 for k, v in per.items() if k != "flat")
     text = render.render(tmp_path, ROOT / "docs/results", tmp_path / "BENCHMARKS.md")
     assert "CIFAR-100 shape" in text and "74 / 96" in text
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None and not os.environ.get("CI"),
+                    reason="wrk is not installed (make setup installs it as root)")
+def test_coordinator_load_with_wrk(tmp_path):
+    """The load benchmark end to end at a small size: every request answered, every device's
+    update counted once, figures for each request kind."""
+    out = subprocess.run([sys.executable, "benchmarks/coordinator_load.py", "--devices", "20", "--seconds", "2",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    size = json.loads((tmp_path / "coordinator_load.json").read_text())["sizes"][0]
+    assert set(size["kinds"]) == {"assignment", "weights", "update"}
+    for kind, r in size["kinds"].items():
+        assert r["requests"] > 20 and r["non_2xx"] == r["socket_errors"] == r["timeouts"] == 0, (kind, r)
+        assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] <= r["max_ms"], (kind, r)
+    assert size["kinds"]["update"]["new_updates"] == 20 == size["updates_received"]
