@@ -186,3 +186,37 @@ def test_a_run_with_expert_widths_trains_exports_and_refuses_a_bad_rule_before_w
     assert {k: m.net["width"] for k, m in bundle.manifest.models().items() if k != "flat"} == widths
     preds = Engine(tmp_path / "bundle").predict(prep.data.test_x[:8].astype(np.float32))
     assert all(p.leaf and p.path[0] == "root" for p in preds)
+
+
+def test_the_influence_bound_reads_the_experts_own_history():
+    """issue 25: the bound holds at any round size. Cold (no history, under three results):
+    against the norm of the base weights; then against the median of the task's accepted
+    changes. Over factor x that, a change is scaled down to it; over 100 x, left out."""
+    from trainer.protocol.aggregate import bound_results, delta_norm
+    base = {"w": np.ones(100, dtype=np.float32)}           # norm 10
+    step = {"w": base["w"] + np.float32(0.1)}              # change of norm 1
+    huge = {"w": np.full(100, 1e4, dtype=np.float32)}      # the audit's attack
+    kept, rejected, norms = bound_results([(step, 10), (huge, 100_000)], base, 3.0)   # two results, no history
+    assert list(kept) == [0] and 1 in rejected and "norm of its weights" in rejected[1]
+    assert norms == [pytest.approx(1.0, rel=1e-4)]
+    kept, rejected, _ = bound_results([(huge, 1)], base, 3.0)   # the attacker alone
+    assert not kept and "over 100 x" in rejected[0]
+    history = [1.0, 1.0, 1.0]
+    big = {"w": base["w"] + np.float32(0.5)}               # change of norm 5: over 3 x the history's 1
+    kept, rejected, norms = bound_results([(big, 10)], base, 3.0, history)
+    assert not rejected and delta_norm(kept[0][0], base) == pytest.approx(3.0, rel=1e-4)
+    assert norms == [pytest.approx(3.0, rel=1e-4)]   # the history keeps the scaled change, not the claim
+    kept, rejected, _ = bound_results([(step, 10), (huge, 10)], base, 0.0)   # 0: off
+    assert len(kept) == 2 and not rejected
+
+
+def test_a_claimed_sample_count_buys_at_most_three_typical_clients():
+    from trainer.protocol.aggregate import fedavg
+    tree = load_taxonomy("fashion-mnist")
+    s = Strategy(tree, make_tasks(tree, "hmoe", (1, 28, 28), 4), "round-robin", 0, influence_bound=3.0)
+    assert s.sample_cap([100, 120, 0, 100_000]) == 360   # the lower median of what clients hold, times 3
+    assert s.sample_cap([100, 100_000]) == 300            # of two, the smaller: one claim cannot raise it
+    base = {"w": np.zeros(4, dtype=np.float32)}
+    honest, bold = {"w": np.ones(4, dtype=np.float32)}, {"w": -np.ones(4, dtype=np.float32)}
+    out = s.combine([(honest, 100), (bold, 100_000)], base, "root", s.sample_cap([100, 100_000]))
+    np.testing.assert_allclose(out["w"], fedavg([(honest, 100), (bold, 300)])["w"])

@@ -89,8 +89,9 @@ class RunConfig:
                         "networks and local training", choices=("cosine", "none"))
     aggregation: str = opt("fedavg", "fedavg | median | trimmed-mean[:SHARE] (the robust rules coordinate-wise, "
                            "unweighted)")
-    influence_bound: float = opt(3.0, "a client's change and sample count count at most this many times the "
-                                 "round's median (0: off)", least=0)
+    influence_bound: float = opt(3.0, "a client's change counts at most this many times the expert's typical "
+                                 "change (its recent accepted ones; 100 times: left out), its sample count this many "
+                                 "times the fleet's median (0: off)", least=0)
     fleet: dict | None = opt(None, "JSON fleet file: tiers (name, share of clients, memory_mb, speed) and "
                              "deadline_s; a client is asked only for tasks whose predicted round fits its tier "
                              "(default: no limits)", "fleet (device tiers; see trainer/protocol/fleet.py)",
