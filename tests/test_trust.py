@@ -32,41 +32,47 @@ def fleet(tmp_path, clients: int):
     return cfg, prep
 
 
-def drive(tmp_path, name: str, cfg, prep, attack: bool, sybils: int = 0) -> tuple[float, list[dict]]:
-    """ROUNDS coordinator rounds over a copy of the run: device 0 is honest (trains its
-    assignment on its own samples), device 1 claims 100,000 samples and either sends weights
-    of 1e4 (``attack``) or declines every round, and ``sybils`` more enrolments report no
-    samples and are excused. Returns the test Information F1 and the rounds' log entries."""
+def drive(tmp_path, name: str, cfg, prep, attack: bool, sybils: int = 0, honest_n: int = 1,
+          attackers_n: int = 1) -> tuple[float, list[dict]]:
+    """ROUNDS coordinator rounds over a copy of the run: the first ``honest_n`` devices are
+    honest (each trains its assignment on its own partition), the next ``attackers_n`` claim
+    100,000 samples and either send weights of 1e4 (``attack``) or decline every round, and
+    ``sybils`` more enrolments report no samples and are excused. Returns the test
+    Information F1 and the rounds' log entries."""
     import shutil
     run = tmp_path / name
     shutil.copytree(tmp_path / "run", run)
     coord = Coordinator(run, tmp_path / f"{name}.sqlite", SECRET, min_devices=cfg.clients)
     d = prep.data
     try:
-        honest, attacker, *extra = (coord.enroll(SECRET)["device_id"] for _ in range(2 + sybils))
-        own = np.bincount(d.train_y[prep.parts[0]], minlength=10).tolist()
-        for dev, counts in [(attacker, ATTACK_COUNTS), (honest, own)] + [(dev, [0] * 10) for dev in extra]:
-            coord.assignment(dev, counts)   # every device reports its samples: the first round is planned
+        devices = [coord.enroll(SECRET)["device_id"] for _ in range(honest_n + attackers_n + sybils)]
+        honest, attackers, extra = (devices[:honest_n], devices[honest_n:honest_n + attackers_n],
+                                    devices[honest_n + attackers_n:])
+        own = {dev: np.bincount(d.train_y[prep.parts[i]], minlength=10).tolist() for i, dev in enumerate(honest)}
+        counts = {**own, **{dev: ATTACK_COUNTS for dev in attackers}, **{dev: [0] * 10 for dev in extra}}
+        for dev in devices:
+            coord.assignment(dev, counts[dev])   # every device reports its samples: the first round is planned
         for rnd in range(ROUNDS):
-            a = coord.assignment(attacker, ATTACK_COUNTS)
-            h = coord.assignment(honest, own)
+            asked = {dev: coord.assignment(dev, counts[dev]) for dev in devices}
+            assert {a["round"] for a in asked.values()} == {rnd}
             for dev in extra:
-                assert coord.assignment(dev, [0] * 10)["excused"]
-            assert a["round"] == h["round"] == rnd and a["expert"] and h["expert"]
-            if attack:
-                w = load(coord.current_weights(a["expert"])[1])
-                coord.submit(attacker, rnd, a["expert"], a["weights_version"], a["samples"], f"a-{rnd}", {},
-                             save({k: np.full_like(v, 1e4) for k, v in w.items()}), a["hyperparameters"])
-            else:
-                coord.excuse(attacker, rnd, "declined")
-            key = h["expert"]
-            task = coord.tasks[key]
-            idx, target = coord.strategy.client_data(key, d.train_y, prep.parts[0])
-            local = LocalConfig.from_dict(h["hyperparameters"])
-            w, m = local_update(task.net, load(coord.current_weights(key)[1]), d.train_x[idx], target, local,
-                                prep.normalize, h["seed"])
-            coord.submit(honest, rnd, key, h["weights_version"], m["num_samples"], f"h-{rnd}", {}, save(w),
-                         h["hyperparameters"])
+                assert asked[dev]["excused"]
+            for dev in attackers:
+                a = asked[dev]
+                if attack:
+                    w = load(coord.current_weights(a["expert"])[1])
+                    coord.submit(dev, rnd, a["expert"], a["weights_version"], a["samples"], f"a-{rnd}", {},
+                                 save({k: np.full_like(v, 1e4) for k, v in w.items()}), a["hyperparameters"])
+                else:
+                    coord.excuse(dev, rnd, "declined")
+            for i, dev in enumerate(honest):
+                h = asked[dev]
+                key = h["expert"]
+                idx, target = coord.strategy.client_data(key, d.train_y, prep.parts[i])
+                w, m = local_update(coord.tasks[key].net, load(coord.current_weights(key)[1]), d.train_x[idx],
+                                    target, LocalConfig.from_dict(h["hyperparameters"]), prep.normalize, h["seed"])
+                coord.submit(dev, rnd, key, h["weights_version"], m["num_samples"], f"h-{rnd}", {}, save(w),
+                             h["hyperparameters"])
             coord.tick()   # waits for the writer to close the round
             assert coord.status()["rounds_aggregated"] == rnd + 1
         log = list(coord.driver.state["log"])
@@ -76,20 +82,53 @@ def drive(tmp_path, name: str, cfg, prep, attack: bool, sybils: int = 0) -> tupl
     return fed.evaluate(d.test_x, d.test_y)["info_f1"], log
 
 
+CASES = {"one-attacker-two-devices": dict(sybils=0), "attacker-and-excused-sybils": dict(sybils=3),
+         "two-attackers-two-honest": dict(honest_n=2, attackers_n=2)}
+
+
 @needs_fashion
 @pytest.mark.slow
-@pytest.mark.parametrize("sybils", [0, 3], ids=["one-attacker-two-devices", "attacker-and-excused-sybils"])
-def test_a_small_round_does_not_let_one_device_set_an_expert(tmp_path, sybils):
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_small_round_does_not_let_one_device_set_an_expert(tmp_path, case):
     """The audit: at two devices (one honest, one attacker claiming 100,000 samples and sending
-    weights of 1e4), and with three more enrolments that report no samples and are excused,
-    test Information F1 stays within 0.01 of the same rounds with the attacker silent."""
-    cfg, prep = fleet(tmp_path, 2 + sybils)
-    clean, _ = drive(tmp_path, "honest", cfg, prep, attack=False, sybils=sybils)
-    attacked, log = drive(tmp_path, "attacked", cfg, prep, attack=True, sybils=sybils)
-    print(f"sybils {sybils}: honest {clean:.4f}, attacked {attacked:.4f}")
+    weights of 1e4); with three more enrolments that report no samples and are excused; and
+    two attackers beside two honest devices: test Information F1 stays within 0.01 of the
+    same rounds with the attackers silent."""
+    kw = CASES[case]
+    honest_n, attackers_n = kw.get("honest_n", 1), kw.get("attackers_n", 1)
+    cfg, prep = fleet(tmp_path, honest_n + attackers_n + kw.get("sybils", 0))
+    clean, _ = drive(tmp_path, "honest", cfg, prep, attack=False, **kw)
+    attacked, log = drive(tmp_path, "attacked", cfg, prep, attack=True, **kw)
+    print(f"{case}: honest {clean:.4f}, attacked {attacked:.4f}")
     assert clean > 0.3                                  # the honest rounds learnt something
     assert abs(attacked - clean) <= 0.01, (clean, attacked)
-    assert all("over 100 x" in e["left_out"]["1"] for e in log), [e.get("left_out") for e in log]
+    for e in log:
+        for c in range(honest_n, honest_n + attackers_n):
+            assert "over 100 x" in e["left_out"][str(c)], e.get("left_out")
+
+
+def test_an_attacker_alone_before_the_deadline_changes_nothing(tmp_path):
+    """The honest device never answers; the attacker's update is the only one when the round's
+    deadline passes: the round closes on it, leaves it out, and the expert keeps its weights."""
+    from tests.support import ALL, make_run
+    run = make_run(tmp_path / "run", ALL)
+    coord = Coordinator(run, tmp_path / "db.sqlite", SECRET, min_devices=2, round_seconds=1.0)
+    try:
+        honest, attacker = (coord.enroll(SECRET)["device_id"] for _ in range(2))
+        coord.assignment(honest, [10] * 10)
+        a = coord.assignment(attacker, ATTACK_COUNTS)
+        before = load(coord.current_weights(a["expert"])[1])
+        coord.submit(attacker, 0, a["expert"], a["weights_version"], a["samples"], "a-0", {},
+                     save({k: np.full_like(v, 1e4) for k, v in before.items()}), a["hyperparameters"])
+        time.sleep(1.2)
+        coord.tick()   # the deadline passed: the round closes with what arrived
+        assert coord.status()["rounds_aggregated"] == 1
+        entry = coord.driver.state["log"][-1]
+        assert "over 100 x" in entry["left_out"]["1"] and "deadline" in entry["left_out"]["0"]
+        after = load(coord.current_weights(a["expert"])[1])
+        assert all(np.array_equal(before[k], after[k]) for k in before)
+    finally:
+        coord.close()
 
 
 # ------------------------------------------------------------ identities and answers
