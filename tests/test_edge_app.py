@@ -55,6 +55,22 @@ def test_only_path_experts_are_loaded(bundle_dir):
     assert sorted(engine.loaded) == sorted(on_path)
 
 
+def test_one_input_greedy_is_the_batch_decoders_answer_to_the_bit(bundle_dir):
+    """Engine.decode takes a shorter path for one input under greedy (issue 26): the same
+    node, path, step probabilities and expert count as hierarchy.decode's greedy."""
+    from edge_runtime.engine import softmax
+    from hierarchy import decode
+    engine = Engine(bundle_dir)
+    x = np.random.default_rng(0).normal(size=(64, 1, 28, 28)).astype(np.float32)
+    for i in range(len(x)):
+        fast = engine.decode(x[i:i + 1])
+        slow = decode(engine.tree, lambda node, idx: softmax(engine.run(engine.tree.names[node], x[i:i + 1][idx])),
+                      1, "greedy")
+        assert fast.nodes.tolist() == slow.nodes.tolist() and fast.paths == slow.paths
+        assert fast.step_probs == slow.step_probs and fast.prob.tolist() == slow.prob.tolist()
+        assert fast.experts_evaluated.tolist() == slow.experts_evaluated.tolist()
+
+
 def test_warm_up_model_is_the_onnx_identity_graph():
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper
