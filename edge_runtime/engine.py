@@ -162,13 +162,22 @@ class Engine:
         if self.budget is not None:
             need = self._model_bytes(key)
             while self.cache and sum(self._model_bytes(k) for k in self.cache) + need > self.budget:
-                _, old = self.cache.popitem(last=False)
+                old = self.cache.pop(self._victim())
                 self._inputs.pop(id(old), None)
                 self.stats.evictions += 1
         sess = ort.InferenceSession(str(path), session_options(self.threads), providers=["CPUExecutionProvider"])
         self.cache[key] = sess
         self.stats.loaded.append(key)
         return sess
+
+    def _victim(self) -> str:
+        """Which session to close for room: the deepest expert, the least recently used among
+        equals. Every input visits the root and most visit the upper levels, so keeping them
+        and cycling the lower ones costs the fewest session creations (plain LRU closes the
+        root as soon as a path is longer than the budget, and every expert then misses)."""
+        depth = {k: (int(self.tree.depths[self.tree.index(k)]) if k != "flat" else -1) for k in self.cache}
+        deepest = max(depth.values())
+        return next(k for k in self.cache if depth[k] == deepest)   # the cache is in LRU order
 
     def preload(self, flat: bool = False) -> None:
         """Open every expert (and the flat model too when ``flat``)."""

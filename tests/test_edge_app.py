@@ -167,6 +167,16 @@ def test_memory_budget_evicts_least_recently_used(bundle_dir):
     assert small.stats.hits == 1
 
 
+def test_memory_budget_keeps_the_upper_levels(bundle_dir):
+    """Under a budget of two experts, a path root -> Clothes -> Tops closes Clothes (the deeper
+    of the two held), not the root every input visits next (issue 26)."""
+    one = max(e.bytes for e in Engine(bundle_dir).bundle.experts.values())
+    small = Engine(bundle_dir, memory_budget_mb=2.5 * one / 2**20)
+    for node in ("root", "Clothes", "Tops", "root", "Goods", "Shoes", "root"):
+        small.session(node)
+    assert sorted(small.loaded) == ["Shoes", "root"] and small.stats.hits == 2 and small.stats.evictions == 3
+
+
 def test_cli_predict(bundle_dir, tmp_path):
     good = tmp_path / "a.png"
     good.write_bytes(png())
