@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-import httpx
 import numpy as np
 
 from edge_runtime.bundle import Bundle
@@ -56,7 +55,7 @@ class DeviceBounds:
 
 
 class Reply:
-    def __init__(self, status: int, headers: httpx.Headers, body: bytes) -> None:
+    def __init__(self, status: int, headers, body: bytes) -> None:
         self.status_code, self.headers, self.content = status, headers, body
 
     @property
@@ -70,6 +69,7 @@ class Client:
 
     def __init__(self, server: str, retries: int = 8, backoff: float = 0.5,
                  bounds: DeviceBounds = DeviceBounds()) -> None:
+        import httpx   # here, not at import: `hmoe-edge predict` and `serve` never sync
         self.server = server.rstrip("/")
         self.bounds = bounds
         timeout = httpx.Timeout(bounds.read_seconds, connect=bounds.read_seconds)
@@ -97,6 +97,7 @@ class Client:
             return Reply(r.status_code, r.headers, b"".join(chunks))
 
     def request(self, method: str, url: str, limit: int | None = None, what: str = "", **kwargs) -> Reply:
+        import httpx
         what = what or f"{method} {url}"
         limit = self.bounds.max_json_bytes if limit is None else limit
         headers = dict(kwargs.pop("headers", {}))

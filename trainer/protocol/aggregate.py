@@ -76,8 +76,8 @@ def change_reference(history: list[float], norms: list[float], base: Weights) ->
         return lower_median(history[-CHANGE_WINDOW:]), "the median of its last accepted changes"
     if len(history) + len(norms) >= 3:
         return lower_median(list(history) + list(norms)), "the median of its changes so far and this round's"
-    zero = {k: np.zeros_like(v) for k, v in base.items()}
-    return delta_norm(base, zero), "the norm of its weights (its first round, under three results)"
+    norm = float(np.sqrt(sum(np.sum(v.astype(np.float64) ** 2) for v in base.values())))
+    return norm, "the norm of its weights (its first round, under three results)"
 
 
 REJECT_FACTOR = 100.0   # a change this many times the task's typical one is no update at all

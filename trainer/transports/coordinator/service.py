@@ -40,7 +40,7 @@ from hierarchy.tree import write_bytes_atomic
 from trainer.transports.coordinator.admission import AdmissionError, Limits, PeerBuckets, Secrets, TokenBucket
 from trainer.protocol.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from trainer.device.config import Weights
-from trainer.protocol.driver import ClientSampler, RoundDriver, RoundPlan, RunStore, check_arrays, config_dict
+from trainer.protocol.driver import ClientSampler, RoundDriver, RoundPlan, RunStore, config_dict
 from trainer.protocol.fleet import run_fleet
 from trainer.protocol.run import load_strategy_state, run_files
 from trainer.protocol.strategy import StrategyError
@@ -654,22 +654,12 @@ class Coordinator:
     # ------------------------------------------------------------- updates
     def max_update_bytes(self, expert: str | None = None) -> int:
         """The largest body an update of ``expert`` (None: of any expert) can honestly be: its
-        float32 tensors and a safetensors header (1 KB and 256 bytes a tensor, as
-        ``check_update`` allows), plus ``UPDATE_SLACK``."""
+        float32 tensors and a safetensors header (1 KB and 256 bytes a tensor, what
+        ``submit_later`` lets ``parse_safetensors`` read), plus ``UPDATE_SLACK``."""
         def size(key: str) -> int:
             shapes = self.expected[key]
             return 8 + 1024 + 256 * len(shapes) + sum(4 * math.prod(s) for s in shapes.values()) + UPDATE_SLACK
         return size(expert) if expert is not None else max(size(k) for k in self.tasks)
-
-    def check_update(self, expert: str, body: bytes) -> Weights:
-        """Parse and validate an update's tensors without copying them; raises InvalidUpdate (-> 422).
-        The header is bounded by what the expert's tensors need before it is parsed, so a body
-        of many tiny tensors costs nothing."""
-        weights = parse_safetensors(body, max_header=1024 + 256 * len(self.expected[expert]))
-        why = check_arrays(self.tasks[expert], weights)
-        if why:
-            raise InvalidUpdate(why)
-        return weights
 
     def _check_current(self, device: str, rnd: int, expert: str, base_version: int) -> None:
         cur, plan = self._round
