@@ -140,6 +140,13 @@ def _sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def _install_service(args: argparse.Namespace) -> int:
+    from edge_runtime.service import install
+    install(args.bundle, args.dest, args.memory_max, args.port, args.memory_budget_mb, args.sync_server, args.data,
+            args.token_file, args.state, args.memory_cap_mb, args.every, args.user)
+    return 0
+
+
 def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, help="bundle directory (manifest.json + ONNX files)")
     p.add_argument("--memory-budget-mb", type=float, default=None,
@@ -217,6 +224,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reply-seconds", type=float, default=b.reply_seconds,
                    help="give up on a reply not complete within this (every reply also has a size limit)")
     p.set_defaults(run=_sync)
+    p = sub.add_parser("install-service", help="write systemd units: serve always on, sync every --every, each under "
+                       "--memory-max with a restart policy (docs/DEVICE.md, 'Running unattended')")
+    p.add_argument("--bundle", required=True, help="the bundle to serve")
+    p.add_argument("--dest", default="/etc/systemd/system", help="where the unit files go")
+    p.add_argument("--memory-max", default="300M", help="hard memory limit of each unit (systemd MemoryMax, e.g. 300M)")
+    p.add_argument("--port", type=int, default=8080, help="serve's port on 127.0.0.1")
+    p.add_argument("--memory-budget-mb", type=float, default=None, help="serve's model-session budget")
+    p.add_argument("--sync-server", help="coordinator URL: also write a sync service and its timer")
+    p.add_argument("--data", help="the device's labelled images for sync (class folders or .npz)")
+    p.add_argument("--token-file", help="file holding the enrolment secret or one-time token (read at each start)")
+    p.add_argument("--state", help="sync's state file (default: next to --data)")
+    p.add_argument("--memory-cap-mb", type=float, default=None, help="sync's local-training memory cap")
+    p.add_argument("--every", default="15min", help="how often the timer starts a sync round (systemd time span)")
+    p.add_argument("--user", default="root", help="the user the units run as")
+    p.set_defaults(run=_install_service)
     return parser
 
 
