@@ -195,6 +195,33 @@ def edge_section(e: dict | None) -> list[str]:
     return lines + [""]
 
 
+def boards_section(b: dict | None) -> list[str]:
+    lines = ["### Inside a board's memory", ""]
+    if b is None:
+        return lines + ["Not measured: as root, `python benchmarks/boards.py --bundle runs/demo/bundle --out "
+                        "docs/results/boards` (not re-run by `make bench`).", ""]
+    lines += [f"`{clean(b['command'])}` (not re-run by `make bench`; needs root): each stage in its own cgroup "
+              f"({b['cgroup']}) with a hard memory limit, no swap and a CPU quota, the page cache dropped first so "
+              "the libraries' pages are charged to the limit. Peak RSS is the process's own (ru_maxrss); the "
+              "cgroup's peak counts page cache too. The CPU quota limits this x86 machine's share, it does not "
+              "make it a Cortex-A53: only the memory figures speak for the board.", "",
+              "| bundle | board | limit MB | stage | peak RSS MB | cgroup peak MB | killed | result |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in b["rows"]:
+        s, t = r["serve"], r["train"]
+        lines.append(f"| {r['bundle']} | {r['board']} | {r['limit_mb']} | serve + {s['predictions']} predictions | "
+                     f"{s['peak_rss_mb']:.0f} | {s['cgroup_peak_mb']:.0f} | {'yes' if s['killed'] else 'no'} | "
+                     f"p50 {s['p50_ms']:.1f} ms, p95 {s['p95_ms']:.1f} ms, {s['errors']} errors |")
+        outcome = (f"not finished in {t['seconds']:.0f} s: stopped, at the limit, not killed" if t.get("timed_out") else
+                   f"exit {t['returncode']} in {t['seconds']:.0f} s")
+        lines.append(f"| {r['bundle']} | {r['board']} | {r['limit_mb']} | train {t['expert']}, {t['samples']} "
+                     f"samples, cap {t['memory_cap_mb']:g} MB | {t['peak_rss_mb']:.0f} | {t['cgroup_peak_mb']:.0f} | "
+                     f"{'yes' if t['killed'] else 'no'} | {outcome} |")
+    lines += ["", "Profiles (what each limit stands for): " + "; ".join(
+        f"{r['board']}: {r['stands_for']}" for r in b["rows"]) + ".", ""]
+    return lines
+
+
 # ------------------------------------------------------------------------------ fleet
 def fleet_section(results: Path, fleet: Path, out: Path) -> list[str]:
     import grow
@@ -299,12 +326,14 @@ def render(results: Path, fleet: Path, out: Path) -> str:
             lines += ["These figures predate two changes a re-run would show. Every local update now runs on one "
                       "torch thread on every transport, so that they all give the same experts; with the same seed "
                       "this moves Information F1 in the fourth decimal (the README's `make demo` section gives both "
-                      "runs' figures) and makes simulated rounds slower on two cores. And the coordinator now "
-                      "plans its rounds (a device reports its samples before a round is planned), so its load "
-                      "figures below were measured with the protocol before that.", ""]
+                      "runs' figures) and makes simulated rounds slower on two cores." +
+                      ("" if "sizes" in (load(results / "coordinator_load.json") or {}) else
+                       " And the coordinator now plans its rounds (a device reports its samples before a round is "
+                       "planned), so its load figures below were measured with the protocol before that."), ""]
     lines += table1_section(load(results / "table1.json"), out, results)
     lines += tradeoffs_section(load(results / "tradeoffs.json"), out, results)
     lines += edge_section(load(results / "edge_inference.json"))
+    lines += boards_section(load(fleet / "boards" / "boards.json"))
     lines += fleet_section(results, fleet, out)
     return "\n".join(lines).rstrip() + "\n"
 

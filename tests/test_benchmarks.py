@@ -86,3 +86,22 @@ def test_coordinator_load_with_wrk(tmp_path):
         assert r["requests"] > 20 and r["non_2xx"] == r["socket_errors"] == r["timeouts"] == 0, (kind, r)
         assert 0 < r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] <= r["max_ms"], (kind, r)
     assert size["kinds"]["update"]["new_updates"] == 20 == size["updates_received"]
+
+
+def test_boards_run_inside_a_real_limit_or_say_why_not(bundle_dir, tmp_path):
+    """benchmarks/boards.py: serve, predictions and a training round inside a cgroup with a hard
+    memory limit, with peaks and kills reported; where no limit can be made (not root, no
+    controller), exit 2 with one line saying what is missing."""
+    out = subprocess.run([sys.executable, "benchmarks/boards.py", "--bundle", str(bundle_dir), "--boards", "2gb",
+                          "--predictions", "20", "--train-samples", "200", "--keep-caches", "--stage-seconds", "300",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    if out.returncode == 2:
+        assert "cannot run inside a board's limits here" in out.stderr and out.stderr.count("\n") == 1, out.stderr
+        assert os.geteuid() != 0 or not Path("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists()
+        return
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    row = json.loads((tmp_path / "boards.json").read_text())["rows"][0]
+    assert row["limit_mb"] == 1700 and row["serve"]["errors"] == 0 and row["serve"]["predictions"] == 20
+    assert not row["serve"]["killed"] and row["train"]["returncode"] == 0 and not row["train"]["killed"]
+    for stage in ("serve", "train"):
+        assert 0 < row[stage]["cgroup_peak_mb"] <= row["limit_mb"] and row[stage]["peak_rss_mb"] > 0

@@ -70,7 +70,7 @@ def test_an_acknowledged_update_is_in_its_rounds_aggregate_while_deadlines_close
     def send(i: int, device: str) -> None:
         n = 0
         while not stop.is_set():
-            a, w = honest_update(coord, device, bump=0.001 * (i + 1))
+            a, w = honest_update(coord, device, bump=0.001 * (1 + i / 10))   # changes within the influence bound
             if a["samples"] is None or a["samples"] == 0:   # not planned yet, or excused
                 time.sleep(0.001)
                 continue
@@ -114,7 +114,7 @@ def test_an_acknowledged_update_is_in_its_rounds_aggregate_while_deadlines_close
                 "SELECT file FROM versions WHERE expert = ? AND version = ?", (expert, version - 1)).fetchone()[0])
                 .read_bytes())
             want = coord.strategy.aggregate([(w, m["num_samples"]) for w, m in coord.round_updates(rnd).values()],
-                                            base)
+                                            base, expert)
             got = load((coord.store / "weights" / file).read_bytes())
             for k in want:
                 np.testing.assert_array_equal(got[k], want[k], err_msg=f"round {rnd}")
