@@ -195,6 +195,20 @@ def edge_section(e: dict | None) -> list[str]:
     return lines + [""]
 
 
+def greedy_section(g: dict | None) -> list[str]:
+    lines = ["### One image at a time: greedy against flat", ""]
+    if g is None:
+        return lines + ["Not measured: `python benchmarks/greedy_latency.py --bundle runs/demo/bundle --out "
+                        "docs/results/greedy_latency`.", ""]
+    lines += [f"`{clean(g['command'])}` (not re-run by `make bench`): {g['images']} test images one at a time, one "
+              f"onnxruntime thread; the one-input greedy path gave the batch decoder's leaf for "
+              f"{g['same_leaf_as_batch_decoder']} of {g['images']}.", "",
+              "| setting | p50 ms | p95 ms | session creations |", "|---|---|---|---|"]
+    lines += [f"| {name} | {r['p50_ms']:.3f} | {r['p95_ms']:.3f} | {r.get('misses', '')} |"
+              for name, r in g["rows"].items()]
+    return lines + [""]
+
+
 def boards_section(b: dict | None) -> list[str]:
     lines = ["### Inside a board's memory", ""]
     if b is None:
@@ -333,6 +347,7 @@ def render(results: Path, fleet: Path, out: Path) -> str:
     lines += table1_section(load(results / "table1.json"), out, results)
     lines += tradeoffs_section(load(results / "tradeoffs.json"), out, results)
     lines += edge_section(load(results / "edge_inference.json"))
+    lines += greedy_section(load(fleet / "greedy_latency" / "greedy_latency.json"))
     lines += boards_section(load(fleet / "boards" / "boards.json"))
     lines += fleet_section(results, fleet, out)
     return "\n".join(lines).rstrip() + "\n"
