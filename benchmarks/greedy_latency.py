@@ -65,9 +65,8 @@ def main() -> int:
     total = sum(e.bytes for e in full.bundle.experts.values())
     for share in args.budgets:
         for policy in ("deepest first", "least recently used"):
-            e = Engine(args.bundle, memory_budget_mb=share * total / 2**20)
-            if policy == "least recently used":
-                e._victim = lambda engine=e: next(iter(engine.cache))
+            e = Engine(args.bundle, memory_budget_mb=share * total / 2**20,
+                       eviction="lru" if policy == "least recently used" else "deepest")
             r = timed(e.decode, x)
             r["misses"] = e.stats.misses
             rows[f"greedy, budget {share:.0%} of the experts' bytes, {policy}"] = r

@@ -116,7 +116,10 @@ def warm_up_runtime(threads: int = 1) -> None:
 
 class Engine:
     def __init__(self, bundle: Bundle | str | os.PathLike, memory_budget_mb: float | None = None,
-                 threads: int = 1, variant: str = "fp32", warm_up: bool = True) -> None:
+                 threads: int = 1, variant: str = "fp32", warm_up: bool = True, eviction: str = "deepest") -> None:
+        if eviction not in ("deepest", "lru"):
+            raise UsageError(f"unknown eviction {eviction!r}; expected deepest or lru")
+        self.eviction = eviction
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.tree = self.bundle.tree
         self.budget = memory_budget_mb * 2**20 if memory_budget_mb else None
@@ -175,6 +178,8 @@ class Engine:
         equals. Every input visits the root and most visit the upper levels, so keeping them
         and cycling the lower ones costs the fewest session creations (plain LRU closes the
         root as soon as a path is longer than the budget, and every expert then misses)."""
+        if self.eviction == "lru":   # (for comparison: benchmarks/greedy_latency.py)
+            return next(iter(self.cache))
         depth = {k: (int(self.tree.depths[self.tree.index(k)]) if k != "flat" else -1) for k in self.cache}
         deepest = max(depth.values())
         return next(k for k in self.cache if depth[k] == deepest)   # the cache is in LRU order
