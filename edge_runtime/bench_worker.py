@@ -31,7 +31,7 @@ def main(bundle: str, mode: str, images: str, threads: int, variant: str = "fp32
     import onnxruntime  # noqa: F401  (part of the idle runtime)
 
     from edge_runtime.bundle import load_bundle
-    from edge_runtime.engine import Engine
+    from edge_runtime.engine import Engine, path_only_bytes
     b = load_bundle(bundle)
     x = np.load(images)
     gc.collect()
@@ -40,10 +40,7 @@ def main(bundle: str, mode: str, images: str, threads: int, variant: str = "fp32
     # model (edge_runtime.engine.warm_up_runtime): "ready" is the engine open, no expert loaded.
     t = time.perf_counter()
     if mode == "path":
-        models = b.int8_entries() if variant == "int8" else b.experts
-        longest = max((sum(models[b.tree.names[v]].bytes for v in b.tree.path(int(leaf))
-                           if b.tree.names[v] in models) for leaf in b.tree.leaves), default=0)
-        engine = Engine(b, memory_budget_mb=longest / 2**20, threads=threads, variant=variant)
+        engine = Engine(b, memory_budget_mb=path_only_bytes(b, variant) / 2**20, threads=threads, variant=variant)
     elif mode in ("all", "flat", "deepest"):
         engine = Engine(b, threads=threads, variant=variant)
     else:

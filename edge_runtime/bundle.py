@@ -83,6 +83,7 @@ class Bundle:
         problems = []
         checks = [(e, "") for e in self.all_entries()]
         checks += [(e.weights, f"trainable weights of {k}") for k, e in self.manifest.models().items() if e.weights]
+        checks += [(t.file, "an expert template") for t in self.manifest.templates]
         for entry, what in checks:
             try:
                 self.check_file(entry, what)

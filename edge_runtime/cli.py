@@ -18,11 +18,14 @@ def _verify(args: argparse.Namespace) -> int:
     for entry in entries:
         bad = [p for p in problems if entry.file in p]
         print(f"{'FAIL' if bad else 'ok  '} {entry.file:<24} {entry.node}")
+    for t in bundle.manifest.templates:
+        bad = [p for p in problems if t.file.file in p]
+        print(f"{'FAIL' if bad else 'ok  '} {t.file.file:<24} (template of width {t.net.get('width')})")
     if problems:
         for p in problems:
             print(f"hmoe-edge verify: {p}", file=sys.stderr)
         return 1
-    print(f"{args.bundle}: {len(entries)} files match the manifest")
+    print(f"{args.bundle}: {len(entries) + len(bundle.manifest.templates)} files match the manifest")
     return 0
 
 

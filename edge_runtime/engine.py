@@ -6,9 +6,13 @@ and kept in an LRU cache bounded by a memory budget. No torch, no HTTP, no image
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -47,6 +51,7 @@ class CacheStats:
     hits: int = 0
     misses: int = 0
     evictions: int = 0
+    streamed: int = 0      # runs through a template, the weights read for that run
     loaded: list[str] = field(default_factory=list)
 
 
@@ -94,6 +99,25 @@ def identity_model_bytes() -> bytes:
     return _field(1, 8) + _field(7, graph) + _field(8, opset)   # ir_version 8, graph, opset_import
 
 
+def _safetensors_layout(data: bytes, path: Path) -> list[tuple[str, int, int, tuple]]:
+    """(name, byte offset, element count, shape) of every float32 tensor in a safetensors file."""
+    try:
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + n])
+        header.pop("__metadata__", None)
+        out = []
+        for name, t in header.items():
+            shape = tuple(int(d) for d in t["shape"])
+            lo, hi = (int(o) for o in t["data_offsets"])
+            count = math.prod(shape)
+            if t["dtype"] != "F32" or hi - lo != 4 * count or 8 + n + hi > len(data):
+                raise ValueError(f"tensor {name!r} is not float32 of its shape inside the file")
+            out.append((name, 8 + n + lo, count, shape))
+        return out
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise BundleError(f"{path}: not a safetensors file of float32 weights ({exc})") from None
+
+
 _runtime_warm = False
 
 
@@ -114,9 +138,38 @@ def warm_up_runtime(threads: int = 1) -> None:
     _runtime_warm = True
 
 
+def path_only_bytes(bundle: Bundle, variant: str = "fp32") -> int:
+    """The path-only memory budget: the models of the longest root-to-leaf path (by bytes),
+    plus the templates when the engine can stream (fp32 with templates), so that the path's
+    experts fit whether they are open or streamed."""
+    models = bundle.int8_entries() if variant == "int8" else bundle.experts
+    names = bundle.tree.names
+    longest = max((sum(models[names[v]].bytes for v in bundle.tree.path(int(leaf)) if names[v] in models)
+                   for leaf in bundle.tree.leaves), default=0)
+    if variant == "fp32":
+        m = bundle.manifest
+        longest += sum({t.file.file: t.file.bytes for k in m.experts if (t := m.template_for(k))}.values())
+    return longest
+
+
+def _signature(st: os.stat_result) -> tuple:
+    """What changes whenever a file's bytes can have changed: any write moves its ctime, which
+    no unprivileged call can set back."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 class Engine:
+    """Experts open as onnxruntime sessions while the memory budget holds them; with a budget
+    and a bundle that carries templates (``hmoe export`` writes them), an expert the budget
+    cannot keep open is *streamed*: its weights are read from the bundle for that one run and
+    fed to its architecture's template session, then dropped. Which experts stay open is
+    decided by how often inputs visit them (an expert replaces open ones only when visited
+    more than twice as often as each of them), so the upper levels every input visits stay
+    open and a rarely visited expert never forces a session to be created and closed."""
+
     def __init__(self, bundle: Bundle | str | os.PathLike, memory_budget_mb: float | None = None,
-                 threads: int = 1, variant: str = "fp32", warm_up: bool = True, eviction: str = "deepest") -> None:
+                 threads: int = 1, variant: str = "fp32", warm_up: bool = True, eviction: str = "deepest",
+                 stream: bool = True) -> None:
         if eviction not in ("deepest", "lru"):
             raise UsageError(f"unknown eviction {eviction!r}; expected deepest or lru")
         self.eviction = eviction
@@ -125,14 +178,35 @@ class Engine:
         self.budget = memory_budget_mb * 2**20 if memory_budget_mb else None
         self.threads = threads
         self.entries = self._entries(variant)
-        self.cache: OrderedDict[str, object] = OrderedDict()
-        self._inputs: dict[int, str] = {}   # id(session) -> its input's name
+        self.cache: OrderedDict[str, tuple] = OrderedDict()    # key -> (session, input name), LRU order
         self._kids = [tuple(int(c) for c in self.tree.children(v)) for v in range(len(self.tree))]
+        self._depth = {k: (int(self.tree.depths[self.tree.index(k)]) if k != "flat" else -1) for k in self.entries}
         self.stats = CacheStats()
+        self.visits: dict[str, int] = dict.fromkeys(self.entries, 0)
+        self._verified: dict[Path, tuple] = {}     # file -> its signature when its sha256 last matched
+        self._layouts: dict[str, list] = {}        # expert -> [(weight name, offset, count, shape)]
+        self._template_sessions: dict[str, tuple] = {}
+        self._slot: bytearray | None = None        # the streamed expert's weights, one at a time
+        self.templates = self._templates(variant, stream)
+        self.reserved = (sum({t.file.file: t.file.bytes for t in self.templates.values()}.values()) +
+                         max((self.entries[k].weights.bytes for k in self.templates), default=0))
         shape = list(self.bundle.input_spec.shape)
         self.input_shape = tuple(int(s) for s in shape)
+        if self.budget is not None:
+            smallest = min((e.bytes for k, e in self.entries.items() if k != "flat"), default=0)
+            if self.budget < (self.reserved if self.templates else smallest):
+                need = self.reserved if self.templates else smallest
+                raise UsageError(f"a memory budget of {self.budget / 2**20:.2f} MB holds no expert; this bundle "
+                                 f"needs at least {need / 2**20:.2f} MB")
         if warm_up:
             warm_up_runtime(threads)
+
+    def _templates(self, variant: str, stream: bool) -> dict:
+        """Expert -> the template that can stream it (none without a budget: all stay open)."""
+        if not stream or self.budget is None or variant != "fp32":
+            return {}
+        m = self.bundle.manifest
+        return {k: t for k in self.bundle.experts if (t := m.template_for(k)) is not None}
 
     def _entries(self, variant: str) -> dict[str, ModelEntry]:
         if variant == "fp32":
@@ -151,8 +225,33 @@ class Engine:
     def _model_bytes(self, key: str) -> int:
         return self.entries[key].bytes
 
+    @property
+    def held_bytes(self) -> int:
+        """What the engine holds against its budget: open sessions (by their models' bytes), and
+        with streaming, the templates and room for the largest expert's weights."""
+        return sum(self._model_bytes(k) for k in self.cache) + (self.reserved if self.templates else 0)
+
+    def _checked(self, entry, what: str = "") -> Path:
+        """``entry``'s path once its sha256 matched the manifest; hashed again only when the
+        file's signature (device, inode, size, mtime, ctime) changed since it last matched."""
+        f = entry.file_entry if isinstance(entry, ModelEntry) else entry
+        path = self.bundle.root / f.file
+        try:
+            before = _signature(os.stat(path))
+        except OSError:
+            before = None
+        if before is None or self._verified.get(path) != before:
+            self.bundle.check_file(entry, what)
+            if _signature(os.stat(path)) == before:
+                self._verified[path] = before
+        return path
+
     def session(self, key: str):
-        """The onnxruntime session of expert ``key`` (node name) or 'flat', loading it on first use."""
+        """The onnxruntime session of expert ``key`` (node name) or 'flat', opened on first use
+        (closing others, deepest first, when the budget needs the room)."""
+        return self._open(key)[0]
+
+    def _open(self, key: str, victims: list[str] | None = None) -> tuple:
         if key in self.cache:
             self.stats.hits += 1
             self.cache.move_to_end(key)
@@ -161,17 +260,24 @@ class Engine:
             raise UnknownNameError(f"unknown expert {key!r}; this bundle has {', '.join(self.entries)}")
         import onnxruntime as ort
         self.stats.misses += 1
-        path = self.bundle.check_file(self.entries[key])
+        path = self._checked(self.entries[key])
+        for v in victims or []:
+            self._close(v)
         if self.budget is not None:
             need = self._model_bytes(key)
-            while self.cache and sum(self._model_bytes(k) for k in self.cache) + need > self.budget:
-                old = self.cache.pop(self._victim())
-                self._inputs.pop(id(old), None)
-                self.stats.evictions += 1
+            while self.cache and self.held_bytes + need > self.budget:
+                self._close(self._victim())
+            if self.held_bytes + need > self.budget:
+                raise UsageError(f"expert {key!r} ({need / 2**20:.2f} MB) does not fit the memory budget of "
+                                 f"{self.budget / 2**20:.2f} MB")
         sess = ort.InferenceSession(str(path), session_options(self.threads), providers=["CPUExecutionProvider"])
-        self.cache[key] = sess
+        self.cache[key] = (sess, sess.get_inputs()[0].name)
         self.stats.loaded.append(key)
-        return sess
+        return self.cache[key]
+
+    def _close(self, key: str) -> None:
+        del self.cache[key]
+        self.stats.evictions += 1
 
     def _victim(self) -> str:
         """Which session to close for room: the deepest expert, the least recently used among
@@ -180,9 +286,85 @@ class Engine:
         root as soon as a path is longer than the budget, and every expert then misses)."""
         if self.eviction == "lru":   # (for comparison: benchmarks/greedy_latency.py)
             return next(iter(self.cache))
-        depth = {k: (int(self.tree.depths[self.tree.index(k)]) if k != "flat" else -1) for k in self.cache}
-        deepest = max(depth.values())
-        return next(k for k in self.cache if depth[k] == deepest)   # the cache is in LRU order
+        deepest = max(self._depth[k] for k in self.cache)
+        return next(k for k in self.cache if self._depth[k] == deepest)   # the cache is in LRU order
+
+    def _admit(self, key: str) -> list[str] | None:
+        """Open ``key`` as a session? [] when it fits beside the open ones; the sessions to close
+        when each of them was visited less than half as often; None to stream it instead."""
+        room = self.budget - self.held_bytes
+        need = self._model_bytes(key)
+        if need <= room:
+            return []
+        victims = []
+        for k in sorted(self.cache, key=lambda k: (self.visits[k], -self._depth[k])):
+            if 2 * self.visits[k] >= self.visits[key]:
+                return None
+            victims.append(k)
+            room += self._model_bytes(k)
+            if need <= room:
+                return victims
+        return None
+
+    def _stream(self, key: str, x: np.ndarray) -> np.ndarray:
+        """One run of expert ``key`` through its template, its weights read for this run only."""
+        t = self.templates[key]
+        sess, name = self._template_session(t)
+        self.stats.streamed += 1
+        return sess.run(None, {name: x, **self._weights(key)})[0]
+
+    def _template_session(self, t) -> tuple:
+        got = self._template_sessions.get(t.file.file)
+        if got is None:
+            import onnxruntime as ort
+            path = self._checked(t.file, "an expert template")
+            sess = ort.InferenceSession(str(path), session_options(self.threads), providers=["CPUExecutionProvider"])
+            got = self._template_sessions[t.file.file] = (sess, sess.get_inputs()[0].name)
+        return got
+
+    def _weights(self, key: str) -> dict[str, np.ndarray]:
+        """Expert ``key``'s weights read from its safetensors file into the engine's one
+        streaming buffer (the room ``reserved`` keeps for it), as views valid until the next
+        read; the file's sha256 is checked again whenever its signature changed."""
+        f = self.entries[key].weights
+        path = self.bundle.root / f.file
+        if self._slot is None:
+            self._slot = bytearray(max(self.entries[k].weights.bytes for k in self.templates) + 1)
+        try:
+            with open(path, "rb", buffering=0) as fh:
+                sig = _signature(os.fstat(fh.fileno()))
+                n = fh.readinto(self._slot)
+        except OSError as exc:
+            raise BundleError(f"{path}: cannot be read ({exc.strerror}); the manifest lists it for the "
+                              f"weights of {key!r}") from None
+        data = memoryview(self._slot)[:n]
+        if self._verified.get(path) != sig:
+            if n != f.bytes or hashlib.sha256(data).hexdigest() != f.sha256:
+                raise BundleError(f"{path}: sha256 differs from the manifest: the file is corrupt or was tampered "
+                                  "with; re-export or re-copy the bundle")
+            self._verified[path] = sig
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = self._layouts[key] = _safetensors_layout(bytes(data), path)
+        return {n: np.frombuffer(data, np.float32, count, off).reshape(shape) for n, off, count, shape in layout}
+
+    def _logits(self, key: str, x: np.ndarray) -> np.ndarray:
+        """Expert ``key``'s logits for ``x``: from its open session, else opened or streamed."""
+        self.visits[key] += 1
+        hit = self.cache.get(key)
+        if hit is not None:
+            self.stats.hits += 1
+            self.cache.move_to_end(key)
+            return hit[0].run(None, {hit[1]: x})[0]
+        if key in self.templates:
+            victims = self._admit(key)
+            if victims is None:
+                self.stats.misses += 1
+                return self._stream(key, x)
+            sess, name = self._open(key, victims)
+        else:
+            sess, name = self._open(key)
+        return sess.run(None, {name: x})[0]
 
     def preload(self, flat: bool = False) -> None:
         """Open every expert (and the flat model too when ``flat``)."""
@@ -191,16 +373,11 @@ class Engine:
                 self.session(key)
 
     def session_and_input(self, key: str):
-        """The session of ``key`` and its input's name (read once per session)."""
-        sess = self.session(key)
-        name = self._inputs.get(id(sess))
-        if name is None:
-            name = self._inputs[id(sess)] = sess.get_inputs()[0].name
-        return sess, name
+        """The session of ``key`` and its input's name."""
+        return self._open(key)
 
     def run(self, key: str, x: np.ndarray) -> np.ndarray:
-        sess, name = self.session_and_input(key)
-        return sess.run(None, {name: x})[0]
+        return self._logits(key, x)
 
     # ---------------------------------------------------------------- inputs
     def check_input(self, x: np.ndarray) -> np.ndarray:
@@ -228,26 +405,32 @@ class Engine:
 
     def _greedy_one(self, x: np.ndarray) -> Decoded:
         """Greedy decoding of one input without the batch decoder's bookkeeping: the same
-        softmax, argmax and checks as ``hierarchy.decode.greedy`` (so the same answer, to the
-        bit), one expert after another. Per input the batch decoder spent about twice the
-        experts' own time in Python (benchmarks/edge_inference.py)."""
-        tree, kids = self.tree, self._kids
+        decisions and checks as ``hierarchy.decode.greedy``, one expert after another, with the
+        chosen child's probability computed from the logits in Python (float64; the batch
+        decoder's float32 softmax agrees to about 1e-7). Per input the batch decoder spent
+        about twice the experts' own time in numpy and Python (benchmarks/greedy_latency.py)."""
+        names, kids = self.tree.names, self._kids
         v, prob, count = 0, 1.0, 0
         path, steps = [0], [1.0]
+        exp = math.exp
         while True:
             k = kids[v]
             if not k:
                 break
             if len(k) > 1:
-                sess, name = self.session_and_input(tree.names[v])
-                p = softmax(sess.run(None, {name: x})[0]).astype(np.float64)
-                if p.shape != (1, len(k)):
-                    raise DecodeError(f"expert {tree.names[v]!r} returned shape {p.shape}; expected {(1, len(k))}")
-                if not np.all(np.isfinite(p)):
-                    raise DecodeError(f"expert {tree.names[v]!r} returned non-finite probabilities")
-                j = int(p[0].argmax())
+                out = self._logits(names[v], x)
+                if out.shape != (1, len(k)):
+                    raise DecodeError(f"expert {names[v]!r} returned shape {out.shape}; expected {(1, len(k))}")
+                z = out[0].tolist()
+                top = max(z)
+                total = 0.0
+                for t in z:
+                    total += exp(t - top)
+                if not math.isfinite(total) or not math.isfinite(top):
+                    raise DecodeError(f"expert {names[v]!r} returned non-finite probabilities")
+                j = z.index(top)
                 count += 1
-                step = float(p[0, j])
+                step = 1.0 / total
                 prob *= step
             else:
                 j, step = 0, 1.0

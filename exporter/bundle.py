@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.bundle import sha256_file
-from exporter.onnx_export import ExportSpec, ValidationError, export_net, max_logit_diff
+from exporter.onnx_export import ExportSpec, ValidationError, constants, export_net, max_logit_diff, weights_as_inputs
 from hierarchy import Hierarchy, HierarchyError
 from hierarchy.errors import HmoeError
-from hierarchy.manifest import FileEntry, Manifest, ModelEntry
+from hierarchy.manifest import FileEntry, Manifest, ModelEntry, TemplateEntry, template_key
 from trainer.protocol.checkpoint import CheckpointError, load_checkpoint
 from trainer.datasets import Dataset
 from trainer.device.nets import build_net, num_params
@@ -115,6 +115,46 @@ def _entry(node: str, children: list[str], path: Path, net, spec: ExportSpec) ->
                       json.loads(net.cfg.to_json()), file_entry(weights))
 
 
+def write_templates(folder: Path, entries: dict[str, ModelEntry], nets: dict, real: np.ndarray,
+                    spec: ExportSpec) -> tuple[list[TemplateEntry], list[dict]]:
+    """One weights-as-inputs graph per expert architecture (``template-NNN.onnx``), each checked
+    against every expert it serves: given that expert's weights it must give the expert's own
+    file's decisions on ``real`` and logits within the tolerance. An architecture whose experts
+    carry different shape constants gets no template (the report says why); the engine then
+    opens those experts as sessions only."""
+    from exporter.onnx_export import session
+    from trainer.device.client import to_numpy
+    groups: dict[str, list[str]] = {}
+    for node, entry in entries.items():
+        groups.setdefault(template_key(entry.net), []).append(node)
+    templates, report = [], []
+    for key, nodes in groups.items():
+        name = f"template-{len(templates):03d}.onnx"
+        first = nets[nodes[0]]
+        weights = {n: to_numpy(nets[n]) for n in nodes}
+        consts = {n: constants(folder / entries[n].file, weights[n]) for n in nodes}
+        if any(c != consts[nodes[0]] for c in consts.values()):
+            report.append({"template": None, "experts": nodes, "why": "shape constants differ between experts"})
+            continue
+        path = weights_as_inputs(folder / entries[nodes[0]].file, weights[nodes[0]], folder / name, spec)
+        tmpl, worst, changed = session(path), 0.0, 0
+        for n in nodes:
+            own = session(folder / entries[n].file).run(None, {spec.input_name: real})[0]
+            got = tmpl.run(None, {spec.input_name: real, **weights[n]})[0]
+            worst = max(worst, float(np.abs(own - got).max()))
+            changed += int((own.argmax(1) != got.argmax(1)).sum())
+        if worst > spec.atol or changed:
+            path.unlink()
+            report.append({"template": None, "experts": nodes,
+                           "why": f"differs from the experts' files by {worst:.3g}, {changed} decisions changed"})
+            continue
+        f = file_entry(path)
+        templates.append(TemplateEntry(f, {k: v for k, v in json.loads(key).items()}))
+        report.append({"template": name, "experts": nodes, "bytes": f.bytes, "max_diff_real": worst,
+                       "width": first.cfg.width, "images": int(len(real))})
+    return templates, report
+
+
 def check_greedy(folder: Path, tree: Hierarchy, experts: dict, x: np.ndarray) -> int:
     """Open the bundle through the edge engine and require its greedy predictions on ``x`` to
     equal torch's; returns how many inputs were compared."""
@@ -191,11 +231,16 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, subtree: str | No
                 manifest_flat = entry
             else:
                 manifest_experts[node] = entry
+        templates, template_report = write_templates(tmp, manifest_experts, experts, real[:512], spec)
+        if progress:
+            for r in template_report:
+                print(f"  template {r['template'] or '(none)':<20} for {len(r['experts'])} experts"
+                      + (f": {r['why']}" if r["template"] is None else f", {r['bytes']} bytes"))
         Manifest(bundle_tree, input_spec, manifest_experts, manifest_flat, subtree_of=subtree,
                  source={"run": str(run.resolve()), "dataset": cfg.dataset},
-                 created_by="hmoe-edge exporter").write(tmp)
+                 created_by="hmoe-edge exporter", templates=templates).write(tmp)
         result.report = {"models": result.rows, "subtree": subtree, "opset": spec.opset, "atol": spec.atol,
-                         "total_bytes": sum(r["bytes"] for r in result.rows)}
+                         "total_bytes": sum(r["bytes"] for r in result.rows), "templates": template_report}
         if quantize:
             from exporter.quantize import quantize_bundle
             result.report["int8"] = quantize_bundle(tmp, data, experts, flat, quantize)

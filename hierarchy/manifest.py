@@ -87,6 +87,33 @@ class ModelEntry:
 
 
 @dataclass(frozen=True)
+class TemplateEntry:
+    """An expert architecture with its weights as graph inputs and its number of outputs open:
+    one onnxruntime session that runs any expert whose ``net`` matches, given the expert's
+    safetensors weights (how the edge engine runs experts its memory budget cannot keep open)."""
+
+    file: FileEntry
+    net: dict            # the experts' net config without num_outputs
+
+    def to_dict(self) -> dict:
+        return {**self.file.to_dict(), "net": dict(self.net)}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str) -> "TemplateEntry":
+        if not isinstance(d, dict) or not isinstance(d.get("net"), dict):
+            raise ManifestError(f"manifest {where}: malformed template entry; expected file, sha256, bytes, net")
+        return cls(FileEntry.from_dict(d, where), dict(d["net"]))
+
+    def serves(self, entry: "ModelEntry") -> bool:
+        return template_key(entry.net) == template_key(self.net)
+
+
+def template_key(net: dict) -> str:
+    """What experts must share to run through one template: the net config but its outputs."""
+    return json.dumps({k: v for k, v in net.items() if k != "num_outputs"}, sort_keys=True)
+
+
+@dataclass(frozen=True)
 class Manifest:
     """What a device receives: the hierarchy, the input it expects, and one entry per model."""
 
@@ -99,6 +126,7 @@ class Manifest:
     subtree_of: str | None = None
     source: dict = field(default_factory=dict)             # the run and data set it came from
     created_by: str = "hmoe-edge"
+    templates: list[TemplateEntry] = field(default_factory=list)   # fp32 experts' weights-as-inputs graphs
 
     def __post_init__(self) -> None:
         tree = self.tree
@@ -123,6 +151,13 @@ class Manifest:
         """The fp32 models by name: the experts, and 'flat' when the bundle has it."""
         return {**self.experts, **({"flat": self.flat} if self.flat else {})}
 
+    def template_for(self, node: str) -> TemplateEntry | None:
+        """The template that runs fp32 expert ``node`` (None when the bundle has none for it)."""
+        entry = self.expert(node)
+        if entry.weights is None:
+            return None
+        return next((t for t in self.templates if t.serves(entry)), None)
+
     def with_int8(self, int8: dict[str, ModelEntry], info: dict) -> "Manifest":
         return replace(self, int8=dict(int8), int8_info=dict(info))
 
@@ -141,6 +176,7 @@ class Manifest:
                       "flat": self.int8["flat"].to_dict() if "flat" in self.int8 else None, **self.int8_info}
                      if self.int8 else None),
             "source": dict(self.source),
+            **({"templates": [t.to_dict() for t in self.templates]} if self.templates else {}),
         }
 
     @classmethod
@@ -163,11 +199,14 @@ class Manifest:
         int8 = {d["node"]: ModelEntry.from_dict(d, f"{where} int8.experts") for d in q.get("experts", [])}
         if q.get("flat"):
             int8["flat"] = ModelEntry.from_dict(q["flat"], f"{where} int8.flat")
+        if not isinstance(m.get("templates") or [], list):
+            raise ManifestError(f"{where}: 'templates' must be a list of template entries")
+        templates = [TemplateEntry.from_dict(d, f"{where} templates[{i}]") for i, d in enumerate(m.get("templates") or [])]
         try:
             return cls(tree, spec, {e.node: e for e in experts},
                        ModelEntry.from_dict(m["flat"], f"{where} flat") if m.get("flat") else None, int8,
                        {k: v for k, v in q.items() if k not in ("experts", "flat")}, m.get("subtree_of"),
-                       dict(m.get("source") or {}), str(m.get("created_by", "")))
+                       dict(m.get("source") or {}), str(m.get("created_by", "")), templates)
         except ManifestError as exc:
             raise ManifestError(f"{where}: {str(exc).removeprefix('manifest: ')}") from None
 

@@ -55,9 +55,10 @@ def test_only_path_experts_are_loaded(bundle_dir):
     assert sorted(engine.loaded) == sorted(on_path)
 
 
-def test_one_input_greedy_is_the_batch_decoders_answer_to_the_bit(bundle_dir):
+def test_one_input_greedy_is_the_batch_decoders_answer(bundle_dir):
     """Engine.decode takes a shorter path for one input under greedy (issue 26): the same
-    node, path, step probabilities and expert count as hierarchy.decode's greedy."""
+    node, path and expert count as hierarchy.decode's greedy, and its step probabilities
+    (computed in float64 from the logits instead of numpy's float32 softmax) within 1e-6."""
     from edge_runtime.engine import softmax
     from hierarchy import decode
     engine = Engine(bundle_dir)
@@ -67,7 +68,8 @@ def test_one_input_greedy_is_the_batch_decoders_answer_to_the_bit(bundle_dir):
         slow = decode(engine.tree, lambda node, idx: softmax(engine.run(engine.tree.names[node], x[i:i + 1][idx])),
                       1, "greedy")
         assert fast.nodes.tolist() == slow.nodes.tolist() and fast.paths == slow.paths
-        assert fast.step_probs == slow.step_probs and fast.prob.tolist() == slow.prob.tolist()
+        assert np.allclose(fast.step_probs, slow.step_probs, rtol=0, atol=1e-6)
+        assert np.allclose(fast.prob, slow.prob, rtol=0, atol=1e-6)
         assert fast.experts_evaluated.tolist() == slow.experts_evaluated.tolist()
 
 
@@ -159,7 +161,7 @@ def test_engine_rejects_wrong_shapes_and_nans(bundle_dir):
 def test_memory_budget_evicts_least_recently_used(bundle_dir):
     engine = Engine(bundle_dir)
     one = max(e.bytes for e in engine.bundle.experts.values())
-    small = Engine(bundle_dir, memory_budget_mb=1.5 * one / 2**20)
+    small = Engine(bundle_dir, memory_budget_mb=1.5 * one / 2**20, stream=False)
     for node in ("root", "Clothes", "Tops"):
         small.session(node)
     assert small.loaded == ["Tops"] and small.stats.evictions == 2
@@ -171,10 +173,72 @@ def test_memory_budget_keeps_the_upper_levels(bundle_dir):
     """Under a budget of two experts, a path root -> Clothes -> Tops closes Clothes (the deeper
     of the two held), not the root every input visits next (issue 26)."""
     one = max(e.bytes for e in Engine(bundle_dir).bundle.experts.values())
-    small = Engine(bundle_dir, memory_budget_mb=2.5 * one / 2**20)
+    small = Engine(bundle_dir, memory_budget_mb=2.5 * one / 2**20, stream=False)
     for node in ("root", "Clothes", "Tops", "root", "Goods", "Shoes", "root"):
         small.session(node)
     assert sorted(small.loaded) == ["Shoes", "root"] and small.stats.hits == 2 and small.stats.evictions == 3
+
+
+def test_streamed_experts_answer_as_open_ones_within_the_budget(bundle_dir):
+    """Under the path-only budget the engine keeps the experts visited most open and streams
+    the others through their template (issue 26): every image gets the leaf and path of the
+    engine with every expert open, and what it holds never exceeds the budget."""
+    from edge_runtime.engine import path_only_bytes
+    full = Engine(bundle_dir)
+    budget = path_only_bytes(full.bundle)
+    small = Engine(bundle_dir, memory_budget_mb=budget / 2**20)
+    assert small.templates and set(small.templates) == set(full.bundle.experts)
+    x = np.random.default_rng(1).normal(size=(300, 1, 28, 28)).astype(np.float32)
+    for i in range(len(x)):
+        a, b = full.decode(x[i:i + 1]), small.decode(x[i:i + 1])
+        assert a.paths == b.paths and np.allclose(a.step_probs, b.step_probs, rtol=0, atol=1e-5)
+        assert small.held_bytes <= budget
+    assert small.stats.streamed > 0 and 0 < len(small.loaded) < len(full.bundle.experts)
+    assert small.stats.misses - small.stats.streamed <= len(full.bundle.experts)   # sessions created
+    assert "root" in small.loaded
+    batch = small.decode(x, "threshold:0.0")   # the batch decoder streams too
+    assert batch.nodes.tolist() == full.decode(x, "threshold:0.0").nodes.tolist()
+
+
+def test_streamed_weights_are_checked_again_when_the_file_changes(bundle_dir, tmp_path):
+    import shutil
+    import time
+
+    from edge_runtime.bundle import BundleError
+    copy = tmp_path / "b"
+    shutil.copytree(bundle_dir, copy)
+    one = max(e.bytes for e in Engine(copy).bundle.experts.values())
+    engine = Engine(copy, memory_budget_mb=1.1 * one / 2**20)   # room for templates and one expert's weights
+    x = np.zeros((1, 1, 28, 28), dtype=np.float32)
+    assert engine.run("Tops", x).shape == (1, 3) and engine.loaded == [] and engine.stats.streamed == 1
+    f = copy / engine.bundle.experts["Tops"].weights.file
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0x01   # one bit of the last weight
+    time.sleep(0.01)
+    f.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=f.name + ".*sha256"):
+        engine.run("Tops", x)
+    f.unlink()
+    with pytest.raises(BundleError, match=f.name):
+        engine.run("Tops", x)
+
+
+def test_budget_that_holds_no_expert_is_refused_and_old_bundles_open_sessions(bundle_dir, tmp_path):
+    import shutil
+
+    from hierarchy.errors import UsageError
+    with pytest.raises(UsageError, match="holds no expert"):
+        Engine(bundle_dir, memory_budget_mb=0.01)
+    copy = tmp_path / "old"
+    shutil.copytree(bundle_dir, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    del m["templates"]   # a bundle exported before templates
+    (copy / "manifest.json").write_text(json.dumps(m))
+    one = max(e.bytes for e in Engine(copy).bundle.experts.values())
+    engine = Engine(copy, memory_budget_mb=1.5 * one / 2**20)
+    assert not engine.templates
+    engine.predict(np.zeros((1, 1, 28, 28), dtype=np.float32))
+    assert engine.stats.streamed == 0 and len(engine.loaded) == 1
 
 
 def test_cli_predict(bundle_dir, tmp_path):

@@ -40,6 +40,41 @@ def test_manifest_describes_every_expert(bundle_dir):
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch axis
 
 
+def test_template_runs_every_expert_given_its_weights(bundle_dir, tmp_path):
+    """One weights-as-inputs graph serves every expert of an architecture (issue 26): its inputs
+    are the image and the weights, its outputs open; given an expert's safetensors weights it
+    computes what that expert's own file computes."""
+    import shutil
+
+    import onnx
+    import onnxruntime as ort
+    from safetensors.numpy import load_file
+
+    m = json.loads((bundle_dir / "manifest.json").read_text())
+    assert len(m["templates"]) == 1 and "num_outputs" not in m["templates"][0]["net"]
+    t = m["templates"][0]
+    model = onnx.load(str(bundle_dir / t["file"]))
+    assert model.graph.output[0].type.tensor_type.shape.dim[1].dim_param == "k"
+    tmpl = ort.InferenceSession(str(bundle_dir / t["file"]), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).normal(size=(16, 1, 28, 28)).astype(np.float32)
+    for e in m["experts"]:
+        own = ort.InferenceSession(str(bundle_dir / e["file"]), providers=["CPUExecutionProvider"])
+        want = own.run(None, {"input": x})[0]
+        got = tmpl.run(None, {"input": x, **load_file(str(bundle_dir / e["weights"]["file"]))})[0]
+        assert got.shape == (16, len(e["children"])) and np.abs(got - want).max() <= 1e-4
+    report = json.loads((bundle_dir / "export_report.json").read_text())
+    assert report["templates"][0]["template"] == t["file"] and len(report["templates"][0]["experts"]) == 5
+    copy = tmp_path / "b"
+    shutil.copytree(bundle_dir, copy)
+    (copy / t["file"]).write_bytes(b"not onnx")
+    r = hmoe_edge("verify", str(copy))
+    assert r.returncode == 1 and t["file"] in r.stderr and "sha256" in r.stderr
+    m["templates"] = [{"file": t["file"]}]
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match=r"templates\[0\]: malformed template entry"):
+        load_bundle(copy)
+
+
 def test_bundle_reproduces_torch_f1(run_dir, bundle_dir):
     prep = prepare(CFG)
     fed = Federation(run_dir, "hmoe", CFG, prep)
