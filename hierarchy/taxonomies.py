@@ -74,6 +74,9 @@ BUILDERS: dict[str, Callable[[], Hierarchy]] = {**TAXONOMIES, "tiny-imagenet": b
 
 
 def _lookup(name: str, table: dict[str, Callable[[], Hierarchy]]) -> Hierarchy:
+    if name.split(":")[0] in ("hanzi", "hanzi-strokes"):
+        from hierarchy.hanzi import tree
+        return tree(name)
     if name.startswith("csv:"):
         return Hierarchy.from_csv(name[4:])
     if name.startswith("json:"):
@@ -82,7 +85,7 @@ def _lookup(name: str, table: dict[str, Callable[[], Hierarchy]]) -> Hierarchy:
         return table[name]()
     except KeyError:
         raise HierarchyError(f"unknown taxonomy {name!r}; expected one of "
-                             f"{', '.join(TAXONOMIES)}, csv:PATH or json:PATH") from None
+                             f"{', '.join(TAXONOMIES)}, hanzi[:N], hanzi-strokes[:N], csv:PATH or json:PATH") from None
 
 
 def load_taxonomy(name: str) -> Hierarchy:
@@ -96,7 +99,7 @@ def read_tree(spec: str) -> Hierarchy:
     a shipped taxonomy's name."""
     path = Path(spec)
     if not path.is_file():
-        if spec in TAXONOMIES or spec.startswith(("csv:", "json:")):
+        if spec in TAXONOMIES or spec.startswith(("csv:", "json:", "hanzi")):
             return load_taxonomy(spec)
         raise HierarchyError(f"{spec}: no such file and not a shipped taxonomy; expected a .csv of parent,child "
                              f"rows, a .json tree, or one of {', '.join(TAXONOMIES)}")

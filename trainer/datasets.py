@@ -169,6 +169,29 @@ def load_tiny_imagenet(root: Path, download: bool = False) -> Dataset:
                    std=(0.277, 0.269, 0.282), color="RGB")
 
 
+# ---------------------------------------------------------------------- hanzi
+def load_hanzi(name: str, root: Path, download: bool = True) -> Dataset:
+    """``hanzi`` or ``hanzi:N`` (the N most frequent of GB2312 level 1): glyphs rendered from
+    Debian's CJK fonts (trainer/glyphs.py), the test split in held-out font families, under
+    the ``hanzi[:N]`` taxonomy. Rendered once and cached under ``root``/hanzi."""
+    from hierarchy.hanzi import UnihanError, characters, parse
+    from trainer import glyphs
+    try:
+        _, n = parse(name)
+        chars = [c.char for c in characters(n)]
+        tree = load_taxonomy(name)
+        d = glyphs.load(root / "hanzi", chars, n, progress=download)
+    except (UnihanError, glyphs.GlyphError) as exc:
+        raise DatasetError(str(exc)) from None
+    order = [tree.names[v] for v in tree.leaves]
+    if order != chars:   # labels are indices into ``chars``; the tree's leaf order must match
+        index = {c: i for i, c in enumerate(order)}
+        remap = np.array([index[c] for c in chars])
+        d["train_y"], d["test_y"] = remap[d["train_y"]], remap[d["test_y"]]
+    return Dataset(name, name, tree, d["train_x"], d["train_y"].astype(np.int64), d["test_x"],
+                   d["test_y"].astype(np.int64), mean=(0.31,), std=(0.26,), color="L")
+
+
 # ------------------------------------------------------------------ synthetic
 def load_synthetic(spec: str, seed: int = 0) -> Dataset:
     """``synthetic:C,H,W:TAXONOMY:N``: random pixels and labels of a real taxonomy's
@@ -202,9 +225,11 @@ LOADERS: dict[str, Callable[[Path, bool], Dataset]] = {
 def load_dataset(name: str, root: str | os.PathLike | None = None, download: bool = True) -> Dataset:
     if name.startswith("synthetic:"):
         return load_synthetic(name)
+    if name == "hanzi" or name.startswith("hanzi:"):
+        return load_hanzi(name, data_root(root), download)
     try:
         loader = LOADERS[name]
     except KeyError:
-        raise DatasetError(f"unknown data set {name!r}; expected one of {', '.join(LOADERS)} "
+        raise DatasetError(f"unknown data set {name!r}; expected one of {', '.join(LOADERS)}, hanzi[:N] "
                            "or synthetic:C,H,W:TAXONOMY:N") from None
     return loader(data_root(root), download)
