@@ -243,3 +243,24 @@ def test_mixed_fleet_benchmark_runs_end_to_end(tmp_path):
     assert rows[("flat-large", 0.5)]["data_used"] < rows[("flat-large", 0.0)]["data_used"]
     assert rows[("hmoe", 0.5)]["client_rounds_per_tier"]["weak"] > 0
     assert (out / "f1_vs_weak_share.png").stat().st_size > 10_000 and "| 0.5 | 50% | hmoe |" in (out / "results.md").read_text()
+
+
+def test_spread_assignment_gives_each_expert_a_cohort_in_the_schedules_order():
+    """'spread' (issue 27): a round trains several experts, min_clients clients each, in the
+    schedule's order; a client trains one expert; leftovers join a cohort they can take."""
+    from hierarchy import load_taxonomy
+    from trainer.protocol.strategy import Strategy, make_tasks
+    tree = load_taxonomy("fashion-mnist")
+    tasks = make_tasks(tree, "hmoe", (1, 28, 28), 4)
+    sp = Strategy(tree, tasks, "round-robin", 0, assignment="spread", min_clients=2)
+    every = set(tasks)
+    # round 1 of 7 clients in cohorts of 2: the schedule's order from step 1 x 3 cohorts
+    assert sp.order(3) == ["Tops", "Shoes", "root", "Clothes", "Goods"]
+    plan = sp.assign(1, {c: every for c in range(7)})
+    assert plan == {0: "Tops", 1: "Tops", 2: "Shoes", 3: "Shoes", 4: "root", 5: "root", 6: "Tops"}
+    # a task too few clients can take is passed over; a client that can take nothing sits out
+    offers = {0: every, 1: {"Goods"}, 2: {"Tops"}, 3: {"Tops", "root"}, 4: set()}   # order from step 2
+    assert sp.assign(1, offers) == {0: "Goods", 1: "Goods", 2: "Tops", 3: "Tops"}
+    # every round's plan covers the experts in turn, so all of them train within a few rounds
+    trained = {k for rnd in range(3) for k in sp.assign(rnd, {c: every for c in range(4)}).values()}
+    assert trained == every

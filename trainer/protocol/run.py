@@ -97,10 +97,14 @@ class RunConfig:
                              "(default: no limits)", "fleet (device tiers; see trainer/protocol/fleet.py)",
                              parse="fleet")
     assignment: str = opt("one", "one: a round trains the schedule's task; resource-aware: each client trains the "
-                          "most useful expert it can afford, so a round can train several",
-                          "fleet (device tiers; see trainer/protocol/fleet.py)", choices=("one", "resource-aware"))
+                          "most useful expert it can afford, so a round can train several; spread: the schedule's "
+                          "experts in turn, --min-cohort clients each, so a round trains about clients-per-round / "
+                          "min-cohort experts (many-class trees)",
+                          "fleet (device tiers; see trainer/protocol/fleet.py)",
+                          choices=("one", "resource-aware", "spread"))
     min_cohort: int = opt(2, "resource-aware: an expert other than the round's own trains only if at least this "
-                          "many clients chose it (the others move on to their next choice)",
+                          "many clients chose it (the others move on to their next choice); spread: the clients "
+                          "each expert gets",
                           "fleet (device tiers; see trainer/protocol/fleet.py)", least=1)
     min_children: int = opt(2, "HMoE: a client trains an expert only if it holds samples of at least this many of "
                             "the expert's children (a client with one child's samples can only teach it that child)",

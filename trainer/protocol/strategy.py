@@ -19,7 +19,7 @@ from trainer.protocol.schedules import ScheduleContext, get_schedule, reads_vali
 
 FLAT = "flat"
 LR_DECAYS = ("cosine", "none")
-ASSIGNMENTS = ("one", "resource-aware")
+ASSIGNMENTS = ("one", "resource-aware", "spread")
 
 
 
@@ -210,6 +210,8 @@ class Strategy:
         one client's non-IID update would otherwise replace the expert outright: the most
         useful group that is too small moves on to its next choices first (choices only
         move down the order, so groups can still form further down)."""
+        if self.assignment == "spread":   # the schedule moves on by the cohorts a round holds
+            return self._spread(self.order(rnd * max(1, len(offers) // self.min_clients)), offers)
         order = self.order(rnd)
         if self.assignment == "one":
             return {c: order[0] for c in sorted(offers) if order[0] in offers[c]}
@@ -223,6 +225,30 @@ class Strategy:
             for c, ks in choices.items():
                 if ks and ks[0] == small[0]:
                     choices[c] = ks[1:]
+
+    def _spread(self, order: list[str], offers: dict[int, set[str]]) -> dict[int, str]:
+        """'spread': the schedule's tasks in order, each given a cohort of ``min_clients`` of the
+        clients still free that can take it (lowest client index first: the round's sample is
+        already random), until too few are free for another cohort; the remaining clients
+        join the first cohort they can. One task per client, so a client's round is one
+        expert's, and a round trains about (clients / min_clients) experts."""
+        free = sorted(offers)
+        plan: dict[int, str] = {}
+        for key in order:
+            takers = [c for c in free if key in offers[c]]
+            if len(takers) < self.min_clients:
+                continue
+            for c in takers[:self.min_clients]:
+                plan[c] = key
+            free = [c for c in free if c not in plan]
+            if len(free) < self.min_clients:
+                break
+        chosen = list(dict.fromkeys(plan.values()))
+        for c in free:
+            key = next((k for k in chosen if k in offers[c]), None)
+            if key is not None:
+                plan[c] = key
+        return dict(sorted(plan.items()))
 
     @property
     def needs_validation(self) -> bool:
