@@ -248,8 +248,11 @@ def boards_section(b: dict | None) -> list[str]:
         lines.append(f"| {r['bundle']} | {r['board']} | {r['limit_mb']} | train {t['expert']}, {t['samples']} "
                      f"samples, cap {t['memory_cap_mb']:g} MB | {t['peak_rss_mb']:.0f} | {t['cgroup_peak_mb']:.0f} | "
                      f"{'yes' if t['killed'] else 'no'} | {outcome} |")
-    lines += ["", "Profiles (what each limit stands for): " + "; ".join(
-        f"{r['board']}: {r['stands_for']}" for r in b["rows"]) + ".", ""]
+    boards = {r["board"]: r["stands_for"] for r in b["rows"]}
+    lines += ["", "Profiles (what each limit stands for): " + "; ".join(f"{k}: {v}" for k, v in boards.items()) + ".",
+              "A killed training round (exit -9) is the kernel's OOM killer inside the limit: that round does not fit "
+              "the profile. Peak RSS can exceed the limit: it counts file-backed pages the kernel reclaims under it.",
+              ""]
     return lines
 
 
