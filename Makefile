@@ -3,6 +3,9 @@ VENV     ?= .venv
 PY       := $(VENV)/bin/python
 STAMP    := $(VENV)/.hmoe-installed
 APT_PKGS := dataset-fashion-mnist wordnet-base wordnet-sense-index iproute2 wrk
+# the hanzi glyph data set (trainer/glyphs.py): Unihan and the CJK fonts it renders
+APT_PKGS += unicode-data fonts-noto-cjk fonts-arphic-ukai fonts-arphic-uming fonts-arphic-gbsn00lp \
+            fonts-arphic-gkai00mp fonts-wqy-microhei fonts-wqy-zenhei fonts-droid-fallback
 PYTEST_ARGS ?=
 
 .PHONY: setup system-packages test test-fast test-unit demo device-check bench bench-quick clean help
@@ -27,7 +30,8 @@ system-packages:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS) >/dev/null; \
 	else \
 	  echo "note: cannot apt-get install $(APT_PKGS) (not root or no apt-get);"; \
-	  echo "      Fashion-MNIST will be downloaded by torchvision and WordNet by nltk if needed."; \
+	  echo "      Fashion-MNIST will be downloaded by torchvision and WordNet by nltk if needed;"; \
+	  echo "      the hanzi data set needs them (it names the package it misses)."; \
 	fi
 
 $(STAMP): pyproject.toml

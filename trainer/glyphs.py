@@ -21,7 +21,6 @@ import io
 import json
 import os
 import struct
-import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,12 +77,12 @@ def face_count(path: str) -> int:
     return 1
 
 
-def faces(files=FONT_FILES) -> list[Face]:
-    """Every face of the installed font files; a missing or unreadable file is an error that
-    names its Debian package."""
+def faces(files=None) -> list[Face]:
+    """Every face of the installed font files (``FONT_FILES``); a missing or unreadable file is
+    an error that names its Debian package."""
     from fontTools.ttLib import TTLibError, TTCollection, TTFont
     out = []
-    for package, file, family in files:
+    for package, file, family in files or FONT_FILES:
         if not os.path.isfile(file):
             raise GlyphError(f"{file}: missing; the hanzi data set needs Debian's {package} package "
                              f"(make setup installs it, or apt-get install {package})")
@@ -174,7 +173,6 @@ def build(chars: list[str], size: int = SIZE, copies: int = 1, seed: int = 0, jo
     all_faces = faces()
     lacking = {f.name: coverage(f, chars) for f in all_faces}
     jobs = jobs or min(len(all_faces), os.cpu_count() or 1)
-    t = time.perf_counter()
     work = [(f, chars, copies, size, seed * 1000 + k, lacking[f.name]) for k, f in enumerate(all_faces)]
     parts: dict[str, list] = {"train": [], "test": []}
     labels: dict[str, list] = {"train": [], "test": []}
@@ -199,8 +197,8 @@ def build(chars: list[str], size: int = SIZE, copies: int = 1, seed: int = 0, jo
         "characters": len(chars), "size": size, "copies": copies, "seed": seed, "version": VERSION,
         "faces": {s: [f.name for f in all_faces if f.split == s] for s in ("train", "test")},
         "families": {s: sorted({f.family for f in all_faces if f.split == s}) for s in ("train", "test")},
-        "packages": list(PACKAGES), "lacking": {k: v for k, v in lacking.items() if v},
-        "font_bytes": {f: os.path.getsize(f) for _, f, _ in FONT_FILES}, "seconds": time.perf_counter() - t,
+        "packages": list(dict.fromkeys(p for p, _, _ in FONT_FILES)), "lacking": {k: v for k, v in lacking.items() if v},
+        "font_bytes": {f: os.path.getsize(f) for _, f, _ in FONT_FILES},
     }
     return {"train_x": np.concatenate(parts["train"]), "train_y": np.concatenate(labels["train"]),
             "test_x": np.concatenate(parts["test"]), "test_y": np.concatenate(labels["test"]), "stats": stats}

@@ -39,10 +39,10 @@ def _add_hierarchy(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True)
     show = sub.add_parser("show", help="print a taxonomy with its experts marked")
     show.add_argument("--taxonomy", required=True,
-                      help="fashion-mnist | cifar100 | tiny-imagenet | csv:PATH | json:PATH")
+                      help="fashion-mnist | cifar100 | tiny-imagenet | hanzi[:N] | hanzi-strokes[:N] | csv:PATH | json:PATH")
     show.set_defaults(run=_hierarchy_show)
     build = sub.add_parser("build", help="build a taxonomy (tiny-imagenet: from WordNet) and save it as JSON")
     build.add_argument("--taxonomy", required=True,
-                       help="fashion-mnist | cifar100 | tiny-imagenet | csv:PATH | json:PATH")
+                       help="fashion-mnist | cifar100 | tiny-imagenet | hanzi[:N] | hanzi-strokes[:N] | csv:PATH | json:PATH")
     build.add_argument("--out", required=True, help="output JSON file")
     build.set_defaults(run=_hierarchy_build)

@@ -54,8 +54,8 @@ class RunConfig:
     """A federated run; saved as config.json in the run directory. Every field is a flag of
     `hmoe train`, `hmoe plan` and `hmoe flower` (``opt``: flag, group, help, bounds)."""
 
-    dataset: str = opt("fashion-mnist", "fashion-mnist | cifar100 | tiny-imagenet | synthetic:C,H,W:TAXONOMY:N",
-                       "data")
+    dataset: str = opt("fashion-mnist", "fashion-mnist | cifar100 | tiny-imagenet | hanzi[:N] | "
+                       "synthetic:C,H,W:TAXONOMY:N", "data")
     data_root: str | None = opt(None, "folder holding the data sets (default: $HMOE_DATA or ./data)", "data")
     clients: int = opt(20, "number of clients K", least=1)
     clients_per_round: int = opt(5, "clients sampled per round M", least=1)

@@ -1,0 +1,130 @@
+"""The hanzi taxonomy (Unihan) and glyph data set (Debian's CJK fonts), real files only."""
+
+import bz2
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hierarchy import hanzi, load_taxonomy
+from trainer import glyphs
+from trainer.datasets import DatasetError, load_dataset
+
+pytestmark = pytest.mark.skipif(not (hanzi.unicode_dir() / "Unihan_IRGSources.txt.bz2").is_file(),
+                                reason="Debian's unicode-data is not installed (make setup installs it)")
+
+
+def test_the_full_tree_is_gb2312_level_1_under_its_radicals():
+    tree = load_taxonomy("hanzi")
+    kids = {tree.names[v]: len(tree.children(v)) for v in tree.experts}
+    assert tree.num_leaves == 3755 and int(tree.depths.max()) == 2
+    assert len(tree.children(0)) == 206                   # every radical used, single-character ones collapsed
+    assert len(kids) == 1 + 206 - 25 and kids["64 hand 手"] == 221
+    assert min(kids.values()) == 2
+    chars = hanzi.characters()
+    assert [c.char for c in chars][:3] == ["啊", "阿", "埃"]   # GB2312 order (pinyin)
+    radical = {c.char: c.radical for c in chars}
+    names = hanzi.radical_names()
+    for leaf in tree.leaves[:: 50]:
+        parent = tree.names[tree.parents[leaf]]
+        char = tree.names[leaf]
+        assert parent == "root" or parent == names[radical[char]]
+
+
+def test_size_knob_and_the_stroke_level():
+    small = load_taxonomy("hanzi:500")
+    assert small.num_leaves == 500
+    common = {c.char for c in hanzi.characters(500)}
+    assert {"的", "一", "是"} <= common and set(small.names[v] for v in small.leaves) == common
+    strokes = load_taxonomy("hanzi-strokes")
+    assert strokes.num_leaves == 3755 and int(strokes.depths.max()) == 3
+    assert "4 strokes" in strokes.names and strokes.names[strokes.parents[strokes.index("64 hand 手")]] == "4 strokes"
+    with pytest.raises(Exception, match="between 2 and 3755"):
+        load_taxonomy("hanzi:5000")
+    with pytest.raises(Exception, match="hanzi:N with N a number"):
+        load_taxonomy("hanzi:many")
+    out = subprocess.run([sys.executable, "-m", "exporter.cli", "hierarchy", "show", "--taxonomy", "hanzi:40"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "9 man 人 *" in out.stdout and "交" in out.stdout
+
+
+def test_missing_unihan_and_a_character_without_radical_are_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("HMOE_UNICODE_DIR", str(tmp_path))
+    hanzi.level1.cache_clear()
+    hanzi.radical_names.cache_clear()
+    try:
+        with pytest.raises(hanzi.UnihanError, match="unicode-data"):
+            hanzi.level1()
+        for name in ("Unihan_OtherMappings.txt.bz2", "Unihan_DictionaryLikeData.txt.bz2"):
+            shutil.copy(f"/usr/share/unicode/{name}", tmp_path / name)
+        with bz2.open("/usr/share/unicode/Unihan_IRGSources.txt.bz2", "rt", encoding="utf-8") as f:
+            lines = [line for line in f if not line.startswith("U+554A\tkRSUnicode")]   # 啊
+        with bz2.open(tmp_path / "Unihan_IRGSources.txt.bz2", "wt", encoding="utf-8") as f:
+            f.writelines(lines)
+        with pytest.raises(hanzi.UnihanError, match="啊 \\(U\\+554A\\) has no kRSUnicode"):
+            hanzi.level1()
+    finally:
+        hanzi.level1.cache_clear()
+        hanzi.radical_names.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return root, load_dataset("hanzi:30", root, download=False)
+
+
+def test_the_data_set_holds_out_font_families(small):
+    root, d = small
+    train_faces = [f for f in glyphs.faces() if f.split == "train"]
+    test_faces = [f for f in glyphs.faces() if f.split == "test"]
+    assert len(train_faces) == 39 and len(test_faces) == 7
+    assert {f.family for f in test_faces} == set(glyphs.TEST_FAMILIES)
+    assert d.train_x.shape == (30 * 39, 1, 32, 32) and d.test_x.shape == (30 * 7, 1, 32, 32)
+    assert np.bincount(d.train_y).tolist() == [39] * 30 and np.bincount(d.test_y).tolist() == [7] * 30
+    assert d.tree.num_leaves == 30 and d.train_x.dtype == np.uint8
+    assert 0.1 < d.train_x.mean() / 255 < 0.5 and d.train_x.std() > 20   # ink on a dark ground, not blank
+
+
+def test_the_cache_is_deterministic_and_checked(small):
+    root, d = small
+    cached = load_dataset("hanzi:30", root, download=False)
+    assert np.array_equal(cached.train_x, d.train_x) and np.array_equal(cached.test_y, d.test_y)
+    path = root / "hanzi" / glyphs.cache_name(30, glyphs.SIZE, 1)
+    digest = path.with_suffix(".sha256").read_text()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(DatasetError, match=f"{path.name}: sha256 differs"):
+        load_dataset("hanzi:30", root, download=False)
+    path.unlink()
+    path.with_suffix(".sha256").unlink()
+    rebuilt = load_dataset("hanzi:30", root, download=False)   # the same bytes again, from the same seed
+    assert path.with_suffix(".sha256").read_text() == digest
+    assert np.array_equal(rebuilt.train_x, d.train_x)
+
+
+def test_missing_truncated_and_lacking_fonts_are_errors_or_recorded(tmp_path, monkeypatch):
+    real = dict((fam, (pkg, f)) for pkg, f, fam in glyphs.FONT_FILES)
+    monkeypatch.setattr(glyphs, "FONT_FILES", ((*real["AR PL SungtiL GB"], "AR PL SungtiL GB"),
+                                               ("fonts-imaginary", str(tmp_path / "nope.ttf"), "Nope")))
+    with pytest.raises(DatasetError, match="nope.ttf: missing.*fonts-imaginary"):
+        load_dataset("hanzi:10", tmp_path / "a", download=False)
+    cut = tmp_path / "cut.ttf"
+    cut.write_bytes(open(real["AR PL KaitiM GB"][1], "rb").read()[:4000])
+    monkeypatch.setattr(glyphs, "FONT_FILES", (("fonts-arphic-gkai00mp", str(cut), "AR PL KaitiM GB"),))
+    with pytest.raises(DatasetError, match="cut.ttf: not a readable font.*truncated or corrupt.*fonts-arphic-gkai00mp"):
+        load_dataset("hanzi:10", tmp_path / "b", download=False)
+    dejavu = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+    if not __import__("os").path.isfile(dejavu):
+        pytest.skip("no DejaVu font to stand for a face without CJK glyphs")
+    monkeypatch.setattr(glyphs, "FONT_FILES", ((*real["AR PL SungtiL GB"], "AR PL SungtiL GB"),
+                                               ("fonts-dejavu-core", dejavu, "DejaVu Sans"),
+                                               (*real["AR PL UKai"], "AR PL UKai")))
+    d = load_dataset("hanzi:10", tmp_path / "c", download=False)
+    stats = glyphs.load(tmp_path / "c" / "hanzi", [c.char for c in hanzi.characters(10)], 10)["stats"]
+    assert len(stats["lacking"]["DejaVu Sans"]) == 10                # recorded, not silently dropped
+    assert np.bincount(d.train_y).tolist() == [1] * 10               # only SungtiL's images remain
