@@ -342,6 +342,81 @@ def fleet_section(results: Path, fleet: Path, out: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ page
+def hanzi_section(h: dict | None, out: Path, folder: Path) -> list[str]:
+    """Issue 27: many classes on real glyphs (benchmarks/hanzi.py); ``out`` the Markdown file,
+    ``folder`` the one holding hanzi.json and its pictures."""
+    lines = ["## Many classes: printed Chinese characters (hanzi)", ""]
+    if not h:
+        return lines + ["Not measured: `python benchmarks/hanzi.py --profile cpu --out docs/results/hanzi`.", ""]
+    where = folder
+    prof = h["profile"]
+    lines += [f"Command: `{clean(h['command'])}` (profile {prof['name']}, device {h.get('device', 'cpu')}); commit "
+              f"`{h['commit']}`; {machine_line(h['machine'])}. Steps: " +
+              ", ".join(f"{k} {v / 60:.1f} min" for k, v in h.get("seconds", {}).items()) + ".", ""]
+    st = h.get("stats")
+    if st:
+        lines += [f"**Data set** `{st['dataset']}`: {st['characters']} characters, {st['image_size'][1]}x"
+                  f"{st['image_size'][2]} grey glyphs; {st['train_images']:,} training images from "
+                  f"{len(st['faces']['train'])} faces ({', '.join(st['families']['train'])}), {st['test_images']:,} "
+                  f"test images from {len(st['faces']['test'])} faces of held-out families "
+                  f"({', '.join(st['families']['test'])}); images per class {st['images_per_class']['train'][0]}"
+                  f"-{st['images_per_class']['train'][1]} (train), {st['images_per_class']['test'][0]}-"
+                  f"{st['images_per_class']['test'][1]} (test). Tree: {st['experts']} experts, depth {st['depth']}, "
+                  f"root with {st['root_children']} children; largest expert {st['largest_expert'][0]} "
+                  f"({st['largest_expert'][1]} children), smallest {st['smallest_expert'][0]} "
+                  f"({st['smallest_expert'][1]}). Samples: [glyphs.png]({rel(where / 'glyphs.png', out)}).", ""]
+    t = h.get("table1")
+    if t:
+        rows = t["policies"]["balanced"]["rows"]
+        paper = t.get("paper") or {}
+        lines += ["**Table 1 on this data** (balanced epochs, one client's round, "
+                  f"{t['client_samples']} samples; median of {h['profile']['repeats']} fresh processes; the source "
+                  "paper's Tiny ImageNet figures beside):", "",
+                  "| model | time / round ms | resident growth MB | live tensors MB | paper (Tiny ImageNet) |",
+                  "|---|---|---|---|---|",
+                  f"| flat softmax | {rows['flat']['time_ms']:.0f} | {rows['flat']['rss_mb']:.1f} | "
+                  f"{rows['flat']['live_mb']:.1f} | |"]
+        for name, label in (("hmoe_max", "largest expert"), ("hmoe_min", "smallest expert")):
+            r, pp = rows[name], paper.get(name, {})
+            lines.append(f"| HMoE, {label} | {pct(r['time_ms_pct_of_flat'])} ({r['time_ms_expert']}) | "
+                         f"{pct(r['rss_mb_pct_of_flat'])} ({r['rss_mb_expert']}) | {pct(r['live_mb_pct_of_flat'])} "
+                         f"({r['live_mb_expert']}) | time {f(pp.get('time_pct'))}%, memory {f(pp.get('mem_pct'))}% |")
+        lines.append("")
+    sw = h.get("sweep")
+    if sw:
+        lines += ["**HMoE against flat softmax** (test split: held-out font families; HMoE greedy, flat's leaf rule; "
+                  "memory: the live-tensor peak of one step of the model's round, for HMoE its largest expert's; "
+                  f"HMoE with `--assignment spread`; Pareto plot [pareto.png]({rel(where / 'pareto.png', out)})):", "",
+                  "| model | width | Information F1 | leaf accuracy | live MB / round | client GMACs | client s | "
+                  "rounds | Pareto (memory, compute) |", "|---|---|---|---|---|---|---|---|---|"]
+        for p in sorted(sw["points"], key=lambda p: (p["kind"], p["width"])):
+            lines.append(f"| {p['kind']} | {p['width']} | {p['f1']:.4f} | {p['leaf_accuracy']:.4f} | "
+                         f"{p['live_mb']:.2f} | {p['client_gmacs']:.0f} | {p['client_seconds']:.0f} | {p['rounds']} | "
+                         f"{'yes' if p['pareto_memory'] else 'no'}, {'yes' if p['pareto_compute'] else 'no'} |")
+        g = sw["goals"]
+        lines += ["", "Goals: HMoE at no more than a quarter of flat's per-round memory with F1 at least flat's: " +
+                  ("; ".join(f"{q['hmoe']} against {q['flat']}: {q['margin']:+.4f} at {q['memory_ratio']:.2f} of its "
+                             "memory" for q in g["quarter_memory"]) or "no flat model is four times an HMoE's memory") +
+                  f" ({'met' if g['quarter_memory_met'] else 'NOT met'}). Against the widest flat model whose round "
+                  "fits in the largest expert's memory, ahead by at least 0.05: " +
+                  (f"{g['same_memory']['hmoe']} against {g['same_memory']['flat']}: {g['same_memory']['margin']:+.4f}"
+                   if g["same_memory"] else "no flat model fits") +
+                  f" ({'met' if g['same_memory_met'] else 'NOT met'}).", ""]
+    e = h.get("edge")
+    if e:
+        lines += [f"**On the device** (the default-width run's bundle, {e['images']} held-out images one at a time, "
+                  "each mode in a fresh process; added memory over the ready engine):", "",
+                  "| mode | added MB | p50 ms | p95 ms | experts per input |", "|---|---|---|---|---|"]
+        for m, r in e["modes"].items():
+            lines.append(f"| {m} | {r['added_mb']:.1f} | {r['p50_ms']:.3f} | {r['p95_ms']:.3f} | "
+                         f"{f(r.get('experts_per_input'), '.2f')} |")
+        d = e["disk"]
+        lines += ["", f"Disk: experts {d['experts_mb']:.1f} MB, the longest path's {d['largest_path_mb']:.2f} MB, flat "
+                  f"{f(d['flat_mb'], '.2f')} MB. Path-only adds {f(e['path_over_flat_added'], '.2f')} of flat's memory "
+                  f"(goal at most 0.3: {'met' if e['path_goal_met'] else 'NOT met'}).", ""]
+    return lines
+
+
 def render(results: Path, fleet: Path, out: Path) -> str:
     b = load(results / "bench.json")
     lines = ["# Benchmarks", "",
@@ -370,6 +445,9 @@ def render(results: Path, fleet: Path, out: Path) -> str:
     lines += greedy_section(fleet)
     lines += boards_section(load(fleet / "boards" / "boards.json"))
     lines += fleet_section(results, fleet, out)
+    hz = load(fleet / "hanzi" / "hanzi.json")
+    if hz:
+        lines += hanzi_section(hz, out, fleet / "hanzi")
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -128,3 +128,22 @@ def test_missing_truncated_and_lacking_fonts_are_errors_or_recorded(tmp_path, mo
     stats = glyphs.load(tmp_path / "c" / "hanzi", [c.char for c in hanzi.characters(10)], 10)["stats"]
     assert len(stats["lacking"]["DejaVu Sans"]) == 10                # recorded, not silently dropped
     assert np.bincount(d.train_y).tolist() == [1] * 10               # only SungtiL's images remain
+
+
+def test_benchmark_goals_and_pareto_fronts():
+    """benchmarks/hanzi.py's verdicts from its points (issue 27's goals)."""
+    sys.path.insert(0, "benchmarks")
+    import hanzi as bench
+    pts = [{"name": "hmoe-w8", "kind": "hmoe", "width": 8, "f1": 0.60, "live_mb": 2.0, "client_gmacs": 50},
+           {"name": "hmoe-w16", "kind": "hmoe", "width": 16, "f1": 0.70, "live_mb": 4.0, "client_gmacs": 90},
+           {"name": "flat-w8", "kind": "flat", "width": 8, "f1": 0.55, "live_mb": 3.0, "client_gmacs": 40},
+           {"name": "flat-w32", "kind": "flat", "width": 32, "f1": 0.68, "live_mb": 16.0, "client_gmacs": 300}]
+    assert bench.pareto(pts, "live_mb") == ["hmoe-w8", "hmoe-w16"]
+    assert bench.pareto(pts, "client_gmacs") == ["hmoe-w8", "hmoe-w16", "flat-w8"]
+    g = bench.goals(pts)
+    assert g["quarter_memory"] == [{"flat": "flat-w32", "hmoe": "hmoe-w16", "margin": pytest.approx(0.02),
+                                    "memory_ratio": 0.25}] and g["quarter_memory_met"]
+    assert g["same_memory"]["flat"] == "flat-w8" and g["same_memory"]["margin"] == pytest.approx(0.15)
+    assert g["same_memory_met"]
+    pts[1]["f1"] = 0.66
+    assert not bench.goals(pts)["quarter_memory_met"]

@@ -1,0 +1,320 @@
+"""Many classes on real glyphs: HMoE against flat softmax on the hanzi data set (GB2312
+level-1 characters rendered from Debian's CJK fonts, tested on held-out font families,
+under the Unicode radical taxonomy). Issue 27.
+
+Steps (each resumable: trained runs with a report.json are reused):
+
+1. stats   the data set's statistics (characters, faces per split, images per class, the
+           tree's experts and depth, the largest and smallest expert) and glyphs.png, sample
+           glyphs from training and from held-out faces;
+2. table1  the source paper's Table 1 on this data (benchmarks/table1.py's measurement:
+           per-round client time, resident growth and live-tensor peak of flat, the largest
+           and the smallest expert; the paper's Tiny ImageNet figures beside);
+3. sweep   HMoE (several experts a round: --assignment spread) and flat softmax at several
+           widths, same clients and data; test Information F1 and leaf accuracy on the
+           held-out faces against per-round client memory (the live-tensor peak of the
+           model's, or the largest expert's, round) and total client compute, Pareto fronts;
+4. edge    the default-width run exported: path-only against every expert against flat
+           (added resident memory, p50 / p95 latency at batch 1, disk).
+
+    python benchmarks/hanzi.py --profile cpu --out docs/results/hanzi     # make bench: CPU
+    python benchmarks/hanzi.py --profile full --out docs/results/hanzi-full --device cuda
+
+Writes hanzi.json, hanzi.md, glyphs.png and pareto.png to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+PROFILES = {
+    # make bench: 500 characters, CPU
+    "cpu": {"dataset": "hanzi:500", "clients": 20, "per_round": 20, "hmoe_rounds": 150, "flat_rounds": 50,
+            "hmoe_widths": [8, 16], "flat_widths": [8, 16, 32], "main": (16, 32), "repeats": 3, "images": 500,
+            "partition": "iid"},
+    # all 3,755 characters: a GPU machine
+    "full": {"dataset": "hanzi", "clients": 50, "per_round": 50, "hmoe_rounds": 400, "flat_rounds": 100,
+             "hmoe_widths": [8, 16, 32], "flat_widths": [8, 16, 32, 64], "main": (16, 32), "repeats": 3,
+             "images": 1000, "partition": "iid"},
+    # the test's: seconds
+    "tiny": {"dataset": "hanzi:30", "clients": 4, "per_round": 4, "hmoe_rounds": 4, "flat_rounds": 2,
+             "hmoe_widths": [4], "flat_widths": [4], "main": (4, 4), "repeats": 1, "images": 20,
+             "partition": "iid"},
+}
+STEPS = ("stats", "table1", "sweep", "edge")
+
+
+def hmoe(*args: str) -> None:
+    exe = Path(sys.executable).parent / "hmoe"
+    cmd = [str(exe) if exe.exists() else "hmoe", *args]
+    print("$ " + " ".join(cmd), flush=True)
+    proc = subprocess.run(cmd, cwd=ROOT)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed (exit {proc.returncode}): {' '.join(cmd)}")
+
+
+# ------------------------------------------------------------------ stats
+def stats(prof: dict, out: Path) -> dict:
+    from trainer import glyphs
+    from trainer.datasets import load_dataset
+    d = load_dataset(prof["dataset"])
+    tree = d.tree
+    kids = {tree.names[v]: len(tree.children(v)) for v in tree.experts}
+    all_faces = glyphs.faces()
+    per_class = {s: np.bincount(y, minlength=tree.num_leaves) for s, y in (("train", d.train_y), ("test", d.test_y))}
+    result = {
+        "dataset": prof["dataset"], "characters": tree.num_leaves, "image_size": list(d.shape),
+        "train_images": int(len(d.train_y)), "test_images": int(len(d.test_y)),
+        "faces": {s: [f.name for f in all_faces if f.split == s] for s in ("train", "test")},
+        "families": {s: sorted({f.family for f in all_faces if f.split == s}) for s in ("train", "test")},
+        "images_per_class": {s: [int(v.min()), int(v.max())] for s, v in per_class.items()},
+        "experts": len(kids), "depth": int(tree.depths.max()), "root_children": len(tree.children(0)),
+        "largest_expert": max(kids.items(), key=lambda kv: (kv[1], kv[0])),
+        "smallest_expert": min(kids.items(), key=lambda kv: (kv[1], kv[0])),
+        "experts_by_children": {str(k): int(v) for k, v in zip(*np.unique(list(kids.values()), return_counts=True))},
+        "mean_std": [float(d.train_x.mean() / 255), float(d.train_x.std() / 255)],
+    }
+    glyph_picture(d, all_faces, out / "glyphs.png")
+    return result
+
+
+def glyph_picture(d, all_faces, path: Path) -> None:
+    """Sample glyphs: a row per split, six characters, from training and held-out faces."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rng = np.random.default_rng(0)
+    chars = rng.choice(d.tree.num_leaves, 6, replace=False)
+    fig, axes = plt.subplots(4, 12, figsize=(12, 4.4))
+    for row, (split, x, y) in enumerate((("train", d.train_x, d.train_y), ("train", d.train_x, d.train_y),
+                                         ("held-out", d.test_x, d.test_y), ("held-out", d.test_x, d.test_y))):
+        for col in range(12):
+            c = chars[col // 2]
+            idx = np.flatnonzero(y == c)
+            i = idx[(2 * (row % 2) + col % 2) * len(idx) // 4]
+            ax = axes[row, col]
+            ax.imshow(x[i, 0], cmap="gray", vmin=0, vmax=255)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col == 0:
+                ax.set_ylabel(split, fontsize=8)
+    fig.suptitle("hanzi: training faces (top two rows) and held-out families (bottom two), 32x32", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------- table1
+def table1(prof: dict, repeats: int) -> dict:
+    import table1 as t1
+    from tqdm import tqdm
+    t1.SHAPES["hanzi"] = {"label": f"{prof['dataset']} (real glyphs, radical tree)", "dataset": prof["dataset"],
+                          "n": 0}
+    t1.PAPER["hanzi"] = t1.PAPER["tiny-imagenet"]
+    with tqdm(total=0, desc="table 1 (hanzi)", unit="update") as bar:
+        return t1.measure_shape("hanzi", 0, repeats, 8, 0, bar)
+
+
+# ------------------------------------------------------------------ sweep
+def common(prof: dict, device: str) -> list[str]:
+    return ["--dataset", prof["dataset"], "--clients", str(prof["clients"]), "--clients-per-round",
+            str(prof["per_round"]), "--partition", prof["partition"], "--assignment", "spread", "--min-cohort", "2",
+            "--cost-clients", "0", "--no-progress", "--device", device]
+
+
+def train_runs(prof: dict, work: Path, device: str) -> dict[str, Path]:
+    """Every model of the sweep trained (or reused): name -> run directory."""
+    w_main, f_main = prof["main"]
+    runs = {f"hmoe-w{w_main}": work / "main", f"flat-w{f_main}": work / "main"}
+    if not (work / "main" / "report.json").exists():
+        hmoe("train", "--out", str(work / "main"), "--expert-width", str(w_main), "--flat-width", str(f_main),
+             "--hmoe-rounds", str(prof["hmoe_rounds"]), "--flat-rounds", str(prof["flat_rounds"]),
+             *common(prof, device))
+    for kind, widths in (("hmoe", prof["hmoe_widths"]), ("flat", prof["flat_widths"])):
+        for w in widths:
+            name = f"{kind}-w{w}"
+            if name in runs:
+                continue
+            run = runs[name] = work / name
+            if not (run / "report.json").exists():
+                rounds = (["--expert-width", str(w), "--hmoe-rounds", str(prof["hmoe_rounds"]), "--flat-rounds", "0"]
+                          if kind == "hmoe" else
+                          ["--flat-width", str(w), "--flat-rounds", str(prof["flat_rounds"]), "--hmoe-rounds", "0"])
+                hmoe("train", "--out", str(run), *rounds, *common(prof, device))
+    return runs
+
+
+def live_peak(run: Path, kind: str) -> dict:
+    """The live-tensor peak (MB) of one step of the model's round (flat) or of its largest
+    expert's (the one with the most outputs), one batch of the run's own data."""
+    from trainer.device.client import to_numpy
+    from trainer.device.cost import measure_update
+    from trainer.device.nets import build_net
+    from trainer.prepare import prepare
+    from trainer.protocol.run import load_run_config
+    cfg = load_run_config(run)
+    prep = prepare(cfg)
+    d = prep.data
+    tasks = cfg.tasks(kind, d.tree, tuple(d.train_x.shape[1:]))
+    key = max(tasks, key=lambda k: (tasks[k].net.num_outputs, k))
+    net = tasks[key].net
+    s = cfg.strategy(kind, d.tree, tasks)
+    idx, target = s.client_data(key, d.train_y, np.arange(len(d.train_y)))
+    n = cfg.local.batch_size
+    r = measure_update(net, to_numpy(build_net(net)), d.train_x[idx[:n]], target[:n], cfg.local, d.mean, d.std, 0,
+                       threads=1, repeats=1, live_peak=True)
+    return {"task": key, "outputs": net.num_outputs, "width": net.width, "live_mb": r["live_peak_mb"]}
+
+
+def pareto(points: list[dict], cost: str) -> list[str]:
+    """Names of the points no other point beats: F1 at least as high at no more cost, one of them strictly."""
+    front = []
+    for p in points:
+        if not any(q is not p and q["f1"] >= p["f1"] and q[cost] <= p[cost] and (q["f1"] > p["f1"] or q[cost] < p[cost])
+                   for q in points):
+            front.append(p["name"])
+    return front
+
+
+def sweep(prof: dict, work: Path, device: str) -> dict:
+    runs = train_runs(prof, work, device)
+    points = []
+    for name, run in runs.items():
+        kind = name.split("-")[0]
+        report = json.loads((run / "report.json").read_text())[kind]
+        test = report["test"]["greedy" if kind == "hmoe" else "leaf"]
+        points.append({"name": name, "kind": kind, "width": int(name.split("-w")[1]), "run": str(run),
+                       "f1": test["info_f1"], "leaf_accuracy": test["leaf_accuracy"], "rounds": report["rounds"],
+                       "client_gmacs": report["total_client_gmacs"], "client_seconds": report["total_client_seconds"],
+                       **live_peak(run, kind)})
+    for p in points:
+        p["pareto_memory"] = p["name"] in pareto(points, "live_mb")
+        p["pareto_compute"] = p["name"] in pareto(points, "client_gmacs")
+    return {"points": points, "goals": goals(points)}
+
+
+def goals(points: list[dict]) -> dict:
+    """Issue 27's goals, each with the figures behind it."""
+    hm = [p for p in points if p["kind"] == "hmoe"]
+    fl = [p for p in points if p["kind"] == "flat"]
+    best = max(hm, key=lambda p: p["f1"])
+    quarter = []
+    for f in fl:   # HMoE at no more than a quarter of this flat model's per-round memory
+        cheap = [h for h in hm if h["live_mb"] <= f["live_mb"] / 4]
+        if cheap:
+            h = max(cheap, key=lambda p: p["f1"])
+            quarter.append({"flat": f["name"], "hmoe": h["name"], "margin": h["f1"] - f["f1"],
+                            "memory_ratio": h["live_mb"] / f["live_mb"]})
+    fits = [f for f in fl if f["live_mb"] <= best["live_mb"]]
+    widest = max(fits, key=lambda p: p["width"]) if fits else None
+    return {"quarter_memory": quarter,
+            "quarter_memory_met": bool(quarter) and all(q["margin"] >= 0 for q in quarter),
+            "same_memory": ({"flat": widest["name"], "hmoe": best["name"], "margin": best["f1"] - widest["f1"]}
+                            if widest else None),
+            "same_memory_met": bool(widest) and best["f1"] - widest["f1"] >= 0.05}
+
+
+# ------------------------------------------------------------------- edge
+def edge(prof: dict, work: Path) -> dict:
+    from edge_runtime import bench
+    from exporter.bundle import export_run
+    from trainer.datasets import load_dataset
+    bundle = work / "main" / "bundle"
+    if not (bundle / "manifest.json").exists():
+        export_run(work / "main", bundle, progress=False, validate_images=500)
+    b = bench.load_bundle(bundle)
+    d = load_dataset(prof["dataset"])
+    x = b.input_spec.normalize(d.test_x[np.random.default_rng(0).permutation(len(d.test_x))[:prof["images"]]])
+    res = bench.inference(bundle, x, modes=("path", "all", "flat"))
+    disk = {"experts_mb": sum(e.bytes for e in b.experts.values()) / 2**20,
+            "flat_mb": b.flat.bytes / 2**20 if b.flat else None,
+            "largest_path_mb": max(sum(b.experts[b.tree.names[v]].bytes for v in b.tree.path(int(leaf))
+                                       if b.tree.names[v] in b.experts) for leaf in b.tree.leaves) / 2**20}
+    rows = {m: {"added_mb": r["added_mb"], "p50_ms": r["latency_ms_median"], "p95_ms": r["latency_ms_p95"],
+                "experts_per_input": r.get("experts_per_input")} for m, r in res.items() if isinstance(r, dict)}
+    path_over_flat = rows["path"]["added_mb"] / rows["flat"]["added_mb"] if rows["flat"]["added_mb"] > 0 else None
+    return {"bundle": str(bundle), "images": int(len(x)), "modes": rows, "disk": disk,
+            "path_over_flat_added": path_over_flat,
+            "path_goal_met": path_over_flat is not None and path_over_flat <= 0.3}
+
+
+# ------------------------------------------------------------------- main
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    pts = result["sweep"]["points"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, cost, label in ((axes[0], "live_mb", "per-round client memory: live tensors, MB"),
+                            (axes[1], "client_gmacs", "total client compute, GMACs")):
+        for kind, marker in (("hmoe", "o"), ("flat", "s")):
+            ps = sorted((p for p in pts if p["kind"] == kind), key=lambda p: p[cost])
+            ax.plot([p[cost] for p in ps], [p["f1"] for p in ps], marker=marker, label=kind)
+            for p in ps:
+                ax.annotate(f"w{p['width']}", (p[cost], p["f1"]), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("Information F1, held-out faces")
+        ax.legend()
+    fig.suptitle(f"{result['profile']['dataset']}: HMoE against flat softmax")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", choices=list(PROFILES), default="cpu")
+    p.add_argument("--out", default="runs/hanzi")
+    p.add_argument("--work", help="where the trained runs are kept (default: runs/hanzi-PROFILE)")
+    p.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
+    p.add_argument("--device", default="cpu", help="cpu | cuda, for training")
+    args = p.parse_args(argv)
+    prof = PROFILES[args.profile]
+    out = Path(args.out)
+    work = Path(args.work or f"runs/hanzi-{args.profile}")
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    from trainer.machine import git_commit, machine_info
+    path = out / "hanzi.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result.update({"command": "python benchmarks/hanzi.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                   "profile": {"name": args.profile, **{k: list(v) if isinstance(v, tuple) else v
+                                                       for k, v in prof.items()}},
+                   "machine": machine_info(), "commit": git_commit(), "device": args.device})
+    start = time.perf_counter()
+    for step in args.steps:
+        t = time.perf_counter()
+        if step == "stats":
+            result["stats"] = stats(prof, out)
+        elif step == "table1":
+            result["table1"] = table1(prof, prof["repeats"])
+        elif step == "sweep":
+            result["sweep"] = sweep(prof, work, args.device)
+        elif step == "edge":
+            result["edge"] = edge(prof, work)
+        result.setdefault("seconds", {})[step] = time.perf_counter() - t
+        path.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    if "sweep" in result:
+        plot(result, out / "pareto.png")
+    from render import hanzi_section
+    md = "\n".join(hanzi_section(result, out / "hanzi.md", out))
+    (out / "hanzi.md").write_text(md + "\n")
+    print(md)
+    print(f"wrote {path} in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
