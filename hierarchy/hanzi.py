@@ -135,21 +135,47 @@ def characters(n: int | None = None) -> list[Character]:
     return sorted(keep, key=lambda c: c.gb)
 
 
-def parse(name: str) -> tuple[str, int | None]:
-    """``hanzi``, ``hanzi:500``, ``hanzi-strokes:500`` -> (kind, n)."""
+def parse(name: str) -> tuple[str, int | str | None]:
+    """``hanzi``, ``hanzi:500``, ``hanzi:@FILE``, ``hanzi-strokes:500`` -> (kind, n or FILE)."""
     kind, _, n = name.partition(":")
     if kind not in ("hanzi", "hanzi-strokes"):
         raise UnihanError(f"unknown taxonomy {name!r}")
+    if n.startswith("@"):
+        return kind, n[1:]
     try:
         return kind, int(n) if n else None
     except ValueError:
-        raise UnihanError(f"{name}: expected {kind} or {kind}:N with N a number of characters") from None
+        raise UnihanError(f"{name}: expected {kind}, {kind}:N with N a number of characters, or {kind}:@FILE "
+                          "with FILE a list of characters") from None
+
+
+def from_file(path: str) -> list[Character]:
+    """The characters listed in a UTF-8 text file (whitespace and commas ignored), each of
+    which must be in GB2312 level 1; in GB2312 order."""
+    try:
+        text = open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UnihanError(f"{path}: cannot read the character list ({exc})") from None
+    wanted = [ch for ch in text if not ch.isspace() and ch != ","]
+    known = {c.char: c for c in level1()}
+    unknown = [ch for ch in dict.fromkeys(wanted) if ch not in known]
+    if unknown:
+        shown = ", ".join(f"{ch} (U+{ord(ch):04X})" for ch in unknown[:5])
+        raise UnihanError(f"{path}: {len(unknown)} characters are not in GB2312 level 1, the hanzi classes: {shown}")
+    if len(set(wanted)) < 2:
+        raise UnihanError(f"{path}: lists {len(set(wanted))} distinct characters; expected at least 2")
+    return sorted((known[ch] for ch in dict.fromkeys(wanted)), key=lambda c: c.gb)
+
+
+def select(n: int | str | None) -> list[Character]:
+    """``characters(n)`` for a count, ``from_file`` for a path."""
+    return from_file(n) if isinstance(n, str) else characters(n)
 
 
 def tree(name: str = "hanzi") -> Hierarchy:
-    """The taxonomy ``hanzi[:N]`` or ``hanzi-strokes[:N]``; leaves in GB2312 order."""
+    """The taxonomy ``hanzi[:N|:@FILE]`` or ``hanzi-strokes[...]``; leaves in GB2312 order."""
     kind, n = parse(name)
-    chars = characters(n)
+    chars = select(n)
     names = radical_names()
     by_radical: dict[int, list[str]] = {}
     for c in chars:

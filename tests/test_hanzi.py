@@ -147,3 +147,18 @@ def test_benchmark_goals_and_pareto_fronts():
     assert g["same_memory_met"]
     pts[1]["f1"] = 0.66
     assert not bench.goals(pts)["quarter_memory_met"]
+
+
+def test_a_users_own_character_list(tmp_path):
+    good = tmp_path / "mine.txt"
+    good.write_text("手 把\n山,水\n")
+    tree = load_taxonomy(f"hanzi:@{good}")
+    assert sorted(tree.names[v] for v in tree.leaves) == sorted("手把山水")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("手 山 A 龘")
+    with pytest.raises(Exception, match=r"2 characters are not in GB2312 level 1.*A \(U\+0041\), 龘 \(U\+9F98\)"):
+        load_taxonomy(f"hanzi:@{bad}")
+    with pytest.raises(DatasetError, match="not in GB2312 level 1"):
+        load_dataset(f"hanzi:@{bad}", tmp_path / "data", download=False)
+    d = load_dataset(f"hanzi:@{good}", tmp_path / "data", download=False)
+    assert d.tree.num_leaves == 4 and np.bincount(d.train_y).tolist() == [39] * 4

@@ -155,7 +155,10 @@ def _render_face(args) -> tuple[np.ndarray, list[int]]:
     return out, sorted(chars.index(ch) for ch in lacking)
 
 
-def cache_name(n: int | None, size: int, copies: int) -> str:
+def cache_name(n: int | str | None, size: int, copies: int, chars: list[str] | None = None) -> str:
+    """The cache file: by count, or for a character list (``n`` a path) by its characters' hash."""
+    if isinstance(n, str):
+        n = "list-" + hashlib.sha256("".join(chars or []).encode()).hexdigest()[:12]
     return f"hanzi-{n or 'all'}-{size}px-x{copies}-v{VERSION}.npz"
 
 
@@ -204,11 +207,11 @@ def build(chars: list[str], size: int = SIZE, copies: int = 1, seed: int = 0, jo
             "test_x": np.concatenate(parts["test"]), "test_y": np.concatenate(labels["test"]), "stats": stats}
 
 
-def load(folder: Path, chars: list[str], n: int | None, size: int = SIZE, copies: int = 1,
+def load(folder: Path, chars: list[str], n: int | str | None, size: int = SIZE, copies: int = 1,
          progress: bool = True) -> dict:
     """The cached arrays for these characters, built first when not cached. A cache whose
     sha256 differs from the one written beside it is an error naming both files."""
-    path = folder / cache_name(n, size, copies)
+    path = folder / cache_name(n, size, copies, chars)
     digest = path.with_suffix(".sha256")
     if path.exists():
         if not digest.exists():
