@@ -13,7 +13,9 @@ kept under --work and reused, so an interrupted bench resumes):
 3. tradeoffs  benchmarks/tradeoffs.py: width sweep, Pareto fronts, decoding, compute to F1;
 4. edge    benchmarks/edge_inference.py: fp32 and int8 bundles, path-only / all / flat;
 5. fleet   benchmarks/coordinator_load.py (wrk), benchmarks/event_loops.py and (with flwr) benchmarks/flower_scale.py;
-6. render  benchmarks/render.py: BENCHMARKS.md from the JSON (mixed-fleet, grow and subtree
+6. hanzi   benchmarks/hanzi.py: many classes on real glyphs (profile cpu; quick: tiny), into
+           docs/results/hanzi (quick: runs/bench-quick/hanzi);
+7. render  benchmarks/render.py: BENCHMARKS.md from the JSON (mixed-fleet, grow and subtree
            results are rendered from docs/results/, not run again: 20 to 50 min each).
 
 The quick profile writes to runs/bench-quick/ (its own BENCHMARKS.md), so it never
@@ -33,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = ("fm", "table1", "tradeoffs", "edge", "fleet", "render")
+STEPS = ("fm", "table1", "tradeoffs", "edge", "fleet", "hanzi", "render")
 PROFILES = {
     "full": {"results": "docs/results/bench", "work": "runs/bench", "out": "BENCHMARKS.md",
              "fm": [], "repeats": 3, "scale": 1.0, "max_measured": 8, "widths": [8, 16, 32], "images": 300,
@@ -122,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
             run([py, "benchmarks/edge_inference.py", "--demo-run", str(fm["balanced"]), "--out", str(results),
                  "--work", "runs/bench/edge", "--images", str(prof["images"]), "--shapes", *shapes])
             (ROOT / results / "edge_inference.md").unlink(missing_ok=True)
+        elif step == "hanzi":
+            run([py, "benchmarks/hanzi.py", "--profile", "tiny" if args.quick else "cpu", "--out",
+                 str(results.parent / "hanzi"), "--work", str(work / "hanzi")])
         elif step == "fleet":
             run([py, "benchmarks/coordinator_load.py", "--devices", *map(str, prof["devices"]), "--seconds",
                  str(prof["load_seconds"]), "--out", str(work / "coordinator_load")])
