@@ -264,3 +264,11 @@ def test_spread_assignment_gives_each_expert_a_cohort_in_the_schedules_order():
     # every round's plan covers the experts in turn, so all of them train within a few rounds
     trained = {k for rnd in range(3) for k in sp.assign(rnd, {c: every for c in range(4)}).values()}
     assert trained == every
+    # clients in proportion to the data: the root (all samples) earns a cohort of 3 of 10 and
+    # trains every round; the rest take turns, 2 clients each
+    shares = {"root": 1.0, "Clothes": 0.6, "Goods": 0.4, "Tops": 0.3, "Shoes": 0.3}
+    sp = Strategy(tree, tasks, "round-robin", 0, assignment="spread", min_clients=2, shares=shares)
+    plan = sp.assign(0, {c: every for c in range(10)})
+    assert plan == {0: "root", 1: "root", 2: "root", 3: "Clothes", 4: "Clothes", 5: "Goods", 6: "Goods",
+                    7: "Tops", 8: "Tops", 9: "root"}
+    assert sorted(set(sp.assign(1, {c: every for c in range(10)}).values())) == ["Clothes", "Goods", "Shoes", "root"]

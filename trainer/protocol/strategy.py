@@ -210,8 +210,8 @@ class Strategy:
         one client's non-IID update would otherwise replace the expert outright: the most
         useful group that is too small moves on to its next choices first (choices only
         move down the order, so groups can still form further down)."""
-        if self.assignment == "spread":   # the schedule moves on by the cohorts a round holds
-            return self._spread(self.order(rnd * max(1, len(offers) // self.min_clients)), offers)
+        if self.assignment == "spread":
+            return self._spread(rnd, offers)
         order = self.order(rnd)
         if self.assignment == "one":
             return {c: order[0] for c in sorted(offers) if order[0] in offers[c]}
@@ -226,19 +226,28 @@ class Strategy:
                 if ks and ks[0] == small[0]:
                     choices[c] = ks[1:]
 
-    def _spread(self, order: list[str], offers: dict[int, set[str]]) -> dict[int, str]:
-        """'spread': the schedule's tasks in order, each given a cohort of ``min_clients`` of the
-        clients still free that can take it (lowest client index first: the round's sample is
-        already random), until too few are free for another cohort; the remaining clients
-        join the first cohort they can. One task per client, so a client's round is one
-        expert's, and a round trains about (clients / min_clients) experts."""
+    def _spread(self, rnd: int, offers: dict[int, set[str]]) -> dict[int, str]:
+        """'spread': clients shared out in proportion to the tasks' shares of the data, every
+        expert getting at least ``min_clients`` when it trains. An expert whose share earns it
+        more than that (the root, which sees every sample) trains every round with its
+        cohort; the others train in turn (round-robin, moving on each round by as many
+        cohorts as the rest of the round holds). Within a cohort the lowest client indices
+        come first (the round's sample is already random); clients left over join the first
+        cohort they can. One task per client, so a client's round is one expert's."""
+        keys, shares = self.context.keys, self.context.shares
+        m, total = len(offers), sum(shares[k] for k in keys) or 1.0
+        size = {k: max(self.min_clients, int(m * shares[k] / total)) for k in keys}
+        big = [k for k in keys if size[k] > self.min_clients]
+        small = [k for k in keys if size[k] <= self.min_clients]
+        per_round = max(1, (m - sum(size[k] for k in big)) // self.min_clients)
+        start = (rnd * per_round) % len(small) if small else 0
         free = sorted(offers)
         plan: dict[int, str] = {}
-        for key in order:
+        for key in big + small[start:] + small[:start]:
             takers = [c for c in free if key in offers[c]]
             if len(takers) < self.min_clients:
                 continue
-            for c in takers[:self.min_clients]:
+            for c in takers[:size[key]]:
                 plan[c] = key
             free = [c for c in free if c not in plan]
             if len(free) < self.min_clients:
