@@ -97,9 +97,9 @@ class RunConfig:
                              "(default: no limits)", "fleet (device tiers; see trainer/protocol/fleet.py)",
                              parse="fleet")
     assignment: str = opt("one", "one: a round trains the schedule's task; resource-aware: each client trains the "
-                          "most useful expert it can afford, so a round can train several; spread: the schedule's "
-                          "experts in turn, --min-cohort clients each, so a round trains about clients-per-round / "
-                          "min-cohort experts (many-class trees)",
+                          "most useful expert it can afford, so a round can train several; spread: clients shared "
+                          "among the experts in proportion to their data, at least --min-cohort each, the root "
+                          "every round and the others in turn (many-class trees)",
                           "fleet (device tiers; see trainer/protocol/fleet.py)",
                           choices=("one", "resource-aware", "spread"))
     min_cohort: int = opt(2, "resource-aware: an expert other than the round's own trains only if at least this "
