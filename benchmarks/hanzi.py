@@ -14,8 +14,8 @@ Steps (each resumable: trained runs with a report.json are reused):
            widths, same clients and data; test Information F1 and leaf accuracy on the
            held-out faces against per-round client memory (the live-tensor peak of the
            model's, or the largest expert's, round) and total client compute, Pareto fronts;
-4. edge    the default-width run exported: path-only against every expert against flat
-           (added resident memory, p50 / p95 latency at batch 1, disk).
+4. edge    the main widths' experts and flat model in one bundle: path-only against every
+           expert against flat (added resident memory, p50 / p95 latency at batch 1, disk).
 
     python benchmarks/hanzi.py --profile cpu --out docs/results/hanzi     # make bench: CPU
     python benchmarks/hanzi.py --profile full --out docs/results/hanzi-full --device cuda
@@ -133,25 +133,23 @@ def common(prof: dict, device: str) -> list[str]:
             "--cost-clients", "0", "--no-progress", "--device", device]
 
 
-def train_runs(prof: dict, work: Path, device: str) -> dict[str, Path]:
-    """Every model of the sweep trained (or reused): name -> run directory."""
-    w_main, f_main = prof["main"]
-    runs = {f"hmoe-w{w_main}": work / "main", f"flat-w{f_main}": work / "main"}
-    if not (work / "main" / "report.json").exists():
-        hmoe("train", "--out", str(work / "main"), "--expert-width", str(w_main), "--flat-width", str(f_main),
-             "--hmoe-rounds", str(prof["hmoe_rounds"]), "--flat-rounds", str(prof["flat_rounds"]),
-             *common(prof, device))
+def train_runs(prof: dict, work: Path, device: str, reuse: dict[str, Path], jobs: int) -> dict[str, Path]:
+    """Every model of the sweep trained (or reused: ``reuse`` maps hmoe-wW / flat-wW to a run
+    directory trained with the profile's settings), ``jobs`` trainings at once: name -> run."""
+    from concurrent.futures import ThreadPoolExecutor
+    todo, runs = [], {}
     for kind, widths in (("hmoe", prof["hmoe_widths"]), ("flat", prof["flat_widths"])):
         for w in widths:
             name = f"{kind}-w{w}"
-            if name in runs:
-                continue
-            run = runs[name] = work / name
+            run = runs[name] = Path(reuse.get(name, work / name))
             if not (run / "report.json").exists():
                 rounds = (["--expert-width", str(w), "--hmoe-rounds", str(prof["hmoe_rounds"]), "--flat-rounds", "0"]
                           if kind == "hmoe" else
                           ["--flat-width", str(w), "--flat-rounds", str(prof["flat_rounds"]), "--hmoe-rounds", "0"])
-                hmoe("train", "--out", str(run), *rounds, *common(prof, device))
+                todo.append(["train", "--out", str(run), *rounds, *common(prof, device)]
+                            + (["--resume"] if (run / "config.json").exists() else []))
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        list(pool.map(lambda args: hmoe(*args), todo))
     return runs
 
 
@@ -187,8 +185,8 @@ def pareto(points: list[dict], cost: str) -> list[str]:
     return front
 
 
-def sweep(prof: dict, work: Path, device: str) -> dict:
-    runs = train_runs(prof, work, device)
+def sweep(prof: dict, work: Path, device: str, reuse: dict[str, Path], jobs: int) -> dict:
+    runs = train_runs(prof, work, device, reuse, jobs)
     points = []
     for name, run in runs.items():
         kind = name.split("-")[0]
@@ -201,7 +199,7 @@ def sweep(prof: dict, work: Path, device: str) -> dict:
     for p in points:
         p["pareto_memory"] = p["name"] in pareto(points, "live_mb")
         p["pareto_compute"] = p["name"] in pareto(points, "client_gmacs")
-    return {"points": points, "goals": goals(points)}
+    return {"points": points, "goals": goals(points), "runs": {k: str(v) for k, v in runs.items()}}
 
 
 def goals(points: list[dict]) -> dict:
@@ -226,13 +224,22 @@ def goals(points: list[dict]) -> dict:
 
 
 # ------------------------------------------------------------------- edge
-def edge(prof: dict, work: Path) -> dict:
+def edge(prof: dict, work: Path, runs: dict[str, str]) -> dict:
+    """The main widths' bundle: the HMoE run's experts and the flat run's model (both runs
+    trained with the same data, clients and seed) in one bundle."""
+    import shutil
+
     from edge_runtime import bench
     from exporter.bundle import export_run
     from trainer.datasets import load_dataset
-    bundle = work / "main" / "bundle"
+    w, fw = prof["main"]
+    both = work / "edge-run"
+    bundle = work / "edge-bundle"
     if not (bundle / "manifest.json").exists():
-        export_run(work / "main", bundle, progress=False, validate_images=500)
+        shutil.rmtree(both, ignore_errors=True)
+        shutil.copytree(runs[f"hmoe-w{w}"], both, ignore=shutil.ignore_patterns("bundle*", "plots"))
+        shutil.copy(Path(runs[f"flat-w{fw}"]) / "flat.safetensors", both / "flat.safetensors")
+        export_run(both, bundle, progress=False, validate_images=500)
     b = bench.load_bundle(bundle)
     d = load_dataset(prof["dataset"])
     x = b.input_spec.normalize(d.test_x[np.random.default_rng(0).permutation(len(d.test_x))[:prof["images"]]])
@@ -280,7 +287,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", help="where the trained runs are kept (default: runs/hanzi-PROFILE)")
     p.add_argument("--steps", nargs="+", choices=STEPS, default=list(STEPS))
     p.add_argument("--device", default="cpu", help="cpu | cuda, for training")
+    p.add_argument("--jobs", type=int, default=2, help="trainings at once (one torch thread each)")
+    p.add_argument("--reuse", action="append", default=[], metavar="NAME=DIR",
+                   help="a run already trained with the profile's settings, e.g. hmoe-w16=runs/hanzi500")
     args = p.parse_args(argv)
+    reuse = {}
+    for item in args.reuse:
+        name, sep, folder = item.partition("=")
+        if not sep or not (Path(folder) / "config.json").exists():
+            p.error(f"--reuse {item!r}: expected NAME=DIR with DIR a run directory (config.json)")
+        reuse[name] = Path(folder)
     prof = PROFILES[args.profile]
     out = Path(args.out)
     work = Path(args.work or f"runs/hanzi-{args.profile}")
@@ -301,9 +317,11 @@ def main(argv: list[str] | None = None) -> int:
         elif step == "table1":
             result["table1"] = table1(prof, prof["repeats"])
         elif step == "sweep":
-            result["sweep"] = sweep(prof, work, args.device)
+            result["sweep"] = sweep(prof, work, args.device, reuse, args.jobs)
         elif step == "edge":
-            result["edge"] = edge(prof, work)
+            if "sweep" not in result:
+                raise SystemExit("the edge step needs the sweep's runs: run --steps sweep first")
+            result["edge"] = edge(prof, work, result["sweep"]["runs"])
         result.setdefault("seconds", {})[step] = time.perf_counter() - t
         path.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     if "sweep" in result:

@@ -404,7 +404,7 @@ def hanzi_section(h: dict | None, out: Path, folder: Path) -> list[str]:
                   f" ({'met' if g['same_memory_met'] else 'NOT met'}).", ""]
     e = h.get("edge")
     if e:
-        lines += [f"**On the device** (the default-width run's bundle, {e['images']} held-out images one at a time, "
+        lines += [f"**On the device** (one bundle of the main widths: the HMoE run's experts and the flat run's model; {e['images']} held-out images one at a time, "
                   "each mode in a fresh process; added memory over the ready engine):", "",
                   "| mode | added MB | p50 ms | p95 ms | experts per input |", "|---|---|---|---|---|"]
         for m, r in e["modes"].items():
