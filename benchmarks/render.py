@@ -394,6 +394,8 @@ def hanzi_section(h: dict | None, out: Path, folder: Path) -> list[str]:
                          f"{p['live_mb']:.2f} | {p['client_gmacs']:.0f} | {p['client_seconds']:.0f} | {p['rounds']} | "
                          f"{'yes' if p['pareto_memory'] else 'no'}, {'yes' if p['pareto_compute'] else 'no'} |")
         g = sw["goals"]
+        lines += ["", "Runs (each `hmoe train` with the profile's settings; `--reuse` names runs trained before with "
+                  "them): " + ", ".join(f"{k} `{clean(v)}`" for k, v in sw.get("runs", {}).items()) + "."]
         lines += ["", "Goals: HMoE at no more than a quarter of flat's per-round memory with F1 at least flat's: " +
                   ("; ".join(f"{q['hmoe']} against {q['flat']}: {q['margin']:+.4f} at {q['memory_ratio']:.2f} of its "
                              "memory" for q in g["quarter_memory"]) or "no flat model is four times an HMoE's memory") +
