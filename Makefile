@@ -16,7 +16,7 @@ help:
 	@echo "make test-unit  the unit tier only, for editing the round protocol (under a minute)"
 	@echo "make demo       set up, then train HMoE and flat softmax on real Fashion-MNIST"
 	@echo "make device-check  (root) the edge runtime on an emulated arm64 Debian userland (after make demo)"
-	@echo "make bench      regenerate every benchmark and BENCHMARKS.md (about an hour on 2 cores)"
+	@echo "make bench      regenerate every benchmark and BENCHMARKS.md (about 1.5 hours on 2 cores)"
 	@echo "make bench-quick  the same with smaller N and fewer repeats, into runs/bench-quick/ (about 10 min)"
 
 setup: system-packages $(STAMP)
