@@ -135,8 +135,21 @@ def characters(n: int | None = None) -> list[Character]:
     return sorted(keep, key=lambda c: c.gb)
 
 
+def copies(name: str) -> int:
+    """Images per (character, face) a data-set name asks for: ``hanzi:500:x4`` -> 4 (default 1)."""
+    last = name.rsplit(":", 1)[-1]
+    if name.count(":") >= 1 and last[:1] == "x" and last[1:].isdigit():
+        if not 1 <= int(last[1:]) <= 64:
+            raise UnihanError(f"{name}: expected between x1 and x64 images per character and face")
+        return int(last[1:])
+    return 1
+
+
 def parse(name: str) -> tuple[str, int | str | None]:
-    """``hanzi``, ``hanzi:500``, ``hanzi:@FILE``, ``hanzi-strokes:500`` -> (kind, n or FILE)."""
+    """``hanzi``, ``hanzi:500``, ``hanzi:@FILE``, ``hanzi-strokes:500`` -> (kind, n or FILE); a
+    trailing ``:xC`` (images per character and face, :func:`copies`) is the data set's, not the tree's."""
+    if copies(name) > 1 or name.endswith(":x1"):
+        name = name.rsplit(":", 1)[0]
     kind, _, n = name.partition(":")
     if kind not in ("hanzi", "hanzi-strokes"):
         raise UnihanError(f"unknown taxonomy {name!r}")

@@ -149,6 +149,16 @@ def test_benchmark_goals_and_pareto_fronts():
     assert not bench.goals(pts)["quarter_memory_met"]
 
 
+def test_more_copies_per_character_and_face(tmp_path):
+    d = load_dataset("hanzi:10:x3", tmp_path, download=False)
+    assert np.bincount(d.train_y).tolist() == [3 * 39] * 10 and np.bincount(d.test_y).tolist() == [3 * 7] * 10
+    assert d.tree.num_leaves == 10 and load_taxonomy("hanzi:10:x3").names == load_taxonomy("hanzi:10").names
+    first, second = d.train_x[d.train_y == 0][:2]
+    assert not np.array_equal(first, second)   # each copy its own augmentation
+    with pytest.raises(Exception, match="between x1 and x64"):
+        load_taxonomy("hanzi:10:x99")
+
+
 def test_a_users_own_character_list(tmp_path):
     good = tmp_path / "mine.txt"
     good.write_text("手 把\n山,水\n")
