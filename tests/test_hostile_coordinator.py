@@ -135,6 +135,7 @@ class Hostile:
 
     def stop(self) -> None:
         self.server.should_exit = True
+        self.server.force_exit = True   # the silent handler sleeps 30 s: do not wait for it
         self.thread.join(10)
 
 
