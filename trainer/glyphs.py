@@ -109,7 +109,7 @@ def coverage(face: Face, chars: list[str]) -> list[str]:
 def _render_face(args) -> tuple[np.ndarray, list[int]]:
     """Images of ``chars`` in one face: (len(chars) * copies, 1, S, S) uint8, and the indices of
     characters the face lacks (their rows are left black and dropped by the caller)."""
-    from PIL import Image, ImageFilter, ImageFont
+    from PIL import Image, ImageDraw, ImageFilter, ImageFont
     face, chars, copies, size, seed, missing = args
     try:
         font = ImageFont.truetype(face.file, 96, index=face.index)
@@ -123,7 +123,6 @@ def _render_face(args) -> tuple[np.ndarray, list[int]]:
         if ch in lacking:
             continue
         ink = Image.new("L", (160, 160), 0)
-        from PIL import ImageDraw
         ImageDraw.Draw(ink).text((80, 80), ch, font=font, fill=255, anchor="mm")
         box = ink.getbbox()
         if box is None:
