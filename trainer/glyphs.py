@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from hierarchy.errors import HmoeError
+from hierarchy.tree import write_bytes_atomic, write_text_atomic
 
 VERSION = 1
 SIZE = 32
@@ -234,8 +235,8 @@ def load(folder: Path, chars: list[str], n: int | str | None, size: int = SIZE, 
     buf = io.BytesIO()
     np.savez(buf, **{k: d[k] for k in ("train_x", "train_y", "test_x", "test_y")},
              stats=np.array(json.dumps(d["stats"], ensure_ascii=False)))
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(buf.getvalue())
-    digest.write_text(hashlib.sha256(buf.getvalue()).hexdigest() + "  " + path.name + "\n")
-    os.replace(tmp, path)
+    # each file through its own temporary file and a rename: two processes building the same
+    # cache at once (two trainings starting together) each leave whole files, the same bytes
+    write_text_atomic(digest, hashlib.sha256(buf.getvalue()).hexdigest() + "  " + path.name + "\n")
+    write_bytes_atomic(path, buf.getvalue())
     return d
