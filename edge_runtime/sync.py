@@ -13,7 +13,9 @@ sample counts); weights arrive with the version they belong to and a SHA-256, an
 checked for names, shapes, dtype, finiteness and magnitude before training; names go into
 URLs escaped, and only for experts the device's manifest has. A bad reply ends the sync
 with one line (``SyncError``) naming the server, the request and the field; the state file
-is written only after a round is done, so the device keeps its last good state.
+is written only after a round is done, so the device keeps its last good state. Connection
+errors and 5xx answers are retried with backoff, and so is a reply that stays silent, up to
+three times (a coordinator busy aggregating is not a hostile one).
 """
 
 from __future__ import annotations
@@ -96,21 +98,29 @@ class Client:
                 chunks.append(chunk)
             return Reply(r.status_code, r.headers, b"".join(chunks))
 
-    def request(self, method: str, url: str, limit: int | None = None, what: str = "", **kwargs) -> Reply:
+    def request(self, method: str, url: str, limit: int | None = None, what: str = "", silent_tries: int = 3,
+                **kwargs) -> Reply:
+        """``silent_tries``: how many times a request whose reply stays silent for ``read_seconds``
+        is sent (a busy coordinator, aggregating while other devices send; the requests a sync
+        repeats are idempotent: reads, and updates with their idempotency key). Enrolment
+        passes 1: a second enrolment would be a second device."""
         import httpx
         what = what or f"{method} {url}"
         limit = self.bounds.max_json_bytes if limit is None else limit
         headers = dict(kwargs.pop("headers", {}))
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        delay = self.backoff
+        delay, silent = self.backoff, 0
         for attempt in range(self.retries + 1):
             try:
                 r = self._once(method, url, limit, what, headers, **kwargs)
                 if r.status_code < 500:
                     return r
             except httpx.TimeoutException:
-                raise self.fail(what, f"no byte of the reply for {self.bounds.read_seconds:g} s") from None
+                silent += 1
+                if silent >= silent_tries:
+                    raise self.fail(what, f"no byte of the reply for {self.bounds.read_seconds:g} s "
+                                    f"({silent} {'try' if silent == 1 else 'tries'})") from None
             except httpx.TransportError as exc:
                 if attempt == self.retries:
                     raise self.fail(what, f"cannot reach the server ({exc.__class__.__name__}: {exc})") from None
@@ -234,7 +244,8 @@ def sync(server: str, secret: str, data: str | os.PathLike, memory_cap_mb: float
     state = _state(state_path)
     client = Client(server, bounds=bounds)
     if "token" not in state:
-        r = client.request("POST", "/enroll", json={"secret": secret, "name": name}, what="POST /enroll")
+        r = client.request("POST", "/enroll", json={"secret": secret, "name": name}, what="POST /enroll",
+                           silent_tries=1)
         if r.status_code != 200:
             raise client.fail("POST /enroll", f"enrolment refused ({r.status_code}): {r.text}")
         e = client.json(r, "POST /enroll")

@@ -129,9 +129,18 @@ class Server:
         self.start()
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self.args + ["--port", str(self.port)], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
-        wait_for_http(self.url + "/health", self.proc)
+        # Its output goes to a file beside the database: a pipe nobody reads would block the
+        # coordinator once full, and the file is there to read when a test fails.
+        self.log = self.db.with_name(self.db.name + ".log")
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.args + ["--port", str(self.port)], stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_for_http(self.url + "/health", self.proc)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}\ncoordinator log:\n{self.log_tail()}") from None
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
 
     def kill9(self) -> None:
         self.proc.send_signal(signal.SIGKILL)

@@ -305,7 +305,7 @@ def test_health_answers_while_a_prediction_is_stuck_in_decoding(bundle_dir, monk
     try:
         result = {}
         predicting = threading.Thread(target=lambda: result.update(r=httpx.post(url + "/predict", content=png(),
-                                                                                timeout=60)))
+                                                                                timeout=60)), daemon=True)
         predicting.start()
         assert entered.wait(30)
         assert httpx.get(url + "/health", timeout=5).status_code == 200   # answered while the decode is held

@@ -88,8 +88,8 @@ def test_an_acknowledged_update_is_in_its_rounds_aggregate_while_deadlines_close
             coord.tick()
             time.sleep(0.01)
 
-    threads = [threading.Thread(target=send, args=(i, d)) for i, d in enumerate(devices)]
-    threads.append(threading.Thread(target=ticker))
+    threads = [threading.Thread(target=send, args=(i, d), daemon=True) for i, d in enumerate(devices)]
+    threads.append(threading.Thread(target=ticker, daemon=True))
     try:
         for t in threads:
             t.start()

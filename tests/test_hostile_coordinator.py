@@ -91,7 +91,7 @@ class Hostile:
                         yield bytes([byte])
                         await asyncio.sleep(0.5)
                 return StreamingResponse(trickle(), media_type="application/json")
-            if m == "silent":
+            if m == "silent" or (m == "silent once" and self.requests.count("GET /assignment") == 1):
                 await asyncio.sleep(30)
             if m == "huge assignment":
                 async def endless():
@@ -210,6 +210,20 @@ def test_an_honest_reply_trains_and_sends(hostile, device_data, tmp_path):
     assert sync(hostile.url, "secret", device_data, None, rounds=1, state_file=tmp_path / "dev.json",
                 log=lambda *_: None, bounds=BOUNDS) == 1
     assert hostile.requests[0] == "POST /enroll" and hostile.requests[-1] == "POST /update"
+
+
+def test_a_silent_reply_is_asked_again_then_named(hostile, device_data, tmp_path):
+    """A coordinator silent for one reply (busy aggregating) costs a retry, not the sync; one
+    that stays silent is named after three tries."""
+    hostile.mode, hostile.requests[:] = "silent once", []
+    assert sync(hostile.url, "secret", device_data, None, rounds=1, state_file=tmp_path / "dev.json",
+                log=lambda *_: None, bounds=BOUNDS) == 1
+    assert hostile.requests.count("GET /assignment") == 2 and hostile.requests[-1] == "POST /update"
+    hostile.mode, hostile.requests[:] = "silent", []
+    with pytest.raises(SyncError, match=r"GET /assignment: no byte of the reply for 1.5 s \(3 tries\)"):
+        sync(hostile.url, "secret", device_data, None, rounds=1, state_file=tmp_path / "dev.json",
+             log=lambda *_: None, bounds=BOUNDS)
+    assert hostile.requests.count("GET /assignment") == 3
 
 
 def test_the_token_file_is_never_readable_by_others(hostile, device_data, tmp_path, monkeypatch):

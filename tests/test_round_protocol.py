@@ -84,18 +84,25 @@ def coordinate(run: Path, cfg, prep, tmp: Path, kill_after: int | None = None) -
         except BaseException as exc:   # reported by the test, not lost in the thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=device, args=(c,)) for c in range(CLIENTS)]
+    # Daemon threads, watched: a device that fails ends the test at once with its error (the
+    # others would wait for its update until the round's deadline), and none outlives the test.
+    threads = [threading.Thread(target=device, args=(c,), daemon=True) for c in range(CLIENTS)]
     for t in threads:
         t.start()
     if kill_after is not None:
         deadline = time.time() + 300
-        while server.status()["rounds_aggregated"] < kill_after and time.time() < deadline:
+        while server.status()["rounds_aggregated"] < kill_after and time.time() < deadline and not errors:
             time.sleep(0.05)
         server.kill9()
         server.start()
-    for t in threads:
-        t.join(600)
-    assert not errors, errors
+    deadline = time.time() + 300
+    while any(t.is_alive() for t in threads) and not errors and time.time() < deadline:
+        time.sleep(0.05)
+    if errors or any(t.is_alive() for t in threads):
+        status = server.status()
+        server.stop()
+        pytest.fail(f"devices failed: {errors!r}; still running: {[t.name for t in threads if t.is_alive()]}; "
+                    f"coordinator status: {status}\ncoordinator log:\n{server.log_tail()}")
     deadline = time.time() + 60   # the last round's files follow its commit
     while json.loads((run / "state-hmoe.json").read_text())["completed_rounds"] < ROUNDS and time.time() < deadline:
         time.sleep(0.05)
