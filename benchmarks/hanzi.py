@@ -16,6 +16,9 @@ Steps (each resumable: trained runs with a report.json are reused):
            model's, or the largest expert's, round) and total client compute, Pareto fronts;
 4. edge    the main widths' experts and flat model in one bundle: path-only against every
            expert against flat (added resident memory, p50 / p95 latency at batch 1, disk).
+5. subtrees  per-radical bundles for the radicals with the most characters: disk, added
+           memory, latency, and leaf accuracy on that radical's held-out images beside the
+           whole bundle's and flat's.
 
     python benchmarks/hanzi.py --profile cpu --out docs/results/hanzi     # make bench: CPU
     python benchmarks/hanzi.py --profile full --out docs/results/hanzi-full --device cuda
@@ -52,7 +55,7 @@ PROFILES = {
              "hmoe_widths": [4], "flat_widths": [4], "main": (4, 4), "repeats": 1, "images": 20,
              "partition": "iid"},
 }
-STEPS = ("stats", "table1", "sweep", "edge")
+STEPS = ("stats", "table1", "sweep", "edge", "subtrees")
 
 
 def hmoe(*args: str) -> None:
@@ -256,6 +259,54 @@ def edge(prof: dict, work: Path, runs: dict[str, str]) -> dict:
             "path_goal_met": path_over_flat is not None and path_over_flat <= 0.3}
 
 
+def subtrees(prof: dict, work: Path, edge_result: dict) -> dict:
+    """Per-radical bundles (``hmoe export --subtree``): a device that reads one radical's
+    characters carries that radical's expert only. For the radicals with the most characters:
+    the bundle's disk and added memory, and on the held-out images of that radical's
+    characters its leaf accuracy, beside the whole HMoE bundle's and the flat model's on the
+    same images (which must also find the radical)."""
+    import shutil
+
+    from edge_runtime import bench
+    from edge_runtime.engine import Engine
+    from exporter.bundle import export_run
+    from trainer.datasets import load_dataset
+    full = Path(edge_result["bundle"])
+    b = bench.load_bundle(full)
+    tree = b.tree
+    d = load_dataset(prof["dataset"])
+    truth = tree.leaves[d.test_y]
+    whole = Engine(full)
+    largest = sorted((int(e) for e in tree.experts if e != 0), key=lambda e: (-tree.num_children[e], tree.names[e]))
+    rows = []
+    for node in largest[:prof.get("subtrees", 3)]:
+        name = tree.names[node]
+        out = work / f"subtree-{node}"
+        if not (out / "manifest.json").exists():
+            shutil.rmtree(out, ignore_errors=True)
+            export_run(work / "edge-run", out, subtree=name, progress=False, validate_images=200)
+        sub = Engine(out)
+        idx = np.flatnonzero(tree.ancestor_mask[truth, node])
+        x = b.input_spec.normalize(d.test_x[idx])
+        want = [tree.names[v] for v in truth[idx]]
+
+        def accuracy(names: list[str]) -> float:
+            return float(np.mean([a == w for a, w in zip(names, want)]))
+
+        res = bench.inference(out, x[:prof["images"]], modes=("path", "all"))
+        rows.append({"node": name, "characters": int(tree.num_children[node]), "images": int(len(idx)),
+                     "experts": len(sub.bundle.experts),
+                     "disk_mb": sum(e.bytes for e in sub.bundle.experts.values()) / 2**20,
+                     "added_mb": res["path"]["added_mb"], "p50_ms": res["path"]["latency_ms_median"],
+                     "p95_ms": res["path"]["latency_ms_p95"],
+                     "subtree_accuracy": accuracy([sub.tree.names[v] for v in sub.decode(x).nodes]),
+                     "hmoe_accuracy": accuracy([tree.names[v] for v in whole.decode(x).nodes]),
+                     "flat_accuracy": accuracy([tree.names[v] for v in whole.flat_nodes(x)])})
+    return {"rows": rows, "whole_disk_mb": edge_result["disk"]["experts_mb"],
+            "whole_path_added_mb": edge_result["modes"]["path"]["added_mb"],
+            "flat_added_mb": edge_result["modes"]["flat"]["added_mb"]}
+
+
 # ------------------------------------------------------------------- main
 def plot(result: dict, path: Path) -> None:
     import matplotlib
@@ -322,7 +373,12 @@ def main(argv: list[str] | None = None) -> int:
             if "sweep" not in result:
                 raise SystemExit("the edge step needs the sweep's runs: run --steps sweep first")
             result["edge"] = edge(prof, work, result["sweep"]["runs"])
+        elif step == "subtrees":
+            if "edge" not in result:
+                raise SystemExit("the subtrees step needs the edge step's bundle: run --steps edge first")
+            result["subtrees"] = subtrees(prof, work, result["edge"])
         result.setdefault("seconds", {})[step] = time.perf_counter() - t
+        result.setdefault("commands", {})[step] = result["command"]   # what each step last ran as
         path.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
     if "sweep" in result:
         plot(result, out / "pareto.png")

@@ -416,6 +416,20 @@ def hanzi_section(h: dict | None, out: Path, folder: Path) -> list[str]:
         lines += ["", f"Disk: experts {d['experts_mb']:.1f} MB, the longest path's {d['largest_path_mb']:.2f} MB, flat "
                   f"{f(d['flat_mb'], '.2f')} MB. Path-only adds {f(e['path_over_flat_added'], '.2f')} of flat's memory "
                   f"(goal at most 0.3: {'met' if e['path_goal_met'] else 'NOT met'}).", ""]
+    st = h.get("subtrees")
+    if st:
+        lines += [f"**One radical's bundle** (`hmoe export --subtree RADICAL`, the radicals with the most characters; "
+                  "a device that reads only that radical's characters carries its expert alone. Leaf accuracy on the "
+                  "held-out images of that radical's characters; the whole bundle and flat must also find the "
+                  f"radical. The whole bundle: experts {st['whole_disk_mb']:.1f} MB on disk, path-only adds "
+                  f"{st['whole_path_added_mb']:.1f} MB, flat {st['flat_added_mb']:.1f} MB):", "",
+                  "| radical | characters | images | disk MB | added MB | p50 ms | p95 ms | accuracy: radical's bundle | "
+                  "whole HMoE | flat |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in st["rows"]:
+            lines.append(f"| {r['node']} | {r['characters']} | {r['images']} | {r['disk_mb']:.2f} | "
+                         f"{r['added_mb']:.1f} | {r['p50_ms']:.3f} | {r['p95_ms']:.3f} | {r['subtree_accuracy']:.3f} | "
+                         f"{r['hmoe_accuracy']:.3f} | {r['flat_accuracy']:.3f} |")
+        lines.append("")
     return lines
 
 
