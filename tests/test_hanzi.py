@@ -172,3 +172,24 @@ def test_a_users_own_character_list(tmp_path):
         load_dataset(f"hanzi:@{bad}", tmp_path / "data", download=False)
     d = load_dataset(f"hanzi:@{good}", tmp_path / "data", download=False)
     assert d.tree.num_leaves == 4 and np.bincount(d.train_y).tolist() == [39] * 4
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_end_to_end_on_its_tiny_profile(tmp_path):
+    """benchmarks/hanzi.py (make bench's hanzi step) on 30 characters: the data set, the sweep's
+    trainings, the device bundle and one radical's bundles, rendered (Table 1's measurement
+    has tests of its own, tests/test_benchmarks.py)."""
+    import json
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "benchmarks/hanzi.py", "--profile", "tiny", "--out", str(out), "--work",
+                           str(tmp_path / "work"), "--steps", "stats", "sweep", "edge", "subtrees"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    h = json.loads((out / "hanzi.json").read_text())
+    assert h["stats"]["characters"] == 30 and {p["name"] for p in h["sweep"]["points"]} == {"hmoe-w4", "flat-w4"}
+    assert set(h["edge"]["modes"]) == {"path", "all", "flat"}
+    rows = h["subtrees"]["rows"]
+    assert rows and all(r["experts"] == 1 and 0 <= r["subtree_accuracy"] <= 1 and r["images"] == 7 * r["characters"]
+                        for r in rows)
+    md = (out / "hanzi.md").read_text()
+    assert "One radical's bundle" in md and rows[0]["node"] in md and (out / "pareto.png").stat().st_size > 0
