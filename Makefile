@@ -52,11 +52,14 @@ demo: setup
 	$(VENV)/bin/hmoe demo --out runs/demo
 
 # The device path on 64-bit ARM (docs/DEVICE.md, "Boards"): needs root and binfmt_misc; says so and
-# exits 0 where they are missing. DEVICE_CHECK_ARGS="--train" adds a local training round.
+# exits 0 where they are missing. The runtime inside the emulated userland also runs under each board
+# profile's memory limit and CPU quota (benchmarks/boards.py); DEVICE_CHECK_ARGS="--train" adds a local
+# training round (and runs it under each profile too).
+BOARDS ?= pi-zero-2w 1gb 2gb
 DEVICE_CHECK_ARGS ?=
 device-check: setup
 	@test -f runs/demo/bundle/manifest.json || $(MAKE) demo
-	$(PY) benchmarks/device_check.py $(DEVICE_CHECK_ARGS)
+	$(PY) benchmarks/device_check.py --boards $(BOARDS) $(DEVICE_CHECK_ARGS)
 
 # BENCHMARKS.md and docs/results/bench/ (benchmarks/bench.py says what each step runs).
 bench: setup

@@ -154,11 +154,13 @@ def exe() -> str:
     return shutil.which("hmoe-edge", path=str(Path(sys.executable).parent)) or "hmoe-edge"
 
 
-def serve_stage(limit: Limit, bundle: Path, pngs: list[bytes]) -> dict:
+def serve_stage(limit: Limit, bundle: Path, pngs: list[bytes], command: list[str] | None = None) -> dict:
+    """``command``: how to start `hmoe-edge` (default this venv's; device_check.py passes the one
+    inside the emulated arm64 userland, with the bundle's path there as ``bundle``)."""
     import httpx
     port = free_port()
-    proc = subprocess.Popen([exe(), "serve", "--bundle", str(bundle), "--port", str(port)], preexec_fn=limit.join,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([*(command or [exe()]), "serve", "--bundle", str(bundle), "--port", str(port)],
+                            preexec_fn=limit.join, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     lat, errors = [], 0
     try:
@@ -206,20 +208,52 @@ def reap(proc: subprocess.Popen, seconds: float = 30) -> tuple[int, float]:
 
 
 def train_stage(limit: Limit, bundle: Path, x: np.ndarray, y: np.ndarray, cap_mb: float, work: Path,
-                seconds: float) -> dict:
+                seconds: float, command: list[str] | None = None, inside=lambda path: str(path)) -> dict:
+    """``command`` as for ``serve_stage``; ``inside`` maps a path here to the command's view of it."""
     from edge_runtime.bundle import load_bundle
     b = load_bundle(bundle)
     data = work / "train.npz"
     np.savez(data, images=x, labels=y)
     t = time.perf_counter()
-    proc = subprocess.Popen([exe(), "train", "--bundle", str(bundle), "--expert", b.tree.names[0], "--data",
-                             str(data), "--memory-cap-mb", f"{cap_mb:g}", "--out", str(work / "update")],
+    proc = subprocess.Popen([*(command or [exe()]), "train", "--bundle", inside(bundle), "--expert", b.tree.names[0],
+                             "--data", inside(data), "--memory-cap-mb", f"{cap_mb:g}", "--out",
+                             inside(work / "update")],
                             preexec_fn=limit.join, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     status, rss_mb = reap(proc, seconds)
     took = time.perf_counter() - t
     return {"expert": b.tree.names[0], "samples": int(len(y)), "memory_cap_mb": cap_mb, "returncode": status,
             "seconds": took, "timed_out": status == -9 and took >= seconds, "peak_rss_mb": rss_mb,
             "stderr_tail": proc.stderr.read().decode(errors="replace")[-500:]}
+
+
+def run_board(board: str, bundle_name: str, stages: dict, drop_caches: bool = True) -> dict:
+    """One board profile: each stage (``serve``: f(limit), ``train``: f(limit, memory cap)) in a
+    fresh limit, with its peaks, limit hits and kills; printed as it goes. Raises LimitError."""
+    what, memory_mb, cpus, cap = PROFILES[board]
+    row = {"bundle": bundle_name, "board": board, "stands_for": what, "limit_mb": memory_mb, "cpus": cpus}
+    for stage, fn in stages.items():
+        limit = Limit(f"hmoe-{board}-{stage}-{os.getpid()}", memory_mb, cpus)
+        if drop_caches:   # the libraries' pages are read afresh, and charged to this limit
+            os.sync()
+            Path("/proc/sys/vm/drop_caches").write_text("3")
+        try:
+            before = limit.oom_kills()
+            r = fn(limit) if stage == "serve" else fn(limit, cap)
+            r.update(cgroup_peak_mb=limit.peak_mb(), limit_hits=limit.limit_hits(),
+                     oom_kills=limit.oom_kills() - before)
+            r["killed"] = bool(r["oom_kills"]) or (r.get("returncode") == -9 and not r.get("timed_out")) \
+                or r.get("alive_at_the_end") is False
+        finally:
+            limit.close()
+        row[stage] = r
+        print(f"{board} {bundle_name} {stage}: peak RSS {r['peak_rss_mb']:.0f} MB, cgroup peak (with page "
+              f"cache) {r['cgroup_peak_mb']:.0f} MB of {memory_mb} MB, limit reached {r['limit_hits']} times, "
+              f"killed {r['killed']}" + (f", p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms, errors "
+                                         f"{r['errors']}" if stage == "serve" else
+                                         f", exit {r['returncode']}, {r['seconds']:.1f} s" +
+                                         (" (did not finish: stopped at the stage's time limit)"
+                                          if r["timed_out"] else "")), flush=True)
+    return row
 
 
 def main() -> int:
@@ -241,35 +275,12 @@ def main() -> int:
     rows = []
     for bundle in map(Path, args.bundle):
         pngs, x, y = images(bundle, max(args.predictions, args.train_samples))
+        name = bundle.name if bundle.name != "bundle" else str(bundle.parent.name) + "/bundle"
         for board in args.boards:
-            what, memory_mb, cpus, cap = PROFILES[board]
-            row = {"bundle": bundle.name if bundle.name != "bundle" else str(bundle.parent.name) + "/bundle",
-                   "board": board, "stands_for": what, "limit_mb": memory_mb, "cpus": cpus}
-            for stage in ("serve", "train"):
-                limit = Limit(f"hmoe-{board}-{stage}-{os.getpid()}", memory_mb, cpus)
-                if args.drop_caches:   # the libraries' pages are read afresh, and charged to this limit
-                    os.sync()
-                    Path("/proc/sys/vm/drop_caches").write_text("3")
-                try:
-                    before = limit.oom_kills()
-                    r = serve_stage(limit, bundle, pngs[:args.predictions]) if stage == "serve" else \
-                        train_stage(limit, bundle, x[:args.train_samples], y[:args.train_samples], cap, out,
-                                    args.stage_seconds)
-                    r.update(cgroup_peak_mb=limit.peak_mb(), limit_hits=limit.limit_hits(),
-                             oom_kills=limit.oom_kills() - before)
-                    r["killed"] = bool(r["oom_kills"]) or (r.get("returncode") == -9 and not r.get("timed_out")) \
-                        or r.get("alive_at_the_end") is False
-                finally:
-                    limit.close()
-                row[stage] = r
-                print(f"{board} {row['bundle']} {stage}: peak RSS {r['peak_rss_mb']:.0f} MB, cgroup peak (with page "
-                      f"cache) {r['cgroup_peak_mb']:.0f} MB of {memory_mb} MB, limit reached {r['limit_hits']} times, "
-                      f"killed {r['killed']}" + (f", p50 {r['p50_ms']:.1f} ms, p95 {r['p95_ms']:.1f} ms, errors "
-                                                 f"{r['errors']}" if stage == "serve" else
-                                                 f", exit {r['returncode']}, {r['seconds']:.1f} s" +
-                                                 (" (did not finish: stopped at the stage's time limit)"
-                                                  if r["timed_out"] else "")), flush=True)
-            rows.append(row)
+            stages = {"serve": lambda limit: serve_stage(limit, bundle, pngs[:args.predictions]),
+                      "train": lambda limit, cap: train_stage(limit, bundle, x[:args.train_samples],
+                                                              y[:args.train_samples], cap, out, args.stage_seconds)}
+            rows.append(run_board(board, name, stages, args.drop_caches))
     (out / "boards.json").write_text(json.dumps({"command": "python benchmarks/boards.py " + " ".join(sys.argv[1:]),
                                                  "cgroup": "v2" if (ROOT / "cgroup.controllers").exists() else "v1",
                                                  "cpu_count": os.cpu_count(), "rows": rows}, indent=1) + "\n")

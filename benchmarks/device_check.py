@@ -273,7 +273,8 @@ def check_edge(ul: Userland, wheel: Path, bundle: Path, images: list, ort: str |
     if ver.returncode != 0:
         raise RuntimeError(f"onnxruntime does not import inside the userland: {ver.stderr[-800:]}")
     ort_version, machine, python = ver.stdout.split()
-    edge = {"onnxruntime": ort_version, "machine": machine, "python": python, "install_seconds": round(seconds, 1),
+    edge = {"onnxruntime": ort_version, "machine": machine, "python": python, "venv": name,
+            "install_seconds": round(seconds, 1),
             "venv_bytes": du(ul.path(venv)), "bundle_bytes": du(bundle)}
     result["edge"] = edge
     log(f"inside: {machine}, Python {python}, onnxruntime {ort_version}")
@@ -386,11 +387,58 @@ def check_train(ul: Userland, wheel: Path, images: list, result: dict, timeout: 
         result["train"] = {"ok": False, "error": f"one round did not finish within {timeout:.0f} s under emulation"}
         return False
     ver = ul.run([f"{venv}/bin/python", "-c", "import torch; print(torch.__version__)"])
-    result["train"] = {"ok": r.returncode == 0, "rc": r.returncode, "seconds": round(time.perf_counter() - t, 1),
+    result["train"] = {"ok": r.returncode == 0, "rc": r.returncode, "venv": venv,
+                       "seconds": round(time.perf_counter() - t, 1),
                        "install_seconds": round(seconds, 1), "torch": ver.stdout.strip(),
                        "venv_bytes": du(ul.path(venv)), "out": (r.stdout + r.stderr).strip()[-600:]}
     log(f"train: rc {r.returncode} in {result['train']['seconds']} s (torch {ver.stdout.strip()})")
     return r.returncode == 0
+
+
+def check_boards(ul: Userland, bundle: Path, images: list, boards: list[str], predictions: int, result: dict,
+                 train_venv: str | None, seconds: float) -> bool:
+    """benchmarks/boards.py's profiles around the runtime inside the userland: `hmoe-edge serve`
+    (and with --train one `hmoe-edge train` round) under each profile's memory limit and CPU
+    quota, with ``predictions`` posted one at a time from this machine. The memory is qemu's
+    process: an upper bound on what the board's holds."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    import boards as profiles
+    edge = result["edge"]
+    exe = [*ul.env(), f"/opt/hmoe/{edge['venv']}/bin/hmoe-edge"]
+    pngs = [png for _, png, _, _ in images]
+    pngs = (pngs * (predictions // len(pngs) + 1))[:predictions]
+    work = ul.path("/opt/hmoe/boards")
+    work.mkdir(parents=True, exist_ok=True)
+    xs = np.stack([np.asarray(Image.open(io.BytesIO(png))) for _, png, _, _ in images])
+    ys = np.array([leaf for _, _, leaf, _ in images])   # leaf names, as check_train's round
+
+    def inside(path) -> str:
+        return "/opt/hmoe/bundle" if Path(path) == bundle else "/" + str(Path(path).relative_to(ul.root))
+
+    rows = []
+    for board in boards:
+        stages = {"serve": lambda limit: profiles.serve_stage(limit, Path("/opt/hmoe/bundle"), pngs, exe)}
+        if train_venv:
+            stages["train"] = lambda limit, cap: profiles.train_stage(
+                limit, bundle, xs, ys, cap, work, seconds, [*ul.env(), f"{train_venv}/bin/hmoe-edge"], inside)
+        try:
+            row = profiles.run_board(board, bundle.name, stages)
+        except profiles.LimitError as exc:
+            result["boards"] = {"refused": str(exc)}
+            log(f"boards: cannot create a board's limit here: {exc}")
+            return True   # not a failure of the project (the check says why)
+        for stage in ("serve", "train"):   # what a process said is kept when it failed
+            r = row.get(stage)
+            if r and not r["killed"] and r.get("returncode", 0) == 0:
+                r.pop("stderr_tail", None)
+        rows.append(row)
+    result["boards"] = {"predictions": predictions, "rows": rows}
+    return all(not r["serve"]["killed"] and r["serve"]["errors"] == 0 for r in rows)
 
 
 def boundary(ul: Userland, bundle: Path, versions: list[str], cpus: list[str], result: dict) -> None:
@@ -446,6 +494,23 @@ def write(out: Path, result: dict) -> None:
         lines += [f"Local training (device extra, torch {t.get('torch', '?')}): "
                   f"{'one round of the root expert in ' + str(t['seconds']) + ' s' if t['ok'] else 'FAILED'}"
                   f"{', ' + str(round(t['venv_bytes'] / 1e6)) + ' MB installed' if t.get('venv_bytes') else ''}.", ""]
+    b = result.get("boards")
+    if b and b.get("refused"):
+        lines += [f"Board profiles: not run here ({b['refused']}).", ""]
+    elif b:
+        lines += [f"**Board profiles inside the userland** (benchmarks/boards.py's limits around the emulated runtime; "
+                  f"serve with {b['predictions']} predictions posted one at a time; peak RSS is qemu's process, an upper "
+                  "bound; the cgroup's peak counts page cache too):", "",
+                  "| board | limit MB | CPUs | serve: peak RSS MB | cgroup peak MB | p50 / p95 ms | errors | killed | "
+                  "training round: peak RSS MB | exit | killed |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in b["rows"]:
+            s, t = r["serve"], r.get("train")
+            lines.append(f"| {r['board']} | {r['limit_mb']} | {r['cpus']:g} | {s['peak_rss_mb']:.0f} | "
+                         f"{s['cgroup_peak_mb']:.0f} | {s['p50_ms'] or float('nan'):.1f} / "
+                         f"{s['p95_ms'] or float('nan'):.1f} | {s['errors']} | {'yes' if s['killed'] else 'no'} | " +
+                         (f"{t['peak_rss_mb']:.0f} | {t['returncode']} | {'yes' if t['killed'] else 'no'} |" if t
+                          else "not run (--train) | | |"))
+        lines.append("")
     if result.get("boundary"):
         lines += ["| onnxruntime | QEMU_CPU | host's /sys visible | import and run the flat model |", "|---|---|---|---|"]
         lines += [f"| {r['onnxruntime']} | {r['cpu']} | {'yes' if r.get('host_sys') else 'no'} | {r['result']} |"
@@ -467,6 +532,14 @@ def main() -> int:
     p.add_argument("--host-sys", action="store_true", help="make the host's /sys visible inside (reproduces the "
                    "onnxruntime crash; see docs/DEVICE.md)")
     p.add_argument("--images", type=int, default=20, help="Fashion-MNIST test images to predict")
+    p.add_argument("--boards", nargs="*", default=[], metavar="BOARD",
+                   help="board profiles of benchmarks/boards.py to run the emulated runtime inside (its memory "
+                        "limit and CPU quota; root and cgroup controllers): pi-zero-2w 1gb 2gb. make device-check "
+                        "passes all three")
+    p.add_argument("--board-predictions", type=int, default=200, help="with --boards: predictions posted per board")
+    p.add_argument("--board-stage-seconds", type=float, default=600,
+                   help="with --boards --train: stop a training round still running after this (a limit too small "
+                        "thrashes rather than being killed)")
     p.add_argument("--train", action="store_true", help="also install the device extra and train one round")
     p.add_argument("--train-timeout", type=float, default=3600)
     p.add_argument("--torch", default="2.9.1", help="with --train: the torch release to install ('' for pip's "
@@ -500,6 +573,9 @@ def main() -> int:
             ok = check_edge(ul, wheel, bundle, images, args.onnxruntime, result)
             if args.train:
                 ok = check_train(ul, wheel, images, result, args.train_timeout, args.torch) and ok
+            if args.boards and ok:
+                ok = check_boards(ul, bundle, images, args.boards, args.board_predictions, result,
+                                  result.get("train", {}).get("venv"), args.board_stage_seconds)
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
     write(Path(args.out), result)
     log("passed" if ok else "FAILED")
