@@ -35,7 +35,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     from edge_runtime.engine import Engine
     from edge_runtime.images import ImageError, decode_image
-    engine = Engine(args.bundle, memory_budget_mb=args.memory_budget_mb, threads=args.threads)
+    engine = Engine(args.bundle, memory_budget_mb=args.memory_budget_mb, threads=args.threads, pack=args.pack)
     if engine.bundle.manifest.subtree_of and not args.json:
         print(f"note: this bundle holds only the subtree under {engine.tree.names[0]}: every answer is a node inside "
               "it, the best one for an image of another class", file=sys.stderr)
@@ -62,8 +62,20 @@ def _serve(args: argparse.Namespace) -> int:
     from hierarchy.serving import serve
     app = create_app(args.bundle, memory_budget_mb=args.memory_budget_mb, token=args.token,
                      max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels, threads=args.threads,
-                     decoder=args.decode, workers=args.workers, body_timeout=args.body_timeout)
+                     decoder=args.decode, workers=args.workers, body_timeout=args.body_timeout, pack=args.pack)
     serve(app, args.host, args.port, args.log_level)
+    return 0
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from edge_runtime.packing import pack_bundle
+    bundle = load_bundle(args.bundle)
+    if not bundle.manifest.templates:
+        raise UsageError(f"{args.bundle}: this bundle has no templates (exported before they existed): nothing is "
+                         "streamed, so nothing needs packing; export it again with `hmoe export`")
+    index = pack_bundle(bundle, args.out, args.threads)
+    print(f"{args.out}: {len(index['experts'])} experts packed for {index['machine']} ({index['cpu'] or 'this CPU'}), "
+          f"onnxruntime {index['onnxruntime']}; use it with --pack {args.out}")
     return 0
 
 
@@ -156,6 +168,8 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
                    help="bound on the ONNX bytes of experts kept loaded (least recently used evicted first)")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     p.add_argument("--decode", default="greedy", help="greedy | beam:K | threshold:T")
+    p.add_argument("--pack", default=None, help="with --memory-budget-mb: a folder `hmoe-edge pack` wrote for this "
+                   "bundle on this device (streamed experts run with weights in this CPU's layout)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request body may take to arrive (408)")
     p.add_argument("--log-level", default="warning")
     p.set_defaults(run=_serve)
+    p = sub.add_parser("pack", help="lay out every expert's weights for this CPU once, so experts streamed under "
+                       "--memory-budget-mb run as fast as open ones (use the folder with --pack)")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--out", required=True, help="folder for the pack (a few files: the experts' weights, reordered)")
+    p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (as you will serve with)")
+    p.set_defaults(run=_pack)
     p = sub.add_parser("train", help="train one expert on local labelled images under a memory cap")
     p.add_argument("--bundle", required=True)
     p.add_argument("--expert", required=True, help="expert node name (see the bundle's manifest)")

@@ -169,7 +169,9 @@ class Engine:
 
     def __init__(self, bundle: Bundle | str | os.PathLike, memory_budget_mb: float | None = None,
                  threads: int = 1, variant: str = "fp32", warm_up: bool = True, eviction: str = "deepest",
-                 stream: bool = True) -> None:
+                 stream: bool = True, pack: str | os.PathLike | None = None) -> None:
+        """``pack``: a folder ``hmoe-edge pack`` wrote for this bundle on this device; streamed
+        experts then run with their weights in this CPU's layout (``edge_runtime.packing``)."""
         if eviction not in ("deepest", "lru"):
             raise UsageError(f"unknown eviction {eviction!r}; expected deepest or lru")
         self.eviction = eviction
@@ -188,8 +190,18 @@ class Engine:
         self._template_sessions: dict[str, tuple] = {}
         self._slot: bytearray | None = None        # the streamed expert's weights, one at a time
         self.templates = self._templates(variant, stream)
-        self.reserved = (sum({t.file.file: t.file.bytes for t in self.templates.values()}.values()) +
-                         max((self.entries[k].weights.bytes for k in self.templates), default=0))
+        self.pack, self.packs = None, {}
+        if pack is not None and self.templates:
+            from edge_runtime.packing import load_index
+            self.pack = Path(pack)
+            self.packs = load_index(self.bundle, self.pack)
+        if self.packs:   # the packed templates and room for the largest packed expert's weights
+            self._slot_bytes = max(e["bytes"] for e in self.packs["experts"].values())
+            self.reserved = sum(t["bytes"] for t in self.packs["templates"].values()) + self._slot_bytes
+        else:
+            self._slot_bytes = max((self.entries[k].weights.bytes for k in self.templates), default=0)
+            self.reserved = sum({t.file.file: t.file.bytes for t in self.templates.values()}.values()) + \
+                self._slot_bytes
         shape = list(self.bundle.input_spec.shape)
         self.input_shape = tuple(int(s) for s in shape)
         if self.budget is not None:
@@ -307,11 +319,31 @@ class Engine:
         return None
 
     def _stream(self, key: str, x: np.ndarray) -> np.ndarray:
-        """One run of expert ``key`` through its template, its weights read for this run only."""
+        """One run of expert ``key`` through its template, its weights read for this run only
+        (packed for this CPU when the engine has a pack)."""
+        self.stats.streamed += 1
+        if self.packs:
+            e = self.packs["experts"][key]
+            sess = self._packed_session(e["template"])
+            return sess.run(None, {e["input"]: x, **self._read(
+                key, self.pack / e["weights"], e["bytes"], e["sha256"], e["layout"], "packed weights")})[0]
         t = self.templates[key]
         sess, name = self._template_session(t)
-        self.stats.streamed += 1
         return sess.run(None, {name: x, **self._weights(key)})[0]
+
+    def _packed_session(self, file: str):
+        sess = self._template_sessions.get(file)
+        if sess is None:
+            import onnxruntime as ort
+
+            from edge_runtime.packing import PackError, template_options
+            data = (self.pack / file).read_bytes()
+            if hashlib.sha256(data).hexdigest() != self.packs["templates"][file]["sha256"]:
+                raise PackError(f"{self.pack / file}: sha256 differs from the pack's index: damaged or tampered "
+                                "with; pack again with `hmoe-edge pack`")
+            sess = self._template_sessions[file] = ort.InferenceSession(data, template_options(self.threads),
+                                                                        providers=["CPUExecutionProvider"])
+        return sess
 
     def _template_session(self, t) -> tuple:
         got = self._template_sessions.get(t.file.file)
@@ -323,27 +355,31 @@ class Engine:
         return got
 
     def _weights(self, key: str) -> dict[str, np.ndarray]:
-        """Expert ``key``'s weights read from its safetensors file into the engine's one
-        streaming buffer (the room ``reserved`` keeps for it), as views valid until the next
-        read; the file's sha256 is checked again whenever its signature changed."""
+        """Expert ``key``'s weights read from its safetensors file (``_read``)."""
         f = self.entries[key].weights
-        path = self.bundle.root / f.file
+        return self._read(key, self.bundle.root / f.file, f.bytes, f.sha256, self._layouts.get(key), "weights")
+
+    def _read(self, key: str, path: Path, nbytes: int, sha256: str, layout: list | None,
+              what: str) -> dict[str, np.ndarray]:
+        """A weights file read into the engine's one streaming buffer (the room ``reserved``
+        keeps for it), as views valid until the next read; its sha256 is checked again whenever
+        the file's signature changed. ``layout`` None: the file is safetensors."""
         if self._slot is None:
-            self._slot = bytearray(max(self.entries[k].weights.bytes for k in self.templates) + 1)
+            self._slot = bytearray(self._slot_bytes + 1)   # (+1: a file longer than its entry reads long)
         try:
             with open(path, "rb", buffering=0) as fh:
                 sig = _signature(os.fstat(fh.fileno()))
                 n = fh.readinto(self._slot)
         except OSError as exc:
-            raise BundleError(f"{path}: cannot be read ({exc.strerror}); the manifest lists it for the "
-                              f"weights of {key!r}") from None
+            raise BundleError(f"{path}: cannot be read ({exc.strerror}); it holds the {what} of {key!r}") from None
         data = memoryview(self._slot)[:n]
         if self._verified.get(path) != sig:
-            if n != f.bytes or hashlib.sha256(data).hexdigest() != f.sha256:
-                raise BundleError(f"{path}: sha256 differs from the manifest: the file is corrupt or was tampered "
-                                  "with; re-export or re-copy the bundle")
+            if n != nbytes or hashlib.sha256(data).hexdigest() != sha256:
+                raise BundleError(f"{path}: sha256 differs from the {'manifest' if what == 'weights' else 'index'}: "
+                                  "the file is corrupt or was tampered with; " +
+                                  ("re-export or re-copy the bundle" if what == "weights" else
+                                   "pack again with `hmoe-edge pack`"))
             self._verified[path] = sig
-        layout = self._layouts.get(key)
         if layout is None:
             layout = self._layouts[key] = _safetensors_layout(bytes(data), path)
         return {n: np.frombuffer(data, np.float32, count, off).reshape(shape) for n, off, count, shape in layout}

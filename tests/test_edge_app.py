@@ -223,6 +223,49 @@ def test_streamed_weights_are_checked_again_when_the_file_changes(bundle_dir, tm
         engine.run("Tops", x)
 
 
+def test_packed_streaming_answers_as_open_experts_and_refuses_a_foreign_or_damaged_pack(bundle_dir, tmp_path):
+    """`hmoe-edge pack` lays the experts' weights out for this CPU (edge_runtime/packing.py): a
+    streamed expert then runs on them, with the open engine's answers, inside the budget; a pack
+    for another CPU, onnxruntime or bundle, or a changed pack file, is refused by name."""
+    import shutil
+
+    from edge_runtime.bundle import BundleError
+    from edge_runtime.cli import main as edge_main
+    from edge_runtime.engine import path_only_bytes
+    from edge_runtime.packing import PackError
+    pack = tmp_path / "pack"
+    assert edge_main(["pack", "--bundle", str(bundle_dir), "--out", str(pack)]) == 0
+    index = json.loads((pack / "index.json").read_text())
+    bundle = Engine(bundle_dir).bundle
+    assert set(index["experts"]) == set(bundle.experts)
+    assert len(index["templates"]) < len(index["experts"])   # experts of one architecture share them
+    full = Engine(bundle_dir)
+    budget = path_only_bytes(full.bundle)
+    packed = Engine(bundle_dir, memory_budget_mb=budget / 2**20, pack=pack)
+    x = np.random.default_rng(2).normal(size=(200, 1, 28, 28)).astype(np.float32)
+    for i in range(len(x)):
+        a, b = full.decode(x[i:i + 1]), packed.decode(x[i:i + 1])
+        assert a.paths == b.paths and np.allclose(a.step_probs, b.step_probs, rtol=0, atol=1e-5)
+        assert packed.held_bytes <= budget
+    assert packed.stats.streamed > 0 and packed._template_sessions and not packed.templates.keys() - index["experts"]
+    for field, value in (("onnxruntime", "0.0.1"), ("features_sha256", "0" * 64), ("manifest_sha256", "1" * 64)):
+        other = tmp_path / f"other-{field}"
+        shutil.copytree(pack, other)
+        (other / "index.json").write_text(json.dumps({**index, field: value}))
+        with pytest.raises(PackError, match="pack again with `hmoe-edge pack`"):
+            Engine(bundle_dir, memory_budget_mb=budget / 2**20, pack=other)
+    with pytest.raises(PackError, match="no pack here"):
+        Engine(bundle_dir, memory_budget_mb=budget / 2**20, pack=tmp_path / "none")
+    streamed = next(k for k in index["experts"] if k not in packed.loaded)
+    f = pack / index["experts"][streamed]["weights"]
+    data = bytearray(f.read_bytes())
+    data[5] ^= 0x01
+    f.write_bytes(bytes(data))
+    damaged = Engine(bundle_dir, memory_budget_mb=budget / 2**20, pack=pack)
+    with pytest.raises(BundleError, match=f.name + ".*sha256 differs from the index.*hmoe-edge pack"):
+        damaged._stream(streamed, x[:1])
+
+
 def test_budget_that_holds_no_expert_is_refused_and_old_bundles_open_sessions(bundle_dir, tmp_path):
     import shutil
 
