@@ -3,7 +3,7 @@ expert open, and under memory budgets that hold part of the tree: the path-only 
 bytes of the longest root-to-leaf path's experts and the templates, from
 edge_runtime.engine.path_only_bytes) and shares of all experts' bytes. Under a budget, three
 policies: the engine's default (experts the budget cannot keep open are streamed through their template, see
-docs/DEVICE.md), and sessions only, closing the deepest expert first or the least recently
+docs/DEVICE.md), the same with the weights packed for this CPU (`hmoe-edge pack`), and sessions only, closing the deepest expert first or the least recently
 used (what the engine did before templates). One onnxruntime thread.
 
     python benchmarks/greedy_latency.py --bundle runs/demo/bundle --out docs/results/greedy_latency
@@ -57,7 +57,11 @@ def main() -> int:
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.8], help="shares of the experts' bytes")
     p.add_argument("--out", default="runs/greedy_latency")
+    p.add_argument("--no-pack", dest="pack", action="store_false",
+                   help="leave out the packed rows (`hmoe-edge pack` into a temporary folder, timed)")
     args = p.parse_args()
+    import tempfile
+    tmp = tempfile.TemporaryDirectory(prefix="hmoe-pack-")
     full = Engine(args.bundle)
     full.preload(flat=True)
     x, source = inputs(full, args.images)
@@ -67,8 +71,17 @@ def main() -> int:
                                                                for s in args.budgets]
     settings = {"flat": (full, full.flat_nodes), "greedy, every expert open": (full, full.decode),
                 "greedy, every expert open, batch decoder": (full, lambda xi: full.decode(xi, "threshold:0.0"))}
+    policies = dict(POLICIES)
+    pack_seconds = None
+    if args.pack and full.bundle.manifest.templates:   # `hmoe-edge pack` on this machine, timed
+        from edge_runtime.packing import pack_bundle
+        t = time.perf_counter()
+        pack_bundle(full.bundle, tmp.name, log=None)
+        pack_seconds = time.perf_counter() - t
+        policies = {"streamed": {}, "streamed, packed for this CPU": {"pack": tmp.name}, **{
+            k: v for k, v in POLICIES.items() if k != "streamed"}}
     for label, nbytes in budgets:
-        for policy, kw in POLICIES.items():
+        for policy, kw in policies.items():
             e = Engine(args.bundle, memory_budget_mb=nbytes / 2**20, **kw)
             settings[f"greedy, {label}, {policy}"] = (e, e.decode)
     names = list(settings)
@@ -101,6 +114,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "greedy_latency.json").write_text(json.dumps({
         "command": "python benchmarks/greedy_latency.py " + " ".join(sys.argv[1:]), "images": len(x),
+        "pack_seconds": pack_seconds,
         "inputs": source, "bundle_experts": len(full.bundle.experts), "experts_mb": total / 2**20,
         "greedy_p50_over_flat": {n: r["p50_ms"] / flat for n, r in rows.items() if n != "flat"},
         "p95_over_p50": {n: r["p95_ms"] / r["p50_ms"] for n, r in rows.items()}, "rows": rows}, indent=1) + "\n")

@@ -209,11 +209,14 @@ def greedy_section(fleet: Path) -> list[str]:
     lines += ["Not re-run by `make bench`. One onnxruntime thread, one image per call; the settings take turns, 100 "
               "images each, so all rows share the machine's conditions. *Path-only budget*: the bytes of the longest "
               "root-to-leaf path's experts plus the template. *Streamed*: the engine's default, where experts the "
-              "budget cannot keep open run through their template with their weights read for that run. "
+              "budget cannot keep open run through their template with their weights read for that run; *packed "
+              "for this CPU*: the same from a folder `hmoe-edge pack` wrote on this machine (the weights in "
+              "onnxruntime's blocked layout for this CPU). "
               "*Sessions only*: opening and closing onnxruntime sessions instead, as before templates.", ""]
     for label, g in found:
         flat = g["rows"]["flat"]["p50_ms"]
-        lines += [f"**{label}**: `{clean(g['command'])}`, {g['images']} {g.get('inputs', 'test images')}.", "",
+        packed = f" Packing took {g['pack_seconds']:.2f} s." if g.get("pack_seconds") is not None else ""
+        lines += [f"**{label}**: `{clean(g['command'])}`, {g['images']} {g.get('inputs', 'test images')}.{packed}", "",
                   "| setting | p50 ms | p95 ms | p95 / p50 | p50 / flat's | session creations | streamed runs | "
                   "same leaf as the batch decoder |", "|---|---|---|---|---|---|---|---|"]
         n = g["images"]
