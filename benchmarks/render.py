@@ -211,7 +211,9 @@ def greedy_section(fleet: Path) -> list[str]:
               "root-to-leaf path's experts plus the template. *Streamed*: the engine's default, where experts the "
               "budget cannot keep open run through their template with their weights read for that run; *packed "
               "for this CPU*: the same from a folder `hmoe-edge pack` wrote on this machine (the weights in "
-              "onnxruntime's blocked layout for this CPU). "
+              "onnxruntime's blocked layout for this CPU), read into the buffer per run; *memory-mapped*: the "
+              "packed weights mapped instead (`--mmap`), so nothing is copied, but their pages stay resident as page "
+              "cache while memory is free: the budget then bounds the engine's own memory, not what is resident. "
               "*Sessions only*: opening and closing onnxruntime sessions instead, as before templates.", ""]
     for label, g in found:
         flat = g["rows"]["flat"]["p50_ms"]

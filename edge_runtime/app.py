@@ -52,8 +52,8 @@ def resident_mb() -> float:
 def create_app(bundle: str | os.PathLike, memory_budget_mb: float | None = None, token: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, max_pixels: int = MAX_PIXELS, threads: int = 1,
                decoder: str = "greedy", workers: int = 2, max_queued: int = 64,
-               body_timeout: float = 30.0, pack: str | os.PathLike | None = None) -> FastAPI:
-    engine = Engine(bundle, memory_budget_mb=memory_budget_mb, threads=threads, pack=pack)
+               body_timeout: float = 30.0, pack: str | os.PathLike | None = None, mmap: bool = False) -> FastAPI:
+    engine = Engine(bundle, memory_budget_mb=memory_budget_mb, threads=threads, pack=pack, mmap=mmap)
     parse_decoder(decoder)
     lock = threading.Lock()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hmoe-predict")

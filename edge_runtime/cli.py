@@ -35,7 +35,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     from edge_runtime.engine import Engine
     from edge_runtime.images import ImageError, decode_image
-    engine = Engine(args.bundle, memory_budget_mb=args.memory_budget_mb, threads=args.threads, pack=args.pack)
+    engine = Engine(args.bundle, memory_budget_mb=args.memory_budget_mb, threads=args.threads, pack=args.pack,
+                    mmap=args.mmap)
     if engine.bundle.manifest.subtree_of and not args.json:
         print(f"note: this bundle holds only the subtree under {engine.tree.names[0]}: every answer is a node inside "
               "it, the best one for an image of another class", file=sys.stderr)
@@ -62,7 +63,8 @@ def _serve(args: argparse.Namespace) -> int:
     from hierarchy.serving import serve
     app = create_app(args.bundle, memory_budget_mb=args.memory_budget_mb, token=args.token,
                      max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels, threads=args.threads,
-                     decoder=args.decode, workers=args.workers, body_timeout=args.body_timeout, pack=args.pack)
+                     decoder=args.decode, workers=args.workers, body_timeout=args.body_timeout, pack=args.pack,
+                     mmap=args.mmap)
     serve(app, args.host, args.port, args.log_level)
     return 0
 
@@ -170,6 +172,8 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode", default="greedy", help="greedy | beam:K | threshold:T")
     p.add_argument("--pack", default=None, help="with --memory-budget-mb: a folder `hmoe-edge pack` wrote for this "
                    "bundle on this device (streamed experts run with weights in this CPU's layout)")
+    p.add_argument("--mmap", action="store_true", help="with --pack: memory-map the packed weights instead of reading "
+                   "them per run (nothing copied; their pages are page cache the kernel keeps while memory is free)")
 
 
 def build_parser() -> argparse.ArgumentParser:

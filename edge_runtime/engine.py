@@ -169,9 +169,13 @@ class Engine:
 
     def __init__(self, bundle: Bundle | str | os.PathLike, memory_budget_mb: float | None = None,
                  threads: int = 1, variant: str = "fp32", warm_up: bool = True, eviction: str = "deepest",
-                 stream: bool = True, pack: str | os.PathLike | None = None) -> None:
+                 stream: bool = True, pack: str | os.PathLike | None = None, mmap: bool = False) -> None:
         """``pack``: a folder ``hmoe-edge pack`` wrote for this bundle on this device; streamed
-        experts then run with their weights in this CPU's layout (``edge_runtime.packing``)."""
+        experts then run with their weights in this CPU's layout (``edge_runtime.packing``).
+        ``mmap`` (with a pack): the packed weights are memory-mapped instead of read into the
+        buffer, so a streamed run copies nothing; their pages are the kernel's page cache,
+        which it keeps while memory is free and drops under pressure (resident memory then
+        counts them; the budget counts what the engine itself holds)."""
         if eviction not in ("deepest", "lru"):
             raise UsageError(f"unknown eviction {eviction!r}; expected deepest or lru")
         self.eviction = eviction
@@ -191,6 +195,8 @@ class Engine:
         self._slot: bytearray | None = None        # the streamed expert's weights, one at a time
         self.templates = self._templates(variant, stream)
         self.pack, self.packs = None, {}
+        self.mmap = mmap
+        self._maps: dict[str, tuple] = {}   # expert -> (file signature, mmap, weight views), with ``mmap``
         if pack is not None and self.templates:
             from edge_runtime.packing import load_index
             self.pack = Path(pack)
@@ -325,11 +331,37 @@ class Engine:
         if self.packs:
             e = self.packs["experts"][key]
             sess = self._packed_session(e["template"])
-            return sess.run(None, {e["input"]: x, **self._read(
-                key, self.pack / e["weights"], e["bytes"], e["sha256"], e["layout"], "packed weights")})[0]
+            weights = self._mapped(key, e) if self.mmap else self._read(
+                key, self.pack / e["weights"], e["bytes"], e["sha256"], e["layout"], "packed weights")
+            return sess.run(None, {e["input"]: x, **weights})[0]
         t = self.templates[key]
         sess, name = self._template_session(t)
         return sess.run(None, {name: x, **self._weights(key)})[0]
+
+    def _mapped(self, key: str, e: dict) -> dict[str, np.ndarray]:
+        """Expert ``key``'s packed weights as views of its memory-mapped file, mapped and
+        checked (sha256) on first use and again whenever the file's signature changed (a file
+        written in place shows through a mapping at once, so it is stat'ed every run)."""
+        import mmap
+        path = self.pack / e["weights"]
+        try:
+            sig = _signature(os.stat(path))
+        except OSError as exc:
+            raise BundleError(f"{path}: cannot be read ({exc.strerror}); it holds the packed weights of {key!r}") \
+                from None
+        got = self._maps.get(key)
+        if got is not None and got[0] == sig:
+            return got[2]
+        with open(path, "rb") as fh:
+            m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        if len(m) != e["bytes"] or hashlib.sha256(m).hexdigest() != e["sha256"]:
+            m.close()
+            self._maps.pop(key, None)
+            raise BundleError(f"{path}: sha256 differs from the index: the file is corrupt or was tampered with; "
+                              "pack again with `hmoe-edge pack`")
+        views = {n: np.frombuffer(m, np.float32, count, off).reshape(shape) for n, off, count, shape in e["layout"]}
+        self._maps[key] = (sig, m, views)
+        return views
 
     def _packed_session(self, file: str):
         sess = self._template_sessions.get(file)

@@ -228,6 +228,7 @@ def test_packed_streaming_answers_as_open_experts_and_refuses_a_foreign_or_damag
     streamed expert then runs on them, with the open engine's answers, inside the budget; a pack
     for another CPU, onnxruntime or bundle, or a changed pack file, is refused by name."""
     import shutil
+    import time
 
     from edge_runtime.bundle import BundleError
     from edge_runtime.cli import main as edge_main
@@ -242,12 +243,16 @@ def test_packed_streaming_answers_as_open_experts_and_refuses_a_foreign_or_damag
     full = Engine(bundle_dir)
     budget = path_only_bytes(full.bundle)
     packed = Engine(bundle_dir, memory_budget_mb=budget / 2**20, pack=pack)
+    mapped = Engine(bundle_dir, memory_budget_mb=budget / 2**20, pack=pack, mmap=True)
     x = np.random.default_rng(2).normal(size=(200, 1, 28, 28)).astype(np.float32)
     for i in range(len(x)):
-        a, b = full.decode(x[i:i + 1]), packed.decode(x[i:i + 1])
-        assert a.paths == b.paths and np.allclose(a.step_probs, b.step_probs, rtol=0, atol=1e-5)
-        assert packed.held_bytes <= budget
+        a = full.decode(x[i:i + 1])
+        for engine in (packed, mapped):
+            b = engine.decode(x[i:i + 1])
+            assert a.paths == b.paths and np.allclose(a.step_probs, b.step_probs, rtol=0, atol=1e-5)
+            assert engine.held_bytes <= budget
     assert packed.stats.streamed > 0 and packed._template_sessions and not packed.templates.keys() - index["experts"]
+    assert mapped.stats.streamed > 0 and mapped._maps and mapped._slot is None   # nothing copied
     for field, value in (("onnxruntime", "0.0.1"), ("features_sha256", "0" * 64), ("manifest_sha256", "1" * 64)):
         other = tmp_path / f"other-{field}"
         shutil.copytree(pack, other)
@@ -256,14 +261,17 @@ def test_packed_streaming_answers_as_open_experts_and_refuses_a_foreign_or_damag
             Engine(bundle_dir, memory_budget_mb=budget / 2**20, pack=other)
     with pytest.raises(PackError, match="no pack here"):
         Engine(bundle_dir, memory_budget_mb=budget / 2**20, pack=tmp_path / "none")
-    streamed = next(k for k in index["experts"] if k not in packed.loaded)
+    streamed = next(k for k in index["experts"] if k not in packed.loaded and k in mapped._maps)
     f = pack / index["experts"][streamed]["weights"]
     data = bytearray(f.read_bytes())
     data[5] ^= 0x01
-    f.write_bytes(bytes(data))
+    time.sleep(0.01)
+    with open(f, "r+b") as fh:   # in place: the mapping shows it at once, so the engine must notice
+        fh.write(bytes(data))
     damaged = Engine(bundle_dir, memory_budget_mb=budget / 2**20, pack=pack)
-    with pytest.raises(BundleError, match=f.name + ".*sha256 differs from the index.*hmoe-edge pack"):
-        damaged._stream(streamed, x[:1])
+    for engine in (damaged, mapped):
+        with pytest.raises(BundleError, match=f.name + ".*sha256 differs from the index.*hmoe-edge pack"):
+            engine._stream(streamed, x[:1])
 
 
 def test_budget_that_holds_no_expert_is_refused_and_old_bundles_open_sessions(bundle_dir, tmp_path):
