@@ -548,6 +548,11 @@ def main() -> int:
                    help="boundary search: onnxruntime releases to try creating a session with (no edge check)")
     p.add_argument("--cpus", nargs="+", default=["default"], help="with --matrix: QEMU_CPU values to try")
     args = p.parse_args()
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from boards import PROFILES
+    unknown = [b for b in args.boards if b not in PROFILES]
+    if unknown:
+        p.error(f"unknown board profile {', '.join(unknown)}; profiles are {', '.join(PROFILES)}")
     try:
         ensure_host()
     except Skip as exc:
