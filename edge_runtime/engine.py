@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.bundle import Bundle, BundleError, ModelEntry, load_bundle
+from edge_runtime.onnx_wire import field as _field
+from edge_runtime.onnx_wire import session_options  # noqa: F401  (re-exported: callers import it here)
 from hierarchy import Decoded, decode, leaf_rule
 from hierarchy.decode import DecodeError
 from hierarchy.errors import HmoeError, UnknownNameError, UsageError
@@ -53,37 +55,6 @@ class CacheStats:
     evictions: int = 0
     streamed: int = 0      # runs through a template, the weights read for that run
     loaded: list[str] = field(default_factory=list)
-
-
-def session_options(threads: int = 1):
-    """onnxruntime options for small resident memory."""
-    import onnxruntime as ort
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.enable_cpu_mem_arena = False
-    opts.enable_mem_pattern = False
-    opts.log_severity_level = 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return opts
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, value: int | bytes | str) -> bytes:
-    """One protobuf field: an integer (varint) or bytes/str (length-delimited)."""
-    if isinstance(value, int):
-        return _varint(number << 3) + _varint(value)
-    data = value.encode() if isinstance(value, str) else value
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
 
 
 def identity_model_bytes() -> bytes:

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_runtime.onnx_wire import field as _enc
+from edge_runtime.onnx_wire import fields, read_varint, session_options
 from hierarchy.errors import HmoeError
 from hierarchy.tree import write_bytes_atomic, write_text_atomic
 
@@ -41,66 +43,16 @@ class PackError(HmoeError, RuntimeError):
     """A pack that is missing, made for another CPU or onnxruntime, or damaged."""
 
 
-# ------------------------------------------------------------ protobuf wire format
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    out = shift = 0
-    while True:
-        b = buf[i]
-        i += 1
-        out |= (b & 0x7F) << shift
-        if b < 0x80:
-            return out, i
-        shift += 7
-
-
-def _fields(buf: bytes):
-    """(field number, wire type, value, the field's raw bytes) of one message."""
-    i = 0
-    while i < len(buf):
-        start = i
-        tag, i = _varint(buf, i)
-        num, wt = tag >> 3, tag & 7
-        if wt == 0:
-            value, i = _varint(buf, i)
-        elif wt == 1:
-            value, i = buf[i:i + 8], i + 8
-        elif wt == 2:
-            n, i = _varint(buf, i)
-            value, i = buf[i:i + n], i + n
-        elif wt == 5:
-            value, i = buf[i:i + 4], i + 4
-        else:
-            raise PackError(f"unsupported protobuf wire type {wt}")
-        yield num, wt, value, buf[start:i]
-
-
-def _enc_varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _enc(num: int, value: bytes | int) -> bytes:
-    if isinstance(value, int):
-        return _enc_varint(num << 3) + _enc_varint(value)
-    return _enc_varint(num << 3 | 2) + _enc_varint(len(value)) + value
-
-
+# ------------------------------------------------------------ the optimised model
 def _tensor(buf: bytes) -> tuple[str, int, list[int], np.ndarray | None]:
     """A TensorProto's name, data type, dims and (float tensors) values."""
     name, dtype, dims, raw, floats = "", 0, [], None, []
-    for num, wt, value, _ in _fields(buf):
+    for num, wt, value, _ in fields(buf):
         if num == 1:
             if wt == 2:   # packed dims
                 j = 0
                 while j < len(value):
-                    d, j = _varint(value, j)
+                    d, j = read_varint(value, j)
                     dims.append(d)
             else:
                 dims.append(value)
@@ -128,7 +80,7 @@ def _value_info(name: str, rank: int | None) -> bytes:
 
 
 def _name(value_info: bytes) -> str:
-    return next(v.decode() for num, _, v, _ in _fields(value_info) if num == 1)
+    return next(v.decode() for num, _, v, _ in fields(value_info) if num == 1)
 
 
 def weights_out(model: bytes) -> tuple[bytes, dict[str, np.ndarray]]:
@@ -137,7 +89,7 @@ def weights_out(model: bytes) -> tuple[bytes, dict[str, np.ndarray]]:
     What differs between experts of one architecture goes too (the model's metadata, the
     graph's shape annotations, the outputs' sizes), so they share one template."""
     graph_field, rest = None, []
-    for num, _, value, raw in _fields(model):
+    for num, _, value, raw in fields(model):
         if num == 7:
             graph_field = value
         elif num != 14:   # metadata_props: the expert's node and children
@@ -145,7 +97,7 @@ def weights_out(model: bytes) -> tuple[bytes, dict[str, np.ndarray]]:
     if graph_field is None:
         raise PackError("the optimised model has no graph")
     kept, inputs, weights = [], [], {}
-    for num, _, value, raw in _fields(graph_field):
+    for num, _, value, raw in fields(graph_field):
         if num == 5:
             name, dtype, dims, arr = _tensor(value)
             if dtype == FLOAT and arr is not None and arr.size > 1:
@@ -190,7 +142,6 @@ def pack_bundle(bundle, out: str | os.PathLike, threads: int = 1, log=print) -> 
     index, also written to ``out/index.json``."""
     import onnxruntime as ort
 
-    from edge_runtime.engine import session_options
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -205,7 +156,11 @@ def pack_bundle(bundle, out: str | os.PathLike, threads: int = 1, log=print) -> 
             sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
             want = sess.run(None, {sess.get_inputs()[0].name: probe})[0]
             optimized = Path(so.optimized_model_filepath).read_bytes()
-        graph, weights = weights_out(optimized)
+        try:
+            graph, weights = weights_out(optimized)
+        except (ValueError, IndexError, struct.error) as exc:   # not the protobuf this module reads
+            raise PackError(f"expert {key!r}: onnxruntime's optimised model could not be read ({exc}); this "
+                            "onnxruntime's models cannot be packed: stream without --pack") from None
         tname = f"packed-template-{hashlib.sha256(graph).hexdigest()[:16]}.onnx"
         if tname not in index["templates"]:
             write_bytes_atomic(out / tname, graph)
@@ -237,7 +192,6 @@ def template_options(threads: int):
     """A packed template is already optimised for this CPU: onnxruntime must not optimise it again."""
     import onnxruntime as ort
 
-    from edge_runtime.engine import session_options
     so = session_options(threads)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return so
