@@ -168,6 +168,8 @@ class Engine:
         self.pack, self.packs = None, {}
         self.mmap = mmap
         self._maps: dict[str, tuple] = {}   # expert -> (file signature, mmap, weight views), with ``mmap``
+        self._views: dict[str, dict] = {}   # expert -> its weights as views of the streaming buffer
+        self._bindings: dict[str, tuple] = {}   # expert -> (views, session, IO binding, output name)
         if pack is not None and self.templates:
             from edge_runtime.packing import load_index
             self.pack = Path(pack)
@@ -301,13 +303,28 @@ class Engine:
         self.stats.streamed += 1
         if self.packs:
             e = self.packs["experts"][key]
-            sess = self._packed_session(e["template"])
             weights = self._mapped(key, e) if self.mmap else self._read(
                 key, self.pack / e["weights"], e["bytes"], e["sha256"], e["layout"], "packed weights")
-            return sess.run(None, {e["input"]: x, **weights})[0]
-        t = self.templates[key]
-        sess, name = self._template_session(t)
-        return sess.run(None, {name: x, **self._weights(key)})[0]
+            return self._bound_run(key, lambda: (self._packed_session(e["template"]), e["input"]), weights, x)
+        return self._bound_run(key, lambda: self._template_session(self.templates[key]), self._weights(key), x)
+
+    def _bound_run(self, key: str, session, weights: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+        """A template run with the expert's weights bound once (onnxruntime IO binding over the
+        buffer's or the mapping's memory, which later reads refill in place): per run only the
+        input is bound. ``session``: () -> (template session, its input's name)."""
+        got = self._bindings.get(key)
+        if got is None or got[0] is not weights:   # first run, or the mapping was replaced
+            import onnxruntime as ort
+            sess, xname = session()
+            binding = sess.io_binding()
+            for name, arr in weights.items():
+                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr))
+            got = self._bindings[key] = (weights, sess, binding, xname, sess.get_outputs()[0].name)
+        _, sess, binding, xname, out = got
+        binding.bind_cpu_input(xname, x)
+        binding.bind_output(out)
+        sess.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
 
     def _mapped(self, key: str, e: dict) -> dict[str, np.ndarray]:
         """Expert ``key``'s packed weights as views of its memory-mapped file, mapped and
@@ -365,8 +382,9 @@ class Engine:
     def _read(self, key: str, path: Path, nbytes: int, sha256: str, layout: list | None,
               what: str) -> dict[str, np.ndarray]:
         """A weights file read into the engine's one streaming buffer (the room ``reserved``
-        keeps for it), as views valid until the next read; its sha256 is checked again whenever
-        the file's signature changed. ``layout`` None: the file is safetensors."""
+        keeps for it), as the expert's views of that buffer (valid until the next read); its
+        sha256 is checked again whenever the file's signature changed. ``layout`` None: the
+        file is safetensors."""
         if self._slot is None:
             self._slot = bytearray(self._slot_bytes + 1)   # (+1: a file longer than its entry reads long)
         try:
@@ -383,9 +401,14 @@ class Engine:
                                   ("re-export or re-copy the bundle" if what == "weights" else
                                    "pack again with `hmoe-edge pack`"))
             self._verified[path] = sig
-        if layout is None:
-            layout = self._layouts[key] = _safetensors_layout(bytes(data), path)
-        return {n: np.frombuffer(data, np.float32, count, off).reshape(shape) for n, off, count, shape in layout}
+        views = self._views.get(key)
+        if views is None:   # the buffer never moves: an expert's views of it are made once
+            if layout is None:
+                layout = self._layouts[key] = _safetensors_layout(bytes(data), path)
+            whole = memoryview(self._slot)
+            views = self._views[key] = {n: np.frombuffer(whole, np.float32, count, off).reshape(shape)
+                                        for n, off, count, shape in layout}
+        return views
 
     def _logits(self, key: str, x: np.ndarray) -> np.ndarray:
         """Expert ``key``'s logits for ``x``: from its open session, else opened or streamed."""

@@ -253,6 +253,9 @@ def test_packed_streaming_answers_as_open_experts_and_refuses_a_foreign_or_damag
             assert engine.held_bytes <= budget
     assert packed.stats.streamed > 0 and packed._template_sessions and not packed.templates.keys() - index["experts"]
     assert mapped.stats.streamed > 0 and mapped._maps and mapped._slot is None   # nothing copied
+    lo = np.frombuffer(packed._slot, np.uint8).ctypes.data   # every bound weight is a view of the one buffer
+    for views, *_ in packed._bindings.values():
+        assert all(lo <= a.ctypes.data and a.ctypes.data + a.nbytes <= lo + len(packed._slot) for a in views.values())
     for field, value in (("onnxruntime", "0.0.1"), ("features_sha256", "0" * 64), ("manifest_sha256", "1" * 64)):
         other = tmp_path / f"other-{field}"
         shutil.copytree(pack, other)
