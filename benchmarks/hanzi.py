@@ -293,7 +293,7 @@ def subtrees(prof: dict, work: Path, edge_result: dict) -> dict:
         def accuracy(names: list[str]) -> float:
             return float(np.mean([a == w for a, w in zip(names, want)]))
 
-        res = bench.inference(out, x[:prof["images"]], modes=("path", "all"))
+        res = bench.inference(out, x[:prof["images"]], modes=("path",))
         rows.append({"node": name, "characters": int(tree.num_children[node]), "images": int(len(idx)),
                      "experts": len(sub.bundle.experts),
                      "disk_mb": sum(e.bytes for e in sub.bundle.experts.values()) / 2**20,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import struct
@@ -144,6 +145,7 @@ def pack_bundle(bundle, out: str | os.PathLike, threads: int = 1, log=print) -> 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "index.json").unlink(missing_ok=True)   # a pack half rewritten is no pack until its new index is written
     rng = np.random.default_rng(0)
     probe = rng.standard_normal((2, *bundle.input_spec.shape)).astype(np.float32)
     index = {"format": FORMAT, **cpu_key(), "manifest_sha256": manifest_digest(bundle), "experts": {},
@@ -161,10 +163,11 @@ def pack_bundle(bundle, out: str | os.PathLike, threads: int = 1, log=print) -> 
         except (ValueError, IndexError, struct.error) as exc:   # not the protobuf this module reads
             raise PackError(f"expert {key!r}: onnxruntime's optimised model could not be read ({exc}); this "
                             "onnxruntime's models cannot be packed: stream without --pack") from None
-        tname = f"packed-template-{hashlib.sha256(graph).hexdigest()[:16]}.onnx"
+        digest = hashlib.sha256(graph).hexdigest()
+        tname = f"packed-template-{digest[:16]}.onnx"
         if tname not in index["templates"]:
             write_bytes_atomic(out / tname, graph)
-            index["templates"][tname] = {"sha256": hashlib.sha256(graph).hexdigest(), "bytes": len(graph)}
+            index["templates"][tname] = {"sha256": digest, "bytes": len(graph)}
         tsess = ort.InferenceSession(graph, template_options(threads), providers=["CPUExecutionProvider"])
         xname = next(i.name for i in tsess.get_inputs() if i.name not in weights)
         got = tsess.run(None, {xname: probe, **weights})[0]
@@ -219,4 +222,14 @@ def load_index(bundle, folder: str | os.PathLike) -> dict:
                         "again with `hmoe-edge pack`")
     if set(index.get("experts", {})) != set(bundle.experts):
         raise PackError(f"{folder}: the pack's experts differ from the bundle's; pack again with `hmoe-edge pack`")
+    for key, e in index["experts"].items():   # the engine reads weights by these offsets: each must fit its file
+        try:
+            ok = e["template"] in index["templates"] and all(
+                0 <= off and count == math.prod(shape) and off + 4 * count <= e["bytes"]
+                for _, off, count, shape in e["layout"])
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise PackError(f"{folder}/index.json: the entry of expert {key!r} is malformed (a template it does not "
+                            "list, or weights outside their file); pack again with `hmoe-edge pack`")
     return index

@@ -262,6 +262,14 @@ def test_packed_streaming_answers_as_open_experts_and_refuses_a_foreign_or_damag
         (other / "index.json").write_text(json.dumps({**index, field: value}))
         with pytest.raises(PackError, match="pack again with `hmoe-edge pack`"):
             Engine(bundle_dir, memory_budget_mb=budget / 2**20, pack=other)
+    bad = tmp_path / "bad-layout"
+    shutil.copytree(pack, bad)
+    first = next(iter(index["experts"]))
+    broken = {**index, "experts": {**index["experts"], first: {**index["experts"][first], "layout": [
+        ["w", index["experts"][first]["bytes"], 4, [4]]]}}}   # weights past the end of their file
+    (bad / "index.json").write_text(json.dumps(broken))
+    with pytest.raises(PackError, match=f"expert {first!r} is malformed"):
+        Engine(bundle_dir, memory_budget_mb=budget / 2**20, pack=bad)
     with pytest.raises(PackError, match="no pack here"):
         Engine(bundle_dir, memory_budget_mb=budget / 2**20, pack=tmp_path / "none")
     streamed = next(k for k in index["experts"] if k not in packed.loaded and k in mapped._maps)
