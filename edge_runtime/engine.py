@@ -123,6 +123,12 @@ def path_only_bytes(bundle: Bundle, variant: str = "fp32") -> int:
     return longest
 
 
+def ort_value(array: np.ndarray):
+    """An onnxruntime value over ``array``'s memory (no copy: a run reads or writes the array)."""
+    import onnxruntime as ort
+    return ort.OrtValue.ortvalue_from_numpy(array)
+
+
 def _signature(st: os.stat_result) -> tuple:
     """What changes whenever a file's bytes can have changed: any write moves its ctime, which
     no unprivileged call can set back."""
@@ -156,6 +162,7 @@ class Engine:
         self.threads = threads
         self.entries = self._entries(variant)
         self.cache: OrderedDict[str, tuple] = OrderedDict()    # key -> (session, input name), LRU order
+        self._open_bytes = 0   # the open sessions' models' bytes
         self._kids = [tuple(int(c) for c in self.tree.children(v)) for v in range(len(self.tree))]
         self._depth = {k: (int(self.tree.depths[self.tree.index(k)]) if k != "flat" else -1) for k in self.entries}
         self.stats = CacheStats()
@@ -164,12 +171,20 @@ class Engine:
         self._layouts: dict[str, list] = {}        # expert -> [(weight name, offset, count, shape)]
         self._template_sessions: dict[str, tuple] = {}
         self._slot: bytearray | None = None        # the streamed expert's weights, one at a time
+        self._slot_holds: str | None = None        # whose weights the buffer holds, checked when read
         self.templates = self._templates(variant, stream)
         self.pack, self.packs = None, {}
         self.mmap = mmap
         self._maps: dict[str, tuple] = {}   # expert -> (file signature, mmap, weight views), with ``mmap``
         self._views: dict[str, dict] = {}   # expert -> its weights as views of the streaming buffer
-        self._bindings: dict[str, tuple] = {}   # expert -> (views, session, IO binding, output name)
+        self._bindings: dict[str, tuple] = {}   # expert -> (views, session, IO binding, input and output names)
+        # One input at a time (``_greedy_one``): the input is copied once into ``_x1``, which every
+        # expert's run reads through a binding made once, and each expert writes into an output
+        # array of its own (a few bytes); expert -> (session, IO binding, output array).
+        self._x1: np.ndarray | None = None
+        self._x1_value = None
+        self._ones: dict[str, tuple] = {}            # open sessions
+        self._streamed_ones: dict[str, tuple] = {}   # streamed experts' template bindings
         if pack is not None and self.templates:
             from edge_runtime.packing import load_index
             self.pack = Path(pack)
@@ -220,7 +235,7 @@ class Engine:
     def held_bytes(self) -> int:
         """What the engine holds against its budget: open sessions (by their models' bytes), and
         with streaming, the templates and room for the largest expert's weights."""
-        return sum(self._model_bytes(k) for k in self.cache) + (self.reserved if self.templates else 0)
+        return self._open_bytes + (self.reserved if self.templates else 0)
 
     def _checked(self, entry, what: str = "") -> Path:
         """``entry``'s path once its sha256 matched the manifest; hashed again only when the
@@ -263,11 +278,14 @@ class Engine:
                                  f"{self.budget / 2**20:.2f} MB")
         sess = ort.InferenceSession(str(path), session_options(self.threads), providers=["CPUExecutionProvider"])
         self.cache[key] = (sess, sess.get_inputs()[0].name)
+        self._open_bytes += self._model_bytes(key)
         self.stats.loaded.append(key)
         return self.cache[key]
 
     def _close(self, key: str) -> None:
         del self.cache[key]
+        self._open_bytes -= self._model_bytes(key)
+        self._ones.pop(key, None)
         self.stats.evictions += 1
 
     def _victim(self) -> str:
@@ -287,6 +305,9 @@ class Engine:
         need = self._model_bytes(key)
         if need <= room:
             return []
+        visits = self.visits
+        if not self.cache or 2 * min(visits[k] for k in self.cache) >= visits[key]:   # (the loop's answer, sooner)
+            return None
         victims = []
         for k in sorted(self.cache, key=lambda k: (self.visits[k], -self._depth[k])):
             if 2 * self.visits[k] >= self.visits[key]:
@@ -297,9 +318,9 @@ class Engine:
                 return victims
         return None
 
-    def _stream(self, key: str, x: np.ndarray) -> np.ndarray:
+    def _stream(self, key: str, x: np.ndarray | None) -> np.ndarray:
         """One run of expert ``key`` through its template, its weights read for this run only
-        (packed for this CPU when the engine has a pack)."""
+        (packed for this CPU when the engine has a pack). ``x`` None: the input in ``_x1``."""
         self.stats.streamed += 1
         if self.packs:
             e = self.packs["experts"][key]
@@ -308,47 +329,93 @@ class Engine:
             return self._bound_run(key, lambda: (self._packed_session(e["template"]), e["input"]), weights, x)
         return self._bound_run(key, lambda: self._template_session(self.templates[key]), self._weights(key), x)
 
-    def _bound_run(self, key: str, session, weights: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    def _bound_run(self, key: str, session, weights: dict[str, np.ndarray], x: np.ndarray | None) -> np.ndarray:
         """A template run with the expert's weights bound once (onnxruntime IO binding over the
         buffer's or the mapping's memory, which later reads refill in place): per run only the
-        input is bound. ``session``: () -> (template session, its input's name)."""
+        input is bound. ``session``: () -> (template session, its input's name). ``x`` None: the
+        one input in ``_x1``, bound once too, the logits written into the expert's own output
+        array (returned, overwritten by its next run)."""
         got = self._bindings.get(key)
         if got is None or got[0] is not weights:   # first run, or the mapping was replaced
-            import onnxruntime as ort
             sess, xname = session()
             binding = sess.io_binding()
             for name, arr in weights.items():
-                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(arr))
+                binding.bind_ortvalue_input(name, ort_value(arr))
             got = self._bindings[key] = (weights, sess, binding, xname, sess.get_outputs()[0].name)
+            self._streamed_ones.pop(key, None)
         _, sess, binding, xname, out = got
+        if x is None:
+            one = self._streamed_ones.get(key)
+            if one is not None:
+                sess.run_with_iobinding(one[1])
+                return one[2]
+            x = self._x1
         binding.bind_cpu_input(xname, x)
         binding.bind_output(out)
         sess.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()[0]
+        logits = binding.copy_outputs_to_cpu()[0]
+        if x is self._x1:   # the next runs of this expert on one input: bound once, weights and all
+            one = sess.io_binding()
+            for name, arr in weights.items():
+                one.bind_ortvalue_input(name, ort_value(arr))
+            self._streamed_ones[key] = self._bind_one(sess, one, xname, out, logits)
+        return logits
+
+    def _bind_one(self, sess, binding, xname: str, out: str, logits: np.ndarray) -> tuple:
+        """``binding`` with ``_x1`` as its input and an output array shaped like ``logits``."""
+        array = np.empty_like(logits)
+        binding.bind_ortvalue_input(xname, self._x1_value)
+        binding.bind_ortvalue_output(out, ort_value(array))
+        return sess, binding, array
+
+    def _run_one(self, key: str) -> np.ndarray:
+        """Expert ``key``'s logits for the input in ``_x1`` (``_greedy_one``): the array is the
+        expert's own output array, valid until its next run."""
+        self.visits[key] += 1
+        one = self._ones.get(key)
+        if one is not None:   # (``_close`` drops it with the session)
+            self.stats.hits += 1
+            self.cache.move_to_end(key)
+            one[0].run_with_iobinding(one[1])
+            return one[2]
+        if key in self.templates and key not in self.cache:
+            victims = self._admit(key)
+            if victims is None:
+                self.stats.misses += 1
+                return self._stream(key, None)
+            sess, name = self._open(key, victims)
+        else:
+            sess, name = self._open(key)
+        logits = sess.run(None, {name: self._x1})[0]
+        self._ones[key] = self._bind_one(sess, sess.io_binding(), name, sess.get_outputs()[0].name, logits)
+        return logits
 
     def _mapped(self, key: str, e: dict) -> dict[str, np.ndarray]:
         """Expert ``key``'s packed weights as views of its memory-mapped file, mapped and
         checked (sha256) on first use and again whenever the file's signature changed (a file
         written in place shows through a mapping at once, so it is stat'ed every run)."""
         import mmap
-        path = self.pack / e["weights"]
-        try:
-            sig = _signature(os.stat(path))
-        except OSError as exc:
-            raise BundleError(f"{path}: cannot be read ({exc.strerror}); it holds the packed weights of {key!r}") \
-                from None
         got = self._maps.get(key)
-        if got is not None and got[0] == sig:
+        if got is not None and _signature(os.fstat(got[3].fileno())) == got[0]:
             return got[2]
-        with open(path, "rb") as fh:
+        path = self.pack / e["weights"]
+        if got is not None:
+            self._maps.pop(key)
+            got[3].close()
+        try:
+            fh = open(path, "rb")
+            sig = _signature(os.fstat(fh.fileno()))
             m = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"{path}: cannot be read ({getattr(exc, 'strerror', None) or exc}); it holds the "
+                              f"packed weights of {key!r}") from None
         if len(m) != e["bytes"] or hashlib.sha256(m).hexdigest() != e["sha256"]:
             m.close()
-            self._maps.pop(key, None)
+            fh.close()
             raise BundleError(f"{path}: sha256 differs from the index: the file is corrupt or was tampered with; "
                               "pack again with `hmoe-edge pack`")
         views = {n: np.frombuffer(m, np.float32, count, off).reshape(shape) for n, off, count, shape in e["layout"]}
-        self._maps[key] = (sig, m, views)
+        self._maps[key] = (sig, m, views, fh)   # the open file: what is mapped is what is stat'ed
         return views
 
     def _packed_session(self, file: str):
@@ -385,8 +452,11 @@ class Engine:
         keeps for it), as the expert's views of that buffer (valid until the next read); its
         sha256 is checked again whenever the file's signature changed. ``layout`` None: the
         file is safetensors."""
+        if self._slot_holds == key:   # still in the buffer from its last run, checked then: no read
+            return self._views[key]
         if self._slot is None:
             self._slot = bytearray(self._slot_bytes + 1)   # (+1: a file longer than its entry reads long)
+        self._slot_holds = None
         try:
             with open(path, "rb", buffering=0) as fh:
                 sig = _signature(os.fstat(fh.fileno()))
@@ -408,6 +478,7 @@ class Engine:
             whole = memoryview(self._slot)
             views = self._views[key] = {n: np.frombuffer(whole, np.float32, count, off).reshape(shape)
                                         for n, off, count, shape in layout}
+        self._slot_holds = key
         return views
 
     def _logits(self, key: str, x: np.ndarray) -> np.ndarray:
@@ -448,9 +519,9 @@ class Engine:
             x = x[None]
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
             raise InputError(f"input of shape {tuple(x.shape)}; expected (N, {', '.join(map(str, self.input_shape))})")
-        if not np.issubdtype(x.dtype, np.floating):
+        if x.dtype != np.float32 and not np.issubdtype(x.dtype, np.floating):
             raise InputError(f"input dtype {x.dtype}; expected float32, normalised as the manifest says")
-        if not np.all(np.isfinite(x)):
+        if not np.isfinite(x).all():
             raise InputError("input holds NaN or infinite values")
         return np.ascontiguousarray(x, dtype=np.float32)
 
@@ -465,6 +536,13 @@ class Engine:
 
         return decode(self.tree, expert_fn, len(x), decoder)
 
+    def _load_one(self, x: np.ndarray) -> None:
+        """Copy one input into ``_x1``, the input every one-input run is bound to."""
+        if self._x1 is None:
+            self._x1 = np.empty((1, *self.input_shape), np.float32)
+            self._x1_value = ort_value(self._x1)
+        np.copyto(self._x1, x)
+
     def _greedy_one(self, x: np.ndarray) -> Decoded:
         """Greedy decoding of one input without the batch decoder's bookkeeping: the same
         decisions and checks as ``hierarchy.decode.greedy``, one expert after another, with the
@@ -472,6 +550,7 @@ class Engine:
         decoder's float32 softmax agrees to about 1e-7). Per input the batch decoder spent
         about twice the experts' own time in numpy and Python (benchmarks/greedy_latency.py)."""
         names, kids = self.tree.names, self._kids
+        self._load_one(x)
         v, prob, count = 0, 1.0, 0
         path, steps = [0], [1.0]
         exp = math.exp
@@ -480,7 +559,7 @@ class Engine:
             if not k:
                 break
             if len(k) > 1:
-                out = self._logits(names[v], x)
+                out = self._run_one(names[v])
                 if out.shape != (1, len(k)):
                     raise DecodeError(f"expert {names[v]!r} returned shape {out.shape}; expected {(1, len(k))}")
                 z = out[0].tolist()
@@ -532,6 +611,9 @@ class Engine:
         if "flat" not in self.entries:
             raise BundleError(f"{self.bundle.root}: no flat model in this bundle")
         x = self.check_input(x)
+        if len(x) == 1:   # bound once, as the experts' runs on one input are (``_greedy_one``)
+            self._load_one(x)
+            return leaf_rule(self.tree, softmax(self._run_one("flat")))
         return leaf_rule(self.tree, softmax(self.run("flat", x)))
 
     @property

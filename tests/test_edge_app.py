@@ -71,6 +71,11 @@ def test_one_input_greedy_is_the_batch_decoders_answer(bundle_dir):
         assert np.allclose(fast.step_probs, slow.step_probs, rtol=0, atol=1e-6)
         assert np.allclose(fast.prob, slow.prob, rtol=0, atol=1e-6)
         assert fast.experts_evaluated.tolist() == slow.experts_evaluated.tolist()
+    # one input at a time runs through bindings made once, the flat model's too: the same
+    # answers as a batch, with batches run in between on the same sessions
+    flat = engine.flat_nodes(x)
+    assert [int(engine.flat_nodes(x[i:i + 1])[0]) for i in range(len(x))] == flat.tolist()
+    assert engine.flat_nodes(x).tolist() == flat.tolist()
 
 
 def test_warm_up_model_is_the_onnx_identity_graph():
@@ -210,15 +215,23 @@ def test_streamed_weights_are_checked_again_when_the_file_changes(bundle_dir, tm
     one = max(e.bytes for e in Engine(copy).bundle.experts.values())
     engine = Engine(copy, memory_budget_mb=1.1 * one / 2**20)   # room for templates and one expert's weights
     x = np.zeros((1, 1, 28, 28), dtype=np.float32)
-    assert engine.run("Tops", x).shape == (1, 3) and engine.loaded == [] and engine.stats.streamed == 1
+    before = engine.run("Tops", x)
+    assert before.shape == (1, 3) and engine.loaded == [] and engine.stats.streamed == 1
     f = copy / engine.bundle.experts["Tops"].weights.file
     data = bytearray(f.read_bytes())
     data[-1] ^= 0x01   # one bit of the last weight
     time.sleep(0.01)
     f.write_bytes(bytes(data))
+    # the buffer still holds the copy checked when it was read: the next run of the same
+    # expert reads nothing, and the changed file is found when it is read again
+    np.testing.assert_array_equal(engine.run("Tops", x), before)
+    other = next(k for k in engine.templates if k != "Tops" and len(engine.bundle.tree.children(
+        engine.bundle.tree.index(k))) > 1)
+    engine.run(other, x)
     with pytest.raises(BundleError, match=f.name + ".*sha256"):
         engine.run("Tops", x)
     f.unlink()
+    engine.run(other, x)
     with pytest.raises(BundleError, match=f.name):
         engine.run("Tops", x)
 
@@ -253,6 +266,10 @@ def test_packed_streaming_answers_as_open_experts_and_refuses_a_foreign_or_damag
             assert engine.held_bytes <= budget
     assert packed.stats.streamed > 0 and packed._template_sessions and not packed.templates.keys() - index["experts"]
     assert mapped.stats.streamed > 0 and mapped._maps and mapped._slot is None   # nothing copied
+    for engine in (packed, mapped):   # a batch between one-input runs, through the same templates
+        batch = engine.decode(x[:50], "threshold:0.0").nodes.tolist()
+        assert batch == [int(engine.decode(x[i:i + 1]).nodes[0]) for i in range(50)]
+        assert batch == full.decode(x[:50], "threshold:0.0").nodes.tolist()
     lo = np.frombuffer(packed._slot, np.uint8).ctypes.data   # every bound weight is a view of the one buffer
     for views, *_ in packed._bindings.values():
         assert all(lo <= a.ctypes.data and a.ctypes.data + a.nbytes <= lo + len(packed._slot) for a in views.values())
