@@ -23,7 +23,7 @@ from trainer.transports.inprocess import Federation
 ROUNDS = 5
 CLIENTS = 4
 SAME = ("task", "clients", "samples", "skipped", "dropped", "diverged", "lr", "client_config", "tasks", "assigned",
-        "unfit", "no_cohort", "client_gmacs")   # what a round decided; seconds and losses are each transport's own
+        "unfit", "no_cohort", "client_gmacs", "warm_started")   # what a round decided; seconds and losses are each transport's own
 
 
 def protocol_cfg(schedule: str, **over):
@@ -36,8 +36,9 @@ CASES = {s: protocol_cfg(s) for s in ("round-robin", "proportional", "worst-vali
 CASES["resource-aware-fleet"] = protocol_cfg("round-robin", assignment="resource-aware", min_cohort=1,
                                              expert_width=8, expert_widths="leaves:2",
                                              fleet={"deadline_s": 0, "tiers": [STRONG, WEAK]})
-# Several experts a round, one per client (issue 27): the schedule's experts in turn.
-CASES["spread"] = protocol_cfg("round-robin", assignment="spread", min_cohort=1)
+# Several experts a round, one per client (issue 27): the schedule's experts in turn, after
+# the root has trained alone for two rounds and the others started from their parents' weights.
+CASES["spread"] = protocol_cfg("round-robin", assignment="spread", min_cohort=1, warm_start=2)
 # Every label-skew remedy at once: the local objective travels in the assignment's
 # hyper-parameters, the server optimizer's moments with the run (docs/TRAINING.md, "Label skew").
 CASES["label-skew-remedies"] = protocol_cfg("round-robin", server_optimizer="adam", server_lr=0.01,
@@ -137,11 +138,12 @@ def assert_close(ours: dict, theirs: dict, what: str) -> None:
 
 def assert_same_strategy(theirs: dict, ours: dict, what: str) -> None:
     """The same schedule state; the remembered update norms (six significant digits of norms
-    computed on other machines) within one unit of the sixth digit."""
+    computed on other machines) within one unit of the sixth digit: 1e-5 of the value when
+    its leading digit is 1 (rtol 2e-6 failed 0.00453678 against 0.00453677)."""
     assert {k: v for k, v in theirs.items() if k != "changes"} == {k: v for k, v in ours.items() if k != "changes"}
     assert theirs["changes"].keys() == ours["changes"].keys(), what
     for key, norms in ours["changes"].items():
-        np.testing.assert_allclose(theirs["changes"][key], norms, rtol=2e-6, err_msg=f"{what}: changes of {key}")
+        np.testing.assert_allclose(theirs["changes"][key], norms, rtol=1e-5, err_msg=f"{what}: changes of {key}")
 
 
 @pytest.mark.slow
@@ -153,6 +155,9 @@ def test_every_transport_runs_the_same_rounds(case, tmp_path):
     assert len({k for e in log for k in e.get("tasks", {e["task"]: 0})}) > 1
     if case in ("resource-aware-fleet", "spread"):
         assert any(len(e["tasks"]) > 1 for e in log), "a round should train several experts"
+    if cfg.warm_start:   # the root alone, then every other expert from its parent's weights
+        assert all(set(e["tasks"]) == {"root"} for e in log[:cfg.warm_start])
+        assert log[cfg.warm_start - 1]["warm_started"] == sorted(set(fed.tasks) - {"root"})
     db, server = coordinate(tmp_path / "fleet", cfg, fed.prep, tmp_path)
     try:
         status = server.status()

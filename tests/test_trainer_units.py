@@ -220,3 +220,34 @@ def test_a_claimed_sample_count_buys_at_most_three_typical_clients():
     honest, bold = {"w": np.ones(4, dtype=np.float32)}, {"w": -np.ones(4, dtype=np.float32)}
     out = s.combine([(honest, 100), (bold, 100_000)], base, "root", s.sample_cap([100, 100_000]))
     np.testing.assert_allclose(out["w"], fedavg([(honest, 100), (bold, 300)])["w"])
+
+
+def test_warm_start_trains_the_root_alone_then_starts_each_expert_from_its_parent():
+    """--warm-start K (HD-CNN's fine-from-coarse initialisation): rounds before K train only
+    the root; at the end of round K-1 every other expert takes its parent's weights in every
+    tensor but its own output layer (a grandchild what its parent just took), and the others
+    train at --warm-lr times the learning rate."""
+    import torch
+
+    from trainer.device.client import to_numpy
+    tree = load_taxonomy("fashion-mnist")
+    tasks = make_tasks(tree, "hmoe", (1, 28, 28), 4)
+    s = Strategy(tree, tasks, "round-robin", seed=1, assignment="spread", min_clients=1, warm_start=3, warm_lr=0.1)
+    weights = {}
+    for i, (k, t) in enumerate(tasks.items()):
+        torch.manual_seed(i)
+        weights[k] = to_numpy(build_net(t.net))
+    offers = {c: set(tasks) for c in range(6)}
+    assert set(s.assign(2, offers).values()) == {"root"}
+    assert len(set(s.assign(3, offers).values())) > 1
+    assert s.warm_starts(1, weights) == {} and s.warm_starts(3, weights) == {}
+    warm = s.warm_starts(2, weights)
+    assert set(warm) == set(tasks) - {"root"}
+    last = list(weights["root"])[-1].rsplit(".", 1)[0] + "."
+    for key, new in warm.items():
+        parent = tree.names[int(tree.parents[tasks[key].node])]
+        for n, a in new.items():
+            want = weights[key][n] if n.startswith(last) else weights["root"][n]   # the chain leads to the root
+            np.testing.assert_array_equal(a, want, err_msg=f"{key} {n} (parent {parent})")
+    assert "Tops" in warm and tree.names[int(tree.parents[tasks["Tops"].node])] == "Clothes"
+    assert s.client_config("root", 5).lr == s.lr(5) and s.client_config("Tops", 5).lr == pytest.approx(0.1 * s.lr(5))

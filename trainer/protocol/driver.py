@@ -422,6 +422,10 @@ class RoundDriver:
             entry["device_seconds"] = plan.device_seconds
         if left_out:
             entry["left_out"] = left_out
+        warm = s.warm_starts(rnd, {**self.weights, **updated})
+        if warm:   # stored as new versions like the round's aggregates, so every transport serves them
+            updated.update(warm)
+            entry["warm_started"] = sorted(warm)
         for key, new in updated.items():
             self.weights[key] = new
             self._record_validation(key)

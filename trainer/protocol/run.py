@@ -128,6 +128,12 @@ class RunConfig:
                                  "(adam, yogi), in [0, 1)", SKEW)
     epochs_cap: int = opt(0, "label skew: HMoE balanced epochs at most this many times --local-epochs (0: no cap)",
                           SKEW, flag="--balanced-epochs-cap", least=0)
+    warm_start: int = opt(0, "HMoE: the root expert trains alone for this many rounds, then every other expert "
+                          "starts from its parent's weights (all but its output layer) and trains at --warm-lr times "
+                          "the learning rate (0: off; HD-CNN's fine-from-coarse initialisation)",
+                          "networks and local training", least=0)
+    warm_lr: float = opt(0.1, "HMoE with --warm-start: the other experts' learning rate, as a share of --lr",
+                         "networks and local training", least=0)
     device: str = opt("cpu", "cpu | cuda (when available)", "networks and local training")
 
     def __post_init__(self) -> None:
@@ -208,7 +214,7 @@ class RunConfig:
                         assignment=self.assignment if hmoe else "one", min_clients=self.min_cohort,
                         min_children=self.min_children, server_optimizer=self.server_optimizer,
                         server_lr=self.server_lr, server_momentum=self.server_momentum, epochs_cap=self.epochs_cap,
-                        priors=priors)
+                        priors=priors, warm_start=self.warm_start if hmoe else 0, warm_lr=self.warm_lr)
 
 
 def load_run_config(run_dir: Path) -> RunConfig:

@@ -158,7 +158,7 @@ class Strategy:
                  influence_bound: float = 0.0, assignment: str = "one", min_clients: int = 2,
                  min_children: int = 1, server_optimizer: str = "none", server_lr: float = 1.0,
                  server_momentum: float = 0.9, epochs_cap: int = 0,
-                 priors: dict[str, list[float]] | None = None) -> None:
+                 priors: dict[str, list[float]] | None = None, warm_start: int = 0, warm_lr: float = 1.0) -> None:
         if lr_decay not in LR_DECAYS:
             raise UsageError(f"unknown lr decay {lr_decay!r}; expected one of {', '.join(LR_DECAYS)}")
         rule, _, arg = aggregation.partition(":")
@@ -173,6 +173,7 @@ class Strategy:
         self.server_state: dict[str, dict[str, np.ndarray]] = {}   # per task: the server optimizer's moments
         self.changes: dict[str, list[float]] = {}   # per task: norms of its last accepted changes (the bound's)
         self.epochs_cap = epochs_cap
+        self.warm_start, self.warm_lr = warm_start, warm_lr
         self.priors = dict(priors or task_priors(tree, tasks))
         self.aggregation, self.influence_bound, self.assignment = aggregation, influence_bound, assignment
         self.min_clients, self.min_children = min_clients, min_children
@@ -210,6 +211,8 @@ class Strategy:
         one client's non-IID update would otherwise replace the expert outright: the most
         useful group that is too small moves on to its next choices first (choices only
         move down the order, so groups can still form further down)."""
+        if rnd < self.warm_start:   # the root alone first (``warm_start``)
+            offers = {c: {k for k in ks if self.tasks[k].node == 0} for c, ks in offers.items()}
         if self.assignment == "spread":
             return self._spread(rnd, offers)
         order = self.order(rnd)
@@ -302,7 +305,8 @@ class Strategy:
         the configured epochs, so no expert's round costs that client more than the root
         expert's round, in samples or in optimizer steps; ``max_epochs`` (0: no limit) caps
         the balanced epochs at what the client's round deadline allows."""
-        local = replace(self.local, lr=self.lr(rnd))
+        local = replace(self.local, lr=self.lr(rnd) * (self.warm_lr if self.warm_start and self.tasks[key].node > 0
+                                                       else 1.0))
         if local.logit_adjust > 0:
             local = replace(local, prior=tuple(self.priors[key]))
         if self.balanced_epochs and self.tasks[key].node >= 0 and task_samples > 0:
@@ -310,6 +314,30 @@ class Strategy:
             epochs = local.epochs * (min(factor, self.epochs_cap) if self.epochs_cap else factor)
             local = replace(local, epochs=min(epochs, max(local.epochs, max_epochs)) if max_epochs else epochs)
         return local
+
+    def warm_starts(self, rnd: int, weights: dict[str, Weights]) -> dict[str, Weights]:
+        """With ``warm_start`` K, at the end of round K-1 (the root has trained alone so far):
+        every other expert's new weights, its parent expert's (the nearest ancestor's that has
+        an expert) in every tensor but its own output layer, parents first, so a deeper expert
+        inherits what its parent just inherited. The fine-from-coarse initialisation of HD-CNN
+        (Yan et al., ICCV 2015): an expert that sees only its own children's samples starts
+        from features learnt on all of its parent's. ``weights``: every expert's current ones."""
+        if not self.warm_start or rnd != self.warm_start - 1:
+            return {}
+        by_node = {t.node: k for k, t in self.tasks.items()}
+        out: dict[str, Weights] = {}
+        for key in sorted((k for k, t in self.tasks.items() if t.node > 0), key=lambda k: self.tasks[k].node):
+            v = int(self.tree.parents[self.tasks[key].node])
+            while v >= 0 and v not in by_node:
+                v = int(self.tree.parents[v])
+            if v < 0:
+                continue
+            parent = out.get(by_node[v], weights[by_node[v]])
+            own = weights[key]
+            last = list(own)[-1].rsplit(".", 1)[0] + "."   # the output layer: the last module's tensors
+            out[key] = {n: (np.array(parent[n], copy=True) if not n.startswith(last) and n in parent
+                            and np.shape(parent[n]) == np.shape(a) else np.array(a, copy=True)) for n, a in own.items()}
+        return out
 
     def task_samples(self, key: str, leaf_counts: np.ndarray) -> int:
         """How many of a client's samples (``leaf_counts``: its samples per label) ``key`` trains on
