@@ -45,15 +45,15 @@ PROFILES = {
     # make bench: 500 characters, CPU
     "cpu": {"dataset": "hanzi:500", "clients": 20, "per_round": 20, "hmoe_rounds": 150, "flat_rounds": 50,
             "hmoe_widths": [8, 16], "flat_widths": [8, 16, 32], "main": (16, 32), "repeats": 3, "images": 500,
-            "partition": "iid"},
+            "partition": "iid", "warm_start": 50},
     # all 3,755 characters: a GPU machine
     "full": {"dataset": "hanzi", "clients": 50, "per_round": 50, "hmoe_rounds": 400, "flat_rounds": 100,
              "hmoe_widths": [8, 16, 32], "flat_widths": [8, 16, 32, 64], "main": (16, 32), "repeats": 3,
-             "images": 1000, "partition": "iid"},
+             "images": 1000, "partition": "iid", "warm_start": 130},
     # the test's: seconds
     "tiny": {"dataset": "hanzi:30", "clients": 4, "per_round": 4, "hmoe_rounds": 4, "flat_rounds": 2,
              "hmoe_widths": [4], "flat_widths": [4], "main": (4, 4), "repeats": 1, "images": 20,
-             "partition": "iid"},
+             "partition": "iid", "warm_start": 2},
 }
 STEPS = ("stats", "table1", "sweep", "edge", "subtrees")
 
@@ -146,7 +146,8 @@ def train_runs(prof: dict, work: Path, device: str, reuse: dict[str, Path], jobs
             name = f"{kind}-w{w}"
             run = runs[name] = Path(reuse.get(name, work / name))
             if not (run / "report.json").exists():
-                rounds = (["--expert-width", str(w), "--hmoe-rounds", str(prof["hmoe_rounds"]), "--flat-rounds", "0"]
+                rounds = (["--expert-width", str(w), "--hmoe-rounds", str(prof["hmoe_rounds"]), "--flat-rounds", "0",
+                           "--warm-start", str(prof["warm_start"])]
                           if kind == "hmoe" else
                           ["--flat-width", str(w), "--flat-rounds", str(prof["flat_rounds"]), "--hmoe-rounds", "0"])
                 todo.append(["train", "--out", str(run), *rounds, *common(prof, device)]
@@ -238,11 +239,16 @@ def edge(prof: dict, work: Path, runs: dict[str, str]) -> dict:
     w, fw = prof["main"]
     both = work / "edge-run"
     bundle = work / "edge-bundle"
-    if not (bundle / "manifest.json").exists():
+    made_from = json.dumps({"hmoe": str(runs[f"hmoe-w{w}"]), "flat": str(runs[f"flat-w{fw}"])})
+    stamp = work / "edge-bundle.from.json"   # the runs the kept bundle (and the subtree bundles) came from
+    if not (bundle / "manifest.json").exists() or not stamp.exists() or stamp.read_text() != made_from:
+        for old in [bundle, *work.glob("subtree-*")]:
+            shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(both, ignore_errors=True)
         shutil.copytree(runs[f"hmoe-w{w}"], both, ignore=shutil.ignore_patterns("bundle*", "plots"))
         shutil.copy(Path(runs[f"flat-w{fw}"]) / "flat.safetensors", both / "flat.safetensors")
         export_run(both, bundle, progress=False, validate_images=500)
+        stamp.write_text(made_from)
     b = bench.load_bundle(bundle)
     d = load_dataset(prof["dataset"])
     x = b.input_spec.normalize(d.test_x[np.random.default_rng(0).permutation(len(d.test_x))[:prof["images"]]])
