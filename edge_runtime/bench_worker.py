@@ -2,14 +2,16 @@
 
 Usage: python -m edge_runtime.bench_worker BUNDLE MODE IMAGES.npy THREADS [VARIANT]
 MODE: path (greedy, only the experts a decision visits, cache bounded to one path),
-all (every expert preloaded, not the flat model), flat (the flat model alone), deepest
+stream (greedy under the smallest budget the bundle allows: its templates and room for one
+expert's weights, so every expert is streamed), all (every expert preloaded, not the flat model), flat (the flat model alone), deepest
 (every expert on the tree's longest root-to-leaf path run in turn on each image: what the
 deepest greedy decision costs, whatever the images).
 VARIANT: fp32 (default) or int8 (the bundle's quantized models).
 
 Resident memory is read three times: idle (onnxruntime imported, manifest read),
 ready (the engine open, which pays onnxruntime's once-per-process start-up with a
-weightless model, no expert loaded) and after the first prediction.
+weightless model, no expert loaded) and after the first prediction; and once more after
+the last image (``grown_mb``: what the process grew by over the whole run, over ready).
 """
 
 from __future__ import annotations
@@ -41,10 +43,16 @@ def main(bundle: str, mode: str, images: str, threads: int, variant: str = "fp32
     t = time.perf_counter()
     if mode == "path":
         engine = Engine(b, memory_budget_mb=path_only_bytes(b, variant) / 2**20, threads=threads, variant=variant)
+    elif mode == "stream":
+        least = Engine(b, memory_budget_mb=path_only_bytes(b, variant) / 2**20, variant=variant, warm_up=False)
+        if not least.templates:
+            raise SystemExit("mode stream needs a bundle with templates (hmoe export writes them) and fp32")
+        engine = Engine(b, memory_budget_mb=least.reserved / 2**20, threads=threads, variant=variant)
+        del least
     elif mode in ("all", "flat", "deepest"):
         engine = Engine(b, threads=threads, variant=variant)
     else:
-        raise SystemExit(f"unknown mode {mode!r}; expected path, all, flat or deepest")
+        raise SystemExit(f"unknown mode {mode!r}; expected path, stream, all, flat or deepest")
     open_ms = (time.perf_counter() - t) * 1000
     gc.collect()
     ready = rss_mb()
@@ -78,7 +86,7 @@ def main(bundle: str, mode: str, images: str, threads: int, variant: str = "fp32
             evaluated.append(r[0].experts_evaluated)
     out = {"mode": mode, "idle_mb": idle, "ready_mb": ready, "resident_mb": after_one,
            "added_mb": after_one - ready, "added_mb_over_import": after_one - idle,
-           "resident_mb_end": rss_mb(), "loaded_after_one": loaded_after_one,
+           "resident_mb_end": rss_mb(), "grown_mb": rss_mb() - ready, "loaded_after_one": loaded_after_one,
            "open_ms": open_ms, "first_prediction_ms": first_ms,
            "latency_ms_median": float(np.median(times)), "latency_ms_p95": float(np.percentile(times, 95)),
            "images": int(len(x)), "cache_misses": engine.stats.misses, "torch_loaded": "torch" in sys.modules,

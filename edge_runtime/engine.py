@@ -437,7 +437,8 @@ class Engine:
         if got is None:
             import onnxruntime as ort
             path = self._checked(t.file, "an expert template")
-            sess = ort.InferenceSession(str(path), session_options(self.threads), providers=["CPUExecutionProvider"])
+            sess = ort.InferenceSession(str(path), session_options(self.threads, arena=True),
+                                        providers=["CPUExecutionProvider"])
             got = self._template_sessions[t.file.file] = (sess, sess.get_inputs()[0].name)
         return got
 

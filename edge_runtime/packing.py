@@ -195,7 +195,7 @@ def template_options(threads: int):
     """A packed template is already optimised for this CPU: onnxruntime must not optimise it again."""
     import onnxruntime as ort
 
-    so = session_options(threads)
+    so = session_options(threads, arena=True)   # (why the arena: onnx_wire.session_options)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return so
 
