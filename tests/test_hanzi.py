@@ -187,7 +187,11 @@ def test_the_benchmark_runs_end_to_end_on_its_tiny_profile(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     h = json.loads((out / "hanzi.json").read_text())
     assert h["stats"]["characters"] == 30 and {p["name"] for p in h["sweep"]["points"]} == {"hmoe-w4", "flat-w4"}
-    assert set(h["edge"]["modes"]) == {"path", "all", "flat"}
+    assert set(h["edge"]["modes"]) == {"path", "stream", "all", "flat"}
+    assert all(isinstance(r["grown_mb"], float) and np.isfinite(r["grown_mb"]) for r in h["edge"]["modes"].values())
+    assert h["edge"]["stream_over_flat_added"] is not None
+    log = json.loads((tmp_path / "work" / "hmoe-w4" / "state-hmoe.json").read_text())["log"]
+    assert log[1].get("warm_started") and set(log[0]["tasks"]) == {"root"}   # the profile's warm start
     rows = h["subtrees"]["rows"]
     assert rows and all(r["experts"] == 1 and 0 <= r["subtree_accuracy"] <= 1 and r["images"] == 7 * r["characters"]
                         for r in rows)
