@@ -378,14 +378,9 @@ class Engine:
             self.cache.move_to_end(key)
             one[0].run_with_iobinding(one[1])
             return one[2]
-        if key in self.templates and key not in self.cache:
-            victims = self._admit(key)
-            if victims is None:
-                self.stats.misses += 1
-                return self._stream(key, None)
-            sess, name = self._open(key, victims)
-        else:
-            sess, name = self._open(key)
+        sess, name, logits = self._open_or_stream(key, None)
+        if logits is not None:
+            return logits
         logits = sess.run(None, {name: self._x1})[0]
         self._ones[key] = self._bind_one(sess, sess.io_binding(), name, sess.get_outputs()[0].name, logits)
         return logits
@@ -490,15 +485,19 @@ class Engine:
             self.stats.hits += 1
             self.cache.move_to_end(key)
             return hit[0].run(None, {hit[1]: x})[0]
-        if key in self.templates:
+        sess, name, logits = self._open_or_stream(key, x)
+        return logits if logits is not None else sess.run(None, {name: x})[0]
+
+    def _open_or_stream(self, key: str, x: np.ndarray | None) -> tuple:
+        """(session, input name, None) with ``key`` open, opened when the budget admits it;
+        (None, None, its logits for ``x``) when it was streamed instead (``x`` None: ``_x1``)."""
+        if key in self.templates and key not in self.cache:
             victims = self._admit(key)
             if victims is None:
                 self.stats.misses += 1
-                return self._stream(key, x)
-            sess, name = self._open(key, victims)
-        else:
-            sess, name = self._open(key)
-        return sess.run(None, {name: x})[0]
+                return None, None, self._stream(key, x)
+            return (*self._open(key, victims), None)
+        return (*self._open(key), None)
 
     def preload(self, flat: bool = False) -> None:
         """Open every expert (and the flat model too when ``flat``)."""
