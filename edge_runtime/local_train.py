@@ -23,6 +23,7 @@ import numpy as np
 
 from edge_runtime.bundle import Bundle, load_bundle
 from hierarchy.errors import HmoeError
+from hierarchy.npz import read_npz
 from trainer.device.memory import SAFETY, MemoryCapError, PeakMeter, plan_micro_batch, release_freed_memory, warm_up
 
 __all__ = ["SAFETY", "PeakMeter", "TrainError", "load_local_data", "plan_micro_batch", "release_freed_memory",
@@ -71,8 +72,8 @@ def load_local_data(path: str | os.PathLike, bundle: Bundle) -> tuple[np.ndarray
         return np.stack(xs), np.asarray(ys, dtype=np.int64)
     if path.suffix == ".npz" and path.is_file():
         try:
-            with np.load(path, allow_pickle=False) as z:
-                images, labels = z["images"], z["labels"]
+            z = read_npz(path, ("images", "labels"))
+            images, labels = z["images"], z["labels"]
         except (KeyError, ValueError, OSError) as exc:
             raise TrainError(f"{path}: expected an .npz with arrays 'images' and 'labels' ({exc})") from None
         if images.ndim == 3:

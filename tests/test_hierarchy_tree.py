@@ -140,3 +140,52 @@ def test_unknown_node_name(tree):
 def test_render_marks_experts():
     text = load_taxonomy("fashion-mnist").render()
     assert "root *" in text and "Shoes *" in text and "Bottoms *" not in text
+
+
+def test_npz_reads_run_one_at_a_time(tmp_path, monkeypatch):
+    """numpy parses .npz headers with ast.literal_eval, which CPython 3.11 cannot run in two
+    threads at once (python/cpython#106905; it failed CI with four `sync` device threads):
+    read_npz never lets two reads overlap, and every thread gets its own file's arrays."""
+    import threading
+    import time
+
+    import hierarchy.npz as mod
+    active, most = [0], [0]
+    real_load = mod.np.load
+
+    def watched_load(*a, **k):
+        active[0] += 1
+        most[0] = max(most[0], active[0])
+        time.sleep(0.002)              # a read in progress: another thread would get in here
+        z = real_load(*a, **k)
+        orig_close, open_ = z.close, [True]
+
+        def close():                   # called by the with-block and again by __del__
+            if open_[0]:
+                open_[0] = False
+                active[0] -= 1
+            orig_close()
+        z.close = close
+        return z
+
+    monkeypatch.setattr(mod.np, "load", watched_load)
+    for t in range(8):
+        np.savez(tmp_path / f"{t}.npz", images=np.full((2, 3), t, np.uint8), labels=np.arange(t + 1))
+    got, errors = {}, []
+
+    def work(t: int) -> None:
+        try:
+            for _ in range(5):
+                got[t] = mod.read_npz(tmp_path / f"{t}.npz", ("images", "labels"))
+        except BaseException as exc:
+            errors.append(exc)
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors and most[0] == 1 and active[0] == 0
+    for t in range(8):
+        assert (got[t]["images"] == t).all() and list(got[t]["labels"]) == list(range(t + 1))
+    with pytest.raises(KeyError):
+        mod.read_npz(tmp_path / "0.npz", ("nope",))

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from hierarchy.errors import HmoeError
+from hierarchy.npz import read_npz
 from hierarchy.tree import write_bytes_atomic, write_text_atomic
 
 VERSION = 1
@@ -220,9 +221,8 @@ def load(folder: Path, chars: list[str], n: int | str | None, size: int = SIZE, 
         if sha256_file(path) != want:
             raise GlyphError(f"{path}: sha256 differs from {digest.name}: the cache is corrupt or was changed; "
                              "delete both files to rebuild")
-        with np.load(path, allow_pickle=False) as z:
-            d = {k: z[k] for k in ("train_x", "train_y", "test_x", "test_y")}
-            d["stats"] = json.loads(str(z["stats"]))
+        d = read_npz(path, ("train_x", "train_y", "test_x", "test_y", "stats"))
+        d["stats"] = json.loads(str(d["stats"]))
         if d["stats"].get("chars") != "".join(chars):
             raise GlyphError(f"{path}: built for other characters than Unihan now lists; delete it to rebuild")
         now = {f: os.path.getsize(f) for _, f, _ in FONT_FILES if os.path.isfile(f)}

@@ -30,6 +30,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from hierarchy.errors import HmoeError
+from hierarchy.npz import read_npz
 
 _DATA: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 _PREPARED: dict[str, object] = {}   # run dir -> the simulation's data split, once per process
@@ -73,8 +74,8 @@ def _load_folder(folder: Path, leaves: list[str], shape: tuple[int, int, int]) -
     if not path.is_file():
         raise NodeDataError(f"node data-dir {folder}: no train.npz (uint8 'images' N,C,H,W and 'labels')")
     try:
-        with np.load(path, allow_pickle=False) as z:
-            x, labels = z["images"], z["labels"]
+        z = read_npz(path, ("images", "labels"))
+        x, labels = z["images"], z["labels"]
     except (KeyError, ValueError, OSError) as exc:
         raise NodeDataError(f"{path}: expected arrays 'images' and 'labels' ({exc})") from None
     if x.dtype != np.uint8 or tuple(x.shape[1:]) != tuple(shape):
