@@ -19,6 +19,9 @@ Steps (each resumable: trained runs with a report.json are reused):
 5. subtrees  per-radical bundles for the radicals with the most characters: disk, added
            memory, latency, and leaf accuracy on that radical's held-out images beside the
            whole bundle's and flat's.
+6. seeds   the second goal's pair (the best HMoE and the widest flat model whose round fits
+           in its largest expert's memory) trained again with the profile's other seeds; the
+           goal is judged on the margin's mean over every seed, not on seed 0 alone.
 
     python benchmarks/hanzi.py --profile cpu --out docs/results/hanzi     # make bench: CPU
     python benchmarks/hanzi.py --profile full --out docs/results/hanzi-full --device cuda
@@ -45,17 +48,17 @@ PROFILES = {
     # make bench: 500 characters, CPU
     "cpu": {"dataset": "hanzi:500", "clients": 20, "per_round": 20, "hmoe_rounds": 150, "flat_rounds": 50,
             "hmoe_widths": [8, 16], "flat_widths": [8, 16, 32], "main": (16, 32), "repeats": 3, "images": 500,
-            "partition": "iid", "warm_start": 50},
+            "partition": "iid", "warm_start": 50, "seeds": [1, 2]},
     # all 3,755 characters: a GPU machine
     "full": {"dataset": "hanzi", "clients": 50, "per_round": 50, "hmoe_rounds": 400, "flat_rounds": 100,
              "hmoe_widths": [8, 16, 32], "flat_widths": [8, 16, 32, 64], "main": (16, 32), "repeats": 3,
-             "images": 1000, "partition": "iid", "warm_start": 130},
+             "images": 1000, "partition": "iid", "warm_start": 130, "seeds": [1, 2]},
     # the test's: seconds
     "tiny": {"dataset": "hanzi:30", "clients": 4, "per_round": 4, "hmoe_rounds": 4, "flat_rounds": 2,
-             "hmoe_widths": [4], "flat_widths": [4], "main": (4, 4), "repeats": 1, "images": 20,
-             "partition": "iid", "warm_start": 2},
+             "hmoe_widths": [4], "flat_widths": [2, 4], "main": (4, 4), "repeats": 1, "images": 20,
+             "partition": "iid", "warm_start": 2, "seeds": [1]},
 }
-STEPS = ("stats", "table1", "sweep", "edge", "subtrees")
+STEPS = ("stats", "table1", "sweep", "edge", "subtrees", "seeds")
 
 
 def hmoe(*args: str) -> None:
@@ -136,24 +139,34 @@ def common(prof: dict, device: str) -> list[str]:
             "--cost-clients", "0", "--no-progress", "--device", device]
 
 
+def train_command(prof: dict, name: str, run: Path, device: str, seed: int = 0) -> list[str]:
+    """``hmoe train`` for the sweep's model ``name`` (hmoe-wW or flat-wW) into ``run``."""
+    kind, w = name.split("-w")[0], int(name.split("-w")[1])
+    rounds = (["--expert-width", str(w), "--hmoe-rounds", str(prof["hmoe_rounds"]), "--flat-rounds", "0",
+               "--warm-start", str(prof["warm_start"])]
+              if kind == "hmoe" else
+              ["--flat-width", str(w), "--flat-rounds", str(prof["flat_rounds"]), "--hmoe-rounds", "0"])
+    return (["train", "--out", str(run), *rounds, *common(prof, device)] + (["--seed", str(seed)] if seed else [])
+            + (["--resume"] if (run / "config.json").exists() else []))
+
+
+def train_all(todo: list[list[str]], jobs: int) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        list(pool.map(lambda args: hmoe(*args), todo))
+
+
 def train_runs(prof: dict, work: Path, device: str, reuse: dict[str, Path], jobs: int) -> dict[str, Path]:
     """Every model of the sweep trained (or reused: ``reuse`` maps hmoe-wW / flat-wW to a run
     directory trained with the profile's settings), ``jobs`` trainings at once: name -> run."""
-    from concurrent.futures import ThreadPoolExecutor
     todo, runs = [], {}
     for kind, widths in (("hmoe", prof["hmoe_widths"]), ("flat", prof["flat_widths"])):
         for w in widths:
             name = f"{kind}-w{w}"
             run = runs[name] = Path(reuse.get(name, work / name))
             if not (run / "report.json").exists():
-                rounds = (["--expert-width", str(w), "--hmoe-rounds", str(prof["hmoe_rounds"]), "--flat-rounds", "0",
-                           "--warm-start", str(prof["warm_start"])]
-                          if kind == "hmoe" else
-                          ["--flat-width", str(w), "--flat-rounds", str(prof["flat_rounds"]), "--hmoe-rounds", "0"])
-                todo.append(["train", "--out", str(run), *rounds, *common(prof, device)]
-                            + (["--resume"] if (run / "config.json").exists() else []))
-    with ThreadPoolExecutor(max(1, jobs)) as pool:
-        list(pool.map(lambda args: hmoe(*args), todo))
+                todo.append(train_command(prof, name, run, device))
+    train_all(todo, jobs)
     return runs
 
 
@@ -204,6 +217,44 @@ def sweep(prof: dict, work: Path, device: str, reuse: dict[str, Path], jobs: int
         p["pareto_memory"] = p["name"] in pareto(points, "live_mb")
         p["pareto_compute"] = p["name"] in pareto(points, "client_gmacs")
     return {"points": points, "goals": goals(points), "runs": {k: str(v) for k, v in runs.items()}}
+
+
+def test_scores(run: Path, kind: str) -> dict:
+    report = json.loads((Path(run) / "report.json").read_text())
+    test = report[kind]["test"]["greedy" if kind == "hmoe" else "leaf"]
+    return {"f1": test["info_f1"], "leaf_accuracy": test["leaf_accuracy"], "seed": report["config"]["seed"]}
+
+
+def seeds(prof: dict, work: Path, device: str, reuse: dict[str, Path], jobs: int, sweep_result: dict) -> dict:
+    """The second goal's pair trained again with the profile's other seeds (``reuse`` may name
+    them as seedS/NAME=DIR); seed 0 is the sweep's. The goal is judged on the mean margin."""
+    pair = sweep_result["goals"]["same_memory"]
+    if pair is None:
+        return {"pair": None, "rows": [], "met": False}
+    names = [pair["hmoe"], pair["flat"]]
+    runs = {0: {n: Path(sweep_result["runs"][n]) for n in names}}
+    todo = []
+    for seed in prof["seeds"]:
+        runs[seed] = {}
+        for n in names:
+            run = runs[seed][n] = Path(reuse.get(f"seed{seed}/{n}", work / f"seed{seed}" / n))
+            if not (run / "report.json").exists():
+                todo.append(train_command(prof, n, run, device, seed))
+    train_all(todo, jobs)
+    rows = []
+    for seed, by_name in runs.items():
+        h, f = test_scores(by_name[names[0]], "hmoe"), test_scores(by_name[names[1]], "flat")
+        if h["seed"] != seed or f["seed"] != seed:
+            raise SystemExit(f"seed {seed}: the runs {by_name} were trained with seeds {h['seed']} and {f['seed']}")
+        rows.append({"seed": seed, "hmoe_f1": h["f1"], "hmoe_leaf_accuracy": h["leaf_accuracy"], "flat_f1": f["f1"],
+                     "flat_leaf_accuracy": f["leaf_accuracy"], "margin": h["f1"] - f["f1"],
+                     "runs": {n: str(r) for n, r in by_name.items()}})
+    margins = [r["margin"] for r in rows]
+    mean = float(np.mean(margins))
+    return {"pair": names, "rows": rows, "mean_margin": mean, "min_margin": float(min(margins)),
+            "std_margin": float(np.std(margins, ddof=1)) if len(margins) > 1 else 0.0,
+            "mean_hmoe_f1": float(np.mean([r["hmoe_f1"] for r in rows])),
+            "mean_flat_f1": float(np.mean([r["flat_f1"] for r in rows])), "met": mean >= 0.05}
 
 
 def goals(points: list[dict]) -> dict:
@@ -352,7 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", help="cpu | cuda, for training")
     p.add_argument("--jobs", type=int, default=2, help="trainings at once (one torch thread each)")
     p.add_argument("--reuse", action="append", default=[], metavar="NAME=DIR",
-                   help="a run already trained with the profile's settings, e.g. hmoe-w16=runs/hanzi500")
+                   help="a run already trained with the profile's settings, e.g. hmoe-w16=runs/hanzi500; "
+                        "seedS/NAME=DIR for the seeds step's runs, e.g. seed1/flat-w8=runs/seed1/flat-w8")
+    p.add_argument("--seeds", type=int, nargs="+", help="the seeds step's seeds besides 0 (default: the profile's)")
     args = p.parse_args(argv)
     reuse = {}
     for item in args.reuse:
@@ -360,7 +413,11 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not (Path(folder) / "config.json").exists():
             p.error(f"--reuse {item!r}: expected NAME=DIR with DIR a run directory (config.json)")
         reuse[name] = Path(folder)
-    prof = PROFILES[args.profile]
+    prof = dict(PROFILES[args.profile])
+    if args.seeds:
+        if 0 in args.seeds:
+            p.error("--seeds: seed 0 is the sweep's; give the others")
+        prof["seeds"] = sorted(set(args.seeds))
     out = Path(args.out)
     work = Path(args.work or f"runs/hanzi-{args.profile}")
     out.mkdir(parents=True, exist_ok=True)
@@ -389,6 +446,10 @@ def main(argv: list[str] | None = None) -> int:
             if "edge" not in result:
                 raise SystemExit("the subtrees step needs the edge step's bundle: run --steps edge first")
             result["subtrees"] = subtrees(prof, work, result["edge"])
+        elif step == "seeds":
+            if "sweep" not in result:
+                raise SystemExit("the seeds step needs the sweep's goals: run --steps sweep first")
+            result["seeds"] = seeds(prof, work, args.device, reuse, args.jobs, result["sweep"])
         result.setdefault("seconds", {})[step] = time.perf_counter() - t
         result.setdefault("commands", {})[step] = result["command"]   # what each step last ran as
         path.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")

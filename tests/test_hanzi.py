@@ -182,11 +182,12 @@ def test_the_benchmark_runs_end_to_end_on_its_tiny_profile(tmp_path):
     import json
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "benchmarks/hanzi.py", "--profile", "tiny", "--out", str(out), "--work",
-                           str(tmp_path / "work"), "--steps", "stats", "sweep", "edge", "subtrees"],
+                           str(tmp_path / "work"), "--steps", "stats", "sweep", "edge", "subtrees", "seeds"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     h = json.loads((out / "hanzi.json").read_text())
-    assert h["stats"]["characters"] == 30 and {p["name"] for p in h["sweep"]["points"]} == {"hmoe-w4", "flat-w4"}
+    assert h["stats"]["characters"] == 30 and {p["name"] for p in h["sweep"]["points"]} == {"hmoe-w4", "flat-w2",
+                                                                                             "flat-w4"}
     assert set(h["edge"]["modes"]) == {"path", "stream", "all", "flat"}
     assert all(isinstance(r["grown_mb"], float) and np.isfinite(r["grown_mb"]) for r in h["edge"]["modes"].values())
     assert h["edge"]["stream_over_flat_added"] is not None
@@ -197,3 +198,10 @@ def test_the_benchmark_runs_end_to_end_on_its_tiny_profile(tmp_path):
                         for r in rows)
     md = (out / "hanzi.md").read_text()
     assert "One radical's bundle" in md and rows[0]["node"] in md and (out / "pareto.png").stat().st_size > 0
+    seeds = h["seeds"]   # the second goal's pair again with seed 1, judged on the mean margin
+    assert seeds["pair"] == ["hmoe-w4", h["sweep"]["goals"]["same_memory"]["flat"]] and [r["seed"] for r in seeds["rows"]] == [0, 1]
+    assert seeds["rows"][0]["hmoe_f1"] == next(p["f1"] for p in h["sweep"]["points"] if p["name"] == "hmoe-w4")
+    assert np.isclose(seeds["mean_margin"], np.mean([r["hmoe_f1"] - r["flat_f1"] for r in seeds["rows"]]))
+    assert seeds["met"] == (seeds["mean_margin"] >= 0.05) and "**Seeds**" in md
+    cfg = json.loads((tmp_path / "work" / "seed1" / seeds["pair"][1] / "config.json").read_text())
+    assert cfg["seed"] == 1 and cfg["flat_width"] == int(seeds["pair"][1].split("-w")[1])
