@@ -358,6 +358,12 @@ def hanzi_section(h: dict | None, out: Path, folder: Path) -> list[str]:
     lines += [f"Command: `{clean(h['command'])}` (profile {prof['name']}, device {h.get('device', 'cpu')}); commit "
               f"`{h['commit']}`; {machine_line(h['machine'])}. Steps: " +
               ", ".join(f"{k} {v / 60:.1f} min" for k, v in h.get("seconds", {}).items()) + ".", ""]
+    by_command: dict[str, list[str]] = {}
+    for step, command in h.get("commands", {}).items():
+        by_command.setdefault(command, []).append(step)
+    if len(by_command) > 1:   # steps last run by other commands than the one above
+        lines += ["Each step as last run: " + "; ".join(f"{', '.join(steps)}: `{clean(c)}`"
+                                                         for c, steps in by_command.items()) + ".", ""]
     st = h.get("stats")
     if st:
         lines += [f"**Data set** `{st['dataset']}`: {st['characters']} characters, {st['image_size'][1]}x"
