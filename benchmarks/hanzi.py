@@ -22,6 +22,8 @@ Steps (each resumable: trained runs with a report.json are reused):
 6. seeds   the second goal's pair (the best HMoE and the widest flat model whose round fits
            in its largest expert's memory) trained again with the profile's other seeds; the
            goal is judged on the margin's mean over every seed, not on seed 0 alone.
+7. rounds  that flat model trained for as many rounds as HMoE (the sweep gives flat fewer):
+           whether HMoE's lead outlives equal rounds.
 
     python benchmarks/hanzi.py --profile cpu --out docs/results/hanzi     # make bench: CPU
     python benchmarks/hanzi.py --profile full --out docs/results/hanzi-full --device cuda
@@ -58,7 +60,7 @@ PROFILES = {
              "hmoe_widths": [4], "flat_widths": [2, 4], "main": (4, 4), "repeats": 1, "images": 20,
              "partition": "iid", "warm_start": 2, "seeds": [1]},
 }
-STEPS = ("stats", "table1", "sweep", "edge", "subtrees", "seeds")
+STEPS = ("stats", "table1", "sweep", "edge", "subtrees", "seeds", "rounds")
 
 
 def hmoe(*args: str) -> None:
@@ -139,13 +141,15 @@ def common(prof: dict, device: str) -> list[str]:
             "--cost-clients", "0", "--no-progress", "--device", device]
 
 
-def train_command(prof: dict, name: str, run: Path, device: str, seed: int = 0) -> list[str]:
-    """``hmoe train`` for the sweep's model ``name`` (hmoe-wW or flat-wW) into ``run``."""
+def train_command(prof: dict, name: str, run: Path, device: str, seed: int = 0,
+                  flat_rounds: int | None = None) -> list[str]:
+    """``hmoe train`` for the sweep's model ``name`` (hmoe-wW or flat-wW) into ``run``
+    (``flat_rounds``: instead of the profile's)."""
     kind, w = name.split("-w")[0], int(name.split("-w")[1])
     rounds = (["--expert-width", str(w), "--hmoe-rounds", str(prof["hmoe_rounds"]), "--flat-rounds", "0",
                "--warm-start", str(prof["warm_start"])]
               if kind == "hmoe" else
-              ["--flat-width", str(w), "--flat-rounds", str(prof["flat_rounds"]), "--hmoe-rounds", "0"])
+              ["--flat-width", str(w), "--flat-rounds", str(flat_rounds or prof["flat_rounds"]), "--hmoe-rounds", "0"])
     return (["train", "--out", str(run), *rounds, *common(prof, device)] + (["--seed", str(seed)] if seed else [])
             + (["--resume"] if (run / "config.json").exists() else []))
 
@@ -223,6 +227,29 @@ def test_scores(run: Path, kind: str) -> dict:
     report = json.loads((Path(run) / "report.json").read_text())
     test = report[kind]["test"]["greedy" if kind == "hmoe" else "leaf"]
     return {"f1": test["info_f1"], "leaf_accuracy": test["leaf_accuracy"], "seed": report["config"]["seed"]}
+
+
+def equal_rounds(prof: dict, work: Path, device: str, reuse: dict[str, Path], sweep_result: dict) -> dict:
+    """The second goal's flat model trained for HMoE's rounds, seed 0 (``reuse`` may name it
+    as rounds/NAME=DIR), beside the sweep's HMoE."""
+    pair = sweep_result["goals"]["same_memory"]
+    if pair is None:
+        return {"pair": None}
+    hm, fl = pair["hmoe"], pair["flat"]
+    run = Path(reuse.get(f"rounds/{fl}", work / "rounds" / fl))
+    if not (run / "report.json").exists():
+        train_all([train_command(prof, fl, run, device, flat_rounds=prof["hmoe_rounds"])], 1)
+    report = json.loads((run / "report.json").read_text())
+    if report["config"]["seed"] != 0 or report["flat"]["rounds"] != prof["hmoe_rounds"]:
+        raise SystemExit(f"{run}: trained with seed {report['config']['seed']} for {report['flat']['rounds']} rounds; "
+                         f"expected seed 0 and {prof['hmoe_rounds']}")
+    points = {p["name"]: p for p in sweep_result["points"]}
+    f = test_scores(run, "flat")
+    return {"pair": [hm, fl], "rounds": prof["hmoe_rounds"], "run": str(run), "flat_f1": f["f1"],
+            "flat_leaf_accuracy": f["leaf_accuracy"], "flat_client_gmacs": report["flat"]["total_client_gmacs"],
+            "flat_f1_sweep": points[fl]["f1"], "flat_rounds_sweep": points[fl]["rounds"],
+            "hmoe_f1": points[hm]["f1"], "hmoe_client_gmacs": points[hm]["client_gmacs"],
+            "margin": points[hm]["f1"] - f["f1"]}
 
 
 def seeds(prof: dict, work: Path, device: str, reuse: dict[str, Path], jobs: int, sweep_result: dict) -> dict:
@@ -404,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2, help="trainings at once (one torch thread each)")
     p.add_argument("--reuse", action="append", default=[], metavar="NAME=DIR",
                    help="a run already trained with the profile's settings, e.g. hmoe-w16=runs/hanzi500; "
-                        "seedS/NAME=DIR for the seeds step's runs, e.g. seed1/flat-w8=runs/seed1/flat-w8")
+                        "seedS/NAME=DIR for the seeds step's runs, e.g. seed1/flat-w8=runs/seed1/flat-w8; "
+                        "rounds/NAME=DIR for the rounds step's")
     p.add_argument("--seeds", type=int, nargs="+", help="the seeds step's seeds besides 0 (default: the profile's)")
     args = p.parse_args(argv)
     reuse = {}
@@ -450,6 +478,10 @@ def main(argv: list[str] | None = None) -> int:
             if "sweep" not in result:
                 raise SystemExit("the seeds step needs the sweep's goals: run --steps sweep first")
             result["seeds"] = seeds(prof, work, args.device, reuse, args.jobs, result["sweep"])
+        elif step == "rounds":
+            if "sweep" not in result:
+                raise SystemExit("the rounds step needs the sweep's goals: run --steps sweep first")
+            result["rounds"] = equal_rounds(prof, work, args.device, reuse, result["sweep"])
         result.setdefault("seconds", {})[step] = time.perf_counter() - t
         result.setdefault("commands", {})[step] = result["command"]   # what each step last ran as
         path.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")

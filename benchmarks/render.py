@@ -429,6 +429,14 @@ def hanzi_section(h: dict | None, out: Path, folder: Path) -> list[str]:
                       f"{seeds['mean_flat_f1']:.4f}, margin {seeds['mean_margin']:+.4f} (standard deviation "
                       f"{seeds['std_margin']:.4f}, smallest {seeds['min_margin']:+.4f}): ahead by at least 0.05 on "
                       f"average {'met' if seeds['met'] else 'NOT met'}.", ""]
+        eq = h.get("rounds")
+        if eq and eq.get("pair"):
+            lines += [f"**Equal rounds** (seed 0): {eq['pair'][1]} trained for HMoE's {eq['rounds']} rounds instead of "
+                      f"the sweep's {eq['flat_rounds_sweep']} reaches {eq['flat_f1']:.4f} (leaf accuracy "
+                      f"{eq['flat_leaf_accuracy']:.4f}, {eq['flat_client_gmacs']:.0f} client GMACs) against "
+                      f"{eq['flat_f1_sweep']:.4f}; {eq['pair'][0]} {eq['hmoe_f1']:.4f} ({eq['hmoe_client_gmacs']:.0f} "
+                      f"client GMACs): HMoE {'ahead' if eq['margin'] > 0 else 'behind'} by {abs(eq['margin']):.4f} "
+                      "at equal rounds.", ""]
     e = h.get("edge")
     if e:
         lines += [f"**On the device** (one bundle of the main widths: the HMoE run's experts and the flat run's model; {e['images']} held-out images one at a time, "

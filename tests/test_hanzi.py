@@ -4,6 +4,7 @@ import bz2
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,7 +183,7 @@ def test_the_benchmark_runs_end_to_end_on_its_tiny_profile(tmp_path):
     import json
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "benchmarks/hanzi.py", "--profile", "tiny", "--out", str(out), "--work",
-                           str(tmp_path / "work"), "--steps", "stats", "sweep", "edge", "subtrees", "seeds"],
+                           str(tmp_path / "work"), "--steps", "stats", "sweep", "edge", "subtrees", "seeds", "rounds"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     h = json.loads((out / "hanzi.json").read_text())
@@ -205,3 +206,7 @@ def test_the_benchmark_runs_end_to_end_on_its_tiny_profile(tmp_path):
     assert seeds["met"] == (seeds["mean_margin"] >= 0.05) and "**Seeds**" in md
     cfg = json.loads((tmp_path / "work" / "seed1" / seeds["pair"][1] / "config.json").read_text())
     assert cfg["seed"] == 1 and cfg["flat_width"] == int(seeds["pair"][1].split("-w")[1])
+    eq = h["rounds"]   # that flat model again, for HMoE's 4 rounds instead of the sweep's 2
+    assert eq["pair"] == seeds["pair"] and eq["rounds"] == 4 and eq["flat_rounds_sweep"] == 2
+    assert json.loads((Path(eq["run"]) / "report.json").read_text())["flat"]["rounds"] == 4
+    assert np.isclose(eq["margin"], eq["hmoe_f1"] - eq["flat_f1"]) and "**Equal rounds**" in md
