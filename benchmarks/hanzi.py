@@ -224,9 +224,11 @@ def sweep(prof: dict, work: Path, device: str, reuse: dict[str, Path], jobs: int
 
 
 def test_scores(run: Path, kind: str) -> dict:
+    """A run's test F1 and leaf accuracy (HMoE greedy, flat's leaf rule), seed, rounds and compute."""
     report = json.loads((Path(run) / "report.json").read_text())
     test = report[kind]["test"]["greedy" if kind == "hmoe" else "leaf"]
-    return {"f1": test["info_f1"], "leaf_accuracy": test["leaf_accuracy"], "seed": report["config"]["seed"]}
+    return {"f1": test["info_f1"], "leaf_accuracy": test["leaf_accuracy"], "seed": report["config"]["seed"],
+            "rounds": report[kind]["rounds"], "client_gmacs": report[kind]["total_client_gmacs"]}
 
 
 def equal_rounds(prof: dict, work: Path, device: str, reuse: dict[str, Path], sweep_result: dict) -> dict:
@@ -239,14 +241,13 @@ def equal_rounds(prof: dict, work: Path, device: str, reuse: dict[str, Path], sw
     run = Path(reuse.get(f"rounds/{fl}", work / "rounds" / fl))
     if not (run / "report.json").exists():
         train_all([train_command(prof, fl, run, device, flat_rounds=prof["hmoe_rounds"])], 1)
-    report = json.loads((run / "report.json").read_text())
-    if report["config"]["seed"] != 0 or report["flat"]["rounds"] != prof["hmoe_rounds"]:
-        raise SystemExit(f"{run}: trained with seed {report['config']['seed']} for {report['flat']['rounds']} rounds; "
+    f = test_scores(run, "flat")
+    if f["seed"] != 0 or f["rounds"] != prof["hmoe_rounds"]:
+        raise SystemExit(f"{run}: trained with seed {f['seed']} for {f['rounds']} rounds; "
                          f"expected seed 0 and {prof['hmoe_rounds']}")
     points = {p["name"]: p for p in sweep_result["points"]}
-    f = test_scores(run, "flat")
     return {"pair": [hm, fl], "rounds": prof["hmoe_rounds"], "run": str(run), "flat_f1": f["f1"],
-            "flat_leaf_accuracy": f["leaf_accuracy"], "flat_client_gmacs": report["flat"]["total_client_gmacs"],
+            "flat_leaf_accuracy": f["leaf_accuracy"], "flat_client_gmacs": f["client_gmacs"],
             "flat_f1_sweep": points[fl]["f1"], "flat_rounds_sweep": points[fl]["rounds"],
             "hmoe_f1": points[hm]["f1"], "hmoe_client_gmacs": points[hm]["client_gmacs"],
             "margin": points[hm]["f1"] - f["f1"]}
