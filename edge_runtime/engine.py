@@ -70,11 +70,12 @@ def identity_model_bytes() -> bytes:
     return _field(1, 8) + _field(7, graph) + _field(8, opset)   # ir_version 8, graph, opset_import
 
 
-def _safetensors_layout(data: bytes, path: Path) -> list[tuple[str, int, int, tuple]]:
-    """(name, byte offset, element count, shape) of every float32 tensor in a safetensors file."""
+def _safetensors_layout(data, path: Path) -> list[tuple[str, int, int, tuple]]:
+    """(name, byte offset, element count, shape) of every float32 tensor in a safetensors file
+    (``data``: its bytes, or a memoryview of them; only the header is copied)."""
     try:
         n = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8:8 + n])
+        header = json.loads(bytes(data[8:8 + n]))
         header.pop("__metadata__", None)
         out = []
         for name, t in header.items():
@@ -123,6 +124,15 @@ def path_only_bytes(bundle: Bundle, variant: str = "fp32") -> int:
     return longest
 
 
+KEPT_BINDINGS = 16   # template bindings kept (``Engine._bound_run``): about 10 KB of onnxruntime's each
+
+
+def _keep_recent(cache: OrderedDict) -> None:
+    """Drop the least recently used entries of ``cache`` beyond KEPT_BINDINGS."""
+    while len(cache) > KEPT_BINDINGS:
+        cache.popitem(last=False)
+
+
 def ort_value(array: np.ndarray):
     """An onnxruntime value over ``array``'s memory (no copy: a run reads or writes the array)."""
     import onnxruntime as ort
@@ -168,7 +178,6 @@ class Engine:
         self.stats = CacheStats()
         self.visits: dict[str, int] = dict.fromkeys(self.entries, 0)
         self._verified: dict[Path, tuple] = {}     # file -> its signature when its sha256 last matched
-        self._layouts: dict[str, list] = {}        # expert -> [(weight name, offset, count, shape)]
         self._template_sessions: dict[str, tuple] = {}
         self._slot: bytearray | None = None        # the streamed expert's weights, one at a time
         self._slot_holds: str | None = None        # whose weights the buffer holds, checked when read
@@ -176,15 +185,21 @@ class Engine:
         self.pack, self.packs = None, {}
         self.mmap = mmap
         self._maps: dict[str, tuple] = {}   # expert -> (file signature, mmap, weight views), with ``mmap``
-        self._views: dict[str, dict] = {}   # expert -> its weights as views of the streaming buffer
-        self._bindings: dict[str, tuple] = {}   # expert -> (views, session, IO binding, input and output names)
+        # Streamed experts of one architecture have one layout of their weights in the buffer, so
+        # they share its views and its template bindings (``_bound_run``): what the engine keeps
+        # per streamed expert is a few bytes, however many experts a run visits.
+        self._layout_keys: dict[str, tuple] = {}   # expert -> its layout, as a key (one object per layout)
+        self._views: dict[tuple, dict] = {}   # layout -> the weights as views of the streaming buffer
+        # binding key (layout and template; the expert itself when memory-mapped) ->
+        # (views, session, IO binding, input and output names), at most KEPT_BINDINGS, LRU order
+        self._bindings: OrderedDict[object, tuple] = OrderedDict()
         # One input at a time (``_greedy_one``): the input is copied once into ``_x1``, which every
         # expert's run reads through a binding made once, and each expert writes into an output
         # array of its own (a few bytes); expert -> (session, IO binding, output array).
         self._x1: np.ndarray | None = None
         self._x1_value = None
         self._ones: dict[str, tuple] = {}            # open sessions
-        self._streamed_ones: dict[str, tuple] = {}   # streamed experts' template bindings
+        self._streamed_ones: OrderedDict[object, tuple] = OrderedDict()   # streamed experts' (``_bindings``' keys)
         if pack is not None and self.templates:
             from edge_runtime.packing import load_index
             self.pack = Path(pack)
@@ -324,29 +339,40 @@ class Engine:
         self.stats.streamed += 1
         if self.packs:
             e = self.packs["experts"][key]
-            weights = self._mapped(key, e) if self.mmap else self._read(
-                key, self.pack / e["weights"], e["bytes"], e["sha256"], e["layout"], "packed weights")
-            return self._bound_run(key, lambda: (self._packed_session(e["template"]), e["input"]), weights, x)
-        return self._bound_run(key, lambda: self._template_session(self.templates[key]), self._weights(key), x)
+            if self.mmap:
+                weights, bkey = self._mapped(key, e), key
+            else:
+                weights = self._read(key, self.pack / e["weights"], e["bytes"], e["sha256"], e["layout"],
+                                     "packed weights")
+                bkey = (e["template"], self._layout_keys[key])
+            return self._bound_run(bkey, lambda: (self._packed_session(e["template"]), e["input"]), weights, x)
+        weights = self._weights(key)
+        t = self.templates[key]
+        return self._bound_run((t.file.file, self._layout_keys[key]), lambda: self._template_session(t), weights, x)
 
-    def _bound_run(self, key: str, session, weights: dict[str, np.ndarray], x: np.ndarray | None) -> np.ndarray:
+    def _bound_run(self, bkey, session, weights: dict[str, np.ndarray], x: np.ndarray | None) -> np.ndarray:
         """A template run with the expert's weights bound once (onnxruntime IO binding over the
         buffer's or the mapping's memory, which later reads refill in place): per run only the
-        input is bound. ``session``: () -> (template session, its input's name). ``x`` None: the
-        one input in ``_x1``, bound once too, the logits written into the expert's own output
-        array (returned, overwritten by its next run)."""
-        got = self._bindings.get(key)
+        input is bound. ``bkey``: what the binding is kept under (``_stream``), the most recent
+        KEPT_BINDINGS kept. ``session``: () -> (template session, its input's name). ``x`` None:
+        the one input in ``_x1``, bound once too, the logits written into the binding's own
+        output array (returned, overwritten by its next run)."""
+        got = self._bindings.get(bkey)
         if got is None or got[0] is not weights:   # first run, or the mapping was replaced
             sess, xname = session()
             binding = sess.io_binding()
             for name, arr in weights.items():
                 binding.bind_ortvalue_input(name, ort_value(arr))
-            got = self._bindings[key] = (weights, sess, binding, xname, sess.get_outputs()[0].name)
-            self._streamed_ones.pop(key, None)
+            got = self._bindings[bkey] = (weights, sess, binding, xname, sess.get_outputs()[0].name)
+            self._streamed_ones.pop(bkey, None)
+            _keep_recent(self._bindings)
+        else:
+            self._bindings.move_to_end(bkey)
         _, sess, binding, xname, out = got
         if x is None:
-            one = self._streamed_ones.get(key)
+            one = self._streamed_ones.get(bkey)
             if one is not None:
+                self._streamed_ones.move_to_end(bkey)
                 sess.run_with_iobinding(one[1])
                 return one[2]
             x = self._x1
@@ -358,7 +384,8 @@ class Engine:
             one = sess.io_binding()
             for name, arr in weights.items():
                 one.bind_ortvalue_input(name, ort_value(arr))
-            self._streamed_ones[key] = self._bind_one(sess, one, xname, out, logits)
+            self._streamed_ones[bkey] = self._bind_one(sess, one, xname, out, logits)
+            _keep_recent(self._streamed_ones)
         return logits
 
     def _bind_one(self, sess, binding, xname: str, out: str, logits: np.ndarray) -> tuple:
@@ -440,7 +467,7 @@ class Engine:
     def _weights(self, key: str) -> dict[str, np.ndarray]:
         """Expert ``key``'s weights read from its safetensors file (``_read``)."""
         f = self.entries[key].weights
-        return self._read(key, self.bundle.root / f.file, f.bytes, f.sha256, self._layouts.get(key), "weights")
+        return self._read(key, self.bundle.root / f.file, f.bytes, f.sha256, None, "weights")
 
     def _read(self, key: str, path: Path, nbytes: int, sha256: str, layout: list | None,
               what: str) -> dict[str, np.ndarray]:
@@ -449,7 +476,7 @@ class Engine:
         sha256 is checked again whenever the file's signature changed. ``layout`` None: the
         file is safetensors."""
         if self._slot_holds == key:   # still in the buffer from its last run, checked then: no read
-            return self._views[key]
+            return self._views[self._layout_keys[key]]
         if self._slot is None:
             self._slot = bytearray(self._slot_bytes + 1)   # (+1: a file longer than its entry reads long)
         self._slot_holds = None
@@ -467,13 +494,18 @@ class Engine:
                                   ("re-export or re-copy the bundle" if what == "weights" else
                                    "pack again with `hmoe-edge pack`"))
             self._verified[path] = sig
-        views = self._views.get(key)
-        if views is None:   # the buffer never moves: an expert's views of it are made once
+        lkey = self._layout_keys.get(key)
+        if lkey is None:   # the buffer never moves: a layout's views of it are made once
             if layout is None:
-                layout = self._layouts[key] = _safetensors_layout(bytes(data), path)
+                layout = _safetensors_layout(data, path)
+            lkey = tuple((str(name), int(off), int(count), tuple(int(d) for d in shape))
+                         for name, off, count, shape in layout)
+            lkey = self._layout_keys[key] = next((k for k in self._views if k == lkey), lkey)   # one object each
+        views = self._views.get(lkey)
+        if views is None:
             whole = memoryview(self._slot)
-            views = self._views[key] = {n: np.frombuffer(whole, np.float32, count, off).reshape(shape)
-                                        for n, off, count, shape in layout}
+            views = self._views[lkey] = {n: np.frombuffer(whole, np.float32, count, off).reshape(shape)
+                                         for n, off, count, shape in lkey}
         self._slot_holds = key
         return views
 

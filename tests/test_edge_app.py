@@ -205,6 +205,32 @@ def test_streamed_experts_answer_as_open_ones_within_the_budget(bundle_dir):
     assert batch.nodes.tolist() == full.decode(x, "threshold:0.0").nodes.tolist()
 
 
+def test_streaming_keeps_a_bounded_state_however_many_experts_it_visits(bundle_dir, monkeypatch):
+    """What the engine keeps for streamed experts is per weight layout, not per expert, and its
+    template bindings are capped (KEPT_BINDINGS): on the 182-expert hanzi tree one binding per
+    expert grew the process by about 10 KB per expert visited (issues 26 and 27). Answers stay
+    those of the engine with every expert open."""
+    from edge_runtime import engine as engine_module
+    from edge_runtime.engine import path_only_bytes
+    monkeypatch.setattr(engine_module, "KEPT_BINDINGS", 2)
+    full = Engine(bundle_dir)
+    least = Engine(bundle_dir, memory_budget_mb=path_only_bytes(full.bundle) / 2**20, warm_up=False)
+    small = Engine(bundle_dir, memory_budget_mb=least.reserved / 2**20)   # every expert streamed
+    x = np.random.default_rng(3).normal(size=(40, 1, 28, 28)).astype(np.float32)
+    experts = list(full.bundle.experts)
+    for i in range(len(x)):
+        a, b = full.decode(x[i:i + 1]), small.decode(x[i:i + 1])
+        assert a.paths == b.paths and np.allclose(a.step_probs, b.step_probs, rtol=0, atol=1e-5)
+        for k in experts[i % 2::2]:   # every expert, in turns, on one input and on two
+            np.testing.assert_allclose(small.run(k, x[i:i + 1 + i % 2]), full.run(k, x[i:i + 1 + i % 2]),
+                                       rtol=0, atol=1e-5)
+        assert len(small._bindings) <= 2 and len(small._streamed_ones) <= 2
+    assert small.loaded == [] and small.stats.streamed > len(experts)
+    tree = full.bundle.tree
+    arities = {len(tree.children(tree.index(k))) for k in experts}   # one layout per number of children
+    assert len(small._views) == len(arities) < len(experts)
+
+
 def test_streamed_weights_are_checked_again_when_the_file_changes(bundle_dir, tmp_path):
     import shutil
     import time
