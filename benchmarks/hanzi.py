@@ -24,6 +24,11 @@ Steps (each resumable: trained runs with a report.json are reused):
            goal is judged on the margin's mean over every seed, not on seed 0 alone.
 7. rounds  that flat model trained for as many rounds as HMoE (the sweep gives flat fewer):
            whether HMoE's lead outlives equal rounds.
+8. shape   the edge step's figures for the profile's ``shape`` tree (the cpu profile: all
+           3,755 characters, which it does not train): a bundle of the main widths built from
+           one round on synthetic data (memory and latency depend on the shapes only; the
+           decisions of untrained experts do not mean anything), measured as the edge step
+           does, plus a tour (every expert's path in turn, so that every expert is streamed).
 
     python benchmarks/hanzi.py --profile cpu --out docs/results/hanzi     # make bench: CPU
     python benchmarks/hanzi.py --profile full --out docs/results/hanzi-full --device cuda
@@ -50,7 +55,7 @@ PROFILES = {
     # make bench: 500 characters, CPU
     "cpu": {"dataset": "hanzi:500", "clients": 20, "per_round": 20, "hmoe_rounds": 150, "flat_rounds": 50,
             "hmoe_widths": [8, 16], "flat_widths": [8, 16, 32], "main": (16, 32), "repeats": 3, "images": 500,
-            "partition": "iid", "warm_start": 50, "seeds": [1, 2]},
+            "partition": "iid", "warm_start": 50, "seeds": [1, 2], "shape": "hanzi"},
     # all 3,755 characters: a GPU machine
     "full": {"dataset": "hanzi", "clients": 50, "per_round": 50, "hmoe_rounds": 400, "flat_rounds": 100,
              "hmoe_widths": [8, 16, 32], "flat_widths": [8, 16, 32, 64], "main": (16, 32), "repeats": 3,
@@ -58,9 +63,9 @@ PROFILES = {
     # the test's: seconds
     "tiny": {"dataset": "hanzi:30", "clients": 4, "per_round": 4, "hmoe_rounds": 4, "flat_rounds": 2,
              "hmoe_widths": [4], "flat_widths": [2, 4], "main": (4, 4), "repeats": 1, "images": 20,
-             "partition": "iid", "warm_start": 2, "seeds": [1]},
+             "partition": "iid", "warm_start": 2, "seeds": [1], "shape": "hanzi:60"},
 }
-STEPS = ("stats", "table1", "sweep", "edge", "subtrees", "seeds", "rounds")
+STEPS = ("stats", "table1", "sweep", "edge", "subtrees", "seeds", "rounds", "shape")
 
 
 def hmoe(*args: str) -> None:
@@ -350,6 +355,45 @@ def edge(prof: dict, work: Path, runs: dict[str, str]) -> dict:
             "path_goal_met": any(r is not None and r <= 0.3 for r in (path_over_flat, stream_over_flat))}
 
 
+def shape(prof: dict, work: Path) -> dict:
+    """The edge step's figures for the profile's ``shape`` tree, from a bundle trained one
+    round on synthetic data of that tree's shape (the main widths: experts and flat model as
+    the edge step's). Images: seeded noise. Besides greedy decoding, whose paths an untrained
+    tree's experts make few, a *tour* runs the experts on every leaf's path in turn, so that
+    what the engine keeps after streaming every expert is measured too."""
+    from edge_runtime import bench
+    from exporter.bundle import export_run
+    from trainer.prepare import open_run
+    from trainer.protocol.run import RunConfig
+    from trainer.transports.inprocess import Federation
+    w, fw = prof["main"]
+    bundle = work / f"shape-bundle-w{w}"
+    if not (bundle / "manifest.json").exists():
+        run = work / f"shape-run-w{w}"
+        cfg = RunConfig(dataset=f"synthetic:1,32,32:{prof['shape']}:4000", clients=4, clients_per_round=4,
+                        hmoe_rounds=1, flat_rounds=1, expert_width=w, flat_width=fw, assignment="spread")
+        cfg, prep = open_run(run, cfg, resume=True)
+        for kind in ("hmoe", "flat"):
+            Federation(run, kind, cfg, prep).run(progress=False)
+        export_run(run, bundle, progress=False, validate_images=50)
+    b = bench.load_bundle(bundle)
+    tree = b.tree
+    res = bench.inference(bundle, bench.random_images(bundle, prof["images"]), modes=("path", "stream", "all", "flat"))
+    tour = bench.inference(bundle, bench.random_images(bundle, len(tree.leaves), seed=1), modes=("stream-tour",))
+    rows = {m: {"added_mb": r["added_mb"], "grown_mb": r["grown_mb"], "p50_ms": r["latency_ms_median"],
+                "p95_ms": r["latency_ms_p95"], "experts_per_input": r.get("experts_per_input"),
+                "experts_visited": r.get("experts_visited")}
+            for m, r in (res | tour).items() if isinstance(r, dict)}
+    most = {m: max(r["added_mb"], r["grown_mb"]) for m, r in rows.items()}
+    kids = [len(tree.children(v)) for v in tree.experts]
+    return {"tree": prof["shape"], "characters": int(tree.num_leaves), "experts": len(kids),
+            "largest_expert_children": max(kids), "widths": [w, fw], "bundle": str(bundle), "modes": rows,
+            "disk": {"experts_mb": sum(e.bytes for e in b.experts.values()) / 2**20, "flat_mb": b.flat.bytes / 2**20,
+                     "largest_path_mb": max(sum(b.experts[tree.names[v]].bytes for v in tree.path(int(leaf))
+                                                if tree.names[v] in b.experts) for leaf in tree.leaves) / 2**20},
+            "over_flat": {m: most[m] / most["flat"] for m in most if m != "flat"}}
+
+
 def subtrees(prof: dict, work: Path, edge_result: dict) -> dict:
     """Per-radical bundles (``hmoe export --subtree``): a device that reads one radical's
     characters carries that radical's expert only. For the radicals with the most characters:
@@ -483,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
             if "sweep" not in result:
                 raise SystemExit("the rounds step needs the sweep's goals: run --steps sweep first")
             result["rounds"] = equal_rounds(prof, work, args.device, reuse, result["sweep"])
+        elif step == "shape":
+            result["shape"] = shape(prof, work)
         result.setdefault("seconds", {})[step] = time.perf_counter() - t
         result.setdefault("commands", {})[step] = result["command"]   # what each step last ran as
         path.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")

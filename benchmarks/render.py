@@ -455,6 +455,25 @@ def hanzi_section(h: dict | None, out: Path, folder: Path) -> list[str]:
                   f"{f(e['path_over_flat_added'], '.2f')} of flat's memory"
                   + (f", the smallest budget {f(stream, '.2f')}" if stream is not None else "")
                   + f" (goal at most 0.3: {'met' if e['path_goal_met'] else 'NOT met'}).", ""]
+    s = h.get("shape")
+    if s:
+        lines += [f"**On the device, {s['characters']:,} characters** (`{s['tree']}`, {s['experts']} experts, the "
+                  f"largest with {s['largest_expert_children']} children; experts of width {s['widths'][0]}, flat "
+                  f"{s['widths'][1]}, trained one round on synthetic data: memory and latency depend on the shapes "
+                  "alone, the untrained experts' decisions mean nothing, and greedy paths through them visit few "
+                  "experts, so *stream-tour* runs every leaf's path in turn under the smallest budget, streaming "
+                  "every expert; seeded noise images, one at a time, each mode in a fresh process):", "",
+                  "| mode | added MB, first image | grown MB, whole run | p50 ms | p95 ms | experts per input | "
+                  "experts visited |", "|---|---|---|---|---|---|---|"]
+        for m, r in s["modes"].items():
+            lines.append(f"| {m} | {r['added_mb']:.1f} | {r['grown_mb']:.1f} | {r['p50_ms']:.3f} | {r['p95_ms']:.3f} | "
+                         f"{f(r.get('experts_per_input'), '.2f')} | {f(r.get('experts_visited'), 'd')} |")
+        d, o = s["disk"], s["over_flat"]
+        met = [m for m, v in o.items() if m != "all" and v <= 0.3]
+        lines += ["", f"Disk: experts {d['experts_mb']:.1f} MB, the longest path's {d['largest_path_mb']:.2f} MB, flat "
+                  f"{d['flat_mb']:.2f} MB. Over the whole run (the larger reading), of flat's memory: "
+                  + ", ".join(f"{m} {v:.2f}" for m, v in o.items() if m != "all")
+                  + f" (goal at most 0.3: {'met by ' + ', '.join(met) if met else 'NOT met'}).", ""]
     st = h.get("subtrees")
     if st:
         lines += [f"**One radical's bundle** (`hmoe export --subtree RADICAL`, the radicals with the most characters; "

@@ -5,7 +5,9 @@ MODE: path (greedy, only the experts a decision visits, cache bounded to one pat
 stream (greedy under the smallest budget the bundle allows: its templates and room for one
 expert's weights, so every expert is streamed), all (every expert preloaded, not the flat model), flat (the flat model alone), deepest
 (every expert on the tree's longest root-to-leaf path run in turn on each image: what the
-deepest greedy decision costs, whatever the images).
+deepest greedy decision costs, whatever the images), stream-tour (the smallest budget, image i
+runs the experts on the path of leaf i modulo the leaves, so that every expert is streamed
+whatever the experts decide: what the engine keeps after visiting them all).
 VARIANT: fp32 (default) or int8 (the bundle's quantized models).
 
 Resident memory is read three times: idle (onnxruntime imported, manifest read),
@@ -43,7 +45,7 @@ def main(bundle: str, mode: str, images: str, threads: int, variant: str = "fp32
     t = time.perf_counter()
     if mode == "path":
         engine = Engine(b, memory_budget_mb=path_only_bytes(b, variant) / 2**20, threads=threads, variant=variant)
-    elif mode == "stream":
+    elif mode in ("stream", "stream-tour"):
         least = Engine(b, memory_budget_mb=path_only_bytes(b, variant) / 2**20, variant=variant, warm_up=False)
         if not least.templates:
             raise SystemExit("mode stream needs a bundle with templates (hmoe export writes them) and fp32")
@@ -52,7 +54,7 @@ def main(bundle: str, mode: str, images: str, threads: int, variant: str = "fp32
     elif mode in ("all", "flat", "deepest"):
         engine = Engine(b, threads=threads, variant=variant)
     else:
-        raise SystemExit(f"unknown mode {mode!r}; expected path, stream, all, flat or deepest")
+        raise SystemExit(f"unknown mode {mode!r}; expected path, stream, stream-tour, all, flat or deepest")
     open_ms = (time.perf_counter() - t) * 1000
     gc.collect()
     ready = rss_mb()
@@ -62,9 +64,13 @@ def main(bundle: str, mode: str, images: str, threads: int, variant: str = "fp32
     names = b.tree.names
     deepest = max(([names[v] for v in b.tree.path(int(leaf)) if names[v] in engine.entries] for leaf in b.tree.leaves),
                   key=len)
+    tour = [[names[v] for v in b.tree.path(int(leaf)) if names[v] in engine.entries] for leaf in b.tree.leaves]
     if mode == "flat":
         def run(i):
             return engine.flat_nodes(x[i:i + 1])
+    elif mode == "stream-tour":
+        def run(i):
+            return [engine.run(k, x[i:i + 1]) for k in tour[i % len(tour)]]
     elif mode == "deepest":
         def run(i):
             return [engine.run(k, x[i:i + 1]) for k in deepest]
@@ -80,7 +86,7 @@ def main(bundle: str, mode: str, images: str, threads: int, variant: str = "fp32
         t = time.perf_counter()
         r = run(i)
         times.append((time.perf_counter() - t) * 1000)
-        if mode == "deepest":
+        if mode in ("deepest", "stream-tour"):
             evaluated.append(len(r))
         elif mode != "flat":
             evaluated.append(r[0].experts_evaluated)
@@ -91,7 +97,8 @@ def main(bundle: str, mode: str, images: str, threads: int, variant: str = "fp32
            "latency_ms_median": float(np.median(times)), "latency_ms_p95": float(np.percentile(times, 95)),
            "images": int(len(x)), "cache_misses": engine.stats.misses, "torch_loaded": "torch" in sys.modules,
            "variant": variant, "experts_per_input": float(np.mean(evaluated)) if evaluated else None,
-           "max_experts_per_input": int(max(evaluated)) if evaluated else None}
+           "max_experts_per_input": int(max(evaluated)) if evaluated else None,
+           "experts_visited": sum(1 for k, n in engine.visits.items() if n and k != "flat")}
     print(json.dumps(out))
     return 0
 

@@ -183,7 +183,8 @@ def test_the_benchmark_runs_end_to_end_on_its_tiny_profile(tmp_path):
     import json
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "benchmarks/hanzi.py", "--profile", "tiny", "--out", str(out), "--work",
-                           str(tmp_path / "work"), "--steps", "stats", "sweep", "edge", "subtrees", "seeds", "rounds"],
+                           str(tmp_path / "work"), "--steps", "stats", "sweep", "edge", "subtrees", "seeds", "rounds",
+                           "shape"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     h = json.loads((out / "hanzi.json").read_text())
@@ -210,3 +211,6 @@ def test_the_benchmark_runs_end_to_end_on_its_tiny_profile(tmp_path):
     assert eq["pair"] == seeds["pair"] and eq["rounds"] == 4 and eq["flat_rounds_sweep"] == 2
     assert json.loads((Path(eq["run"]) / "report.json").read_text())["flat"]["rounds"] == 4
     assert np.isclose(eq["margin"], eq["hmoe_f1"] - eq["flat_f1"]) and "**Equal rounds**" in md
+    shape = h["shape"]   # the device figures on a larger tree's shape (the cpu profile's: all 3,755 characters)
+    assert shape["characters"] == 60 and shape["modes"]["stream-tour"]["experts_visited"] == shape["experts"]
+    assert set(shape["over_flat"]) == {"path", "stream", "all", "stream-tour"} and "**On the device, 60 characters**" in md

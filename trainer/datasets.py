@@ -199,7 +199,8 @@ def load_synthetic(spec: str, seed: int = 0) -> Dataset:
     """``synthetic:C,H,W:TAXONOMY:N``: random pixels and labels of a real taxonomy's
     shape. For cost benchmarks only: there is nothing to learn."""
     try:
-        _, shape, taxonomy, n = spec.split(":")
+        _, shape, rest = spec.split(":", 2)
+        taxonomy, n = rest.rsplit(":", 1)   # (the taxonomy's name may hold a colon: hanzi:500)
         c, h, w = (int(v) for v in shape.split(","))
         n = int(n)
         if min(c, h, w, n) <= 0:
