@@ -124,6 +124,7 @@ def path_only_bytes(bundle: Bundle, variant: str = "fp32") -> int:
     return longest
 
 
+ADMIT_EVERY = 8   # a streamed expert is weighed for a session at every 8th visit (``Engine._admit``)
 KEPT_BINDINGS = 16   # template bindings kept (``Engine._bound_run``): about 10 KB of onnxruntime's each
 
 
@@ -315,13 +316,15 @@ class Engine:
 
     def _admit(self, key: str) -> list[str] | None:
         """Open ``key`` as a session? [] when it fits beside the open ones; the sessions to close
-        when each of them was visited less than half as often; None to stream it instead."""
+        when each of them was visited less than half as often; None to stream it instead. An
+        expert that does not fit is weighed against the open ones at every ADMIT_EVERY-th visit
+        only: visits change slowly, and weighing took about a tenth of a streamed run's time."""
         room = self.budget - self.held_bytes
         need = self._model_bytes(key)
         if need <= room:
             return []
         visits = self.visits
-        if not self.cache or 2 * min(visits[k] for k in self.cache) >= visits[key]:   # (the loop's answer, sooner)
+        if visits[key] % ADMIT_EVERY or not self.cache or 2 * min(visits[k] for k in self.cache) >= visits[key]:   # (the loop's answer, sooner)
             return None
         victims = []
         for k in sorted(self.cache, key=lambda k: (self.visits[k], -self._depth[k])):
