@@ -408,6 +408,14 @@ class Engine:
             self.cache.move_to_end(key)
             one[0].run_with_iobinding(one[1])
             return one[2]
+        if self.mmap:   # a memory-mapped expert streamed before: its binding, once its file is unchanged
+            m, one = self._maps.get(key), self._streamed_ones.get(key)
+            if (m is not None and one is not None and self.visits[key] % ADMIT_EVERY and key not in self.cache
+                    and _signature(os.fstat(m[3].fileno())) == m[0]):
+                self.stats.misses += 1
+                self.stats.streamed += 1
+                one[0].run_with_iobinding(one[1])
+                return one[2]
         sess, name, logits = self._open_or_stream(key, None)
         if logits is not None:
             return logits
@@ -424,7 +432,9 @@ class Engine:
         if got is not None and _signature(os.fstat(got[3].fileno())) == got[0]:
             return got[2]
         path = self.pack / e["weights"]
-        if got is not None:
+        if got is not None:   # (its bindings go first: nothing may run on a closed mapping)
+            self._bindings.pop(key, None)
+            self._streamed_ones.pop(key, None)
             self._maps.pop(key)
             got[3].close()
         try:

@@ -316,6 +316,9 @@ def test_packed_streaming_answers_as_open_experts_and_refuses_a_foreign_or_damag
     with pytest.raises(PackError, match="no pack here"):
         Engine(bundle_dir, memory_budget_mb=budget / 2**20, pack=tmp_path / "none")
     streamed = next(k for k in index["experts"] if k not in packed.loaded and k in mapped._maps)
+    mapped._load_one(x[:1])
+    mapped._run_one(streamed)   # one input at a time: bound once (the engine's fast path from now on)
+    assert streamed in mapped._streamed_ones
     f = pack / index["experts"][streamed]["weights"]
     data = bytearray(f.read_bytes())
     data[5] ^= 0x01
@@ -323,6 +326,10 @@ def test_packed_streaming_answers_as_open_experts_and_refuses_a_foreign_or_damag
     with open(f, "r+b") as fh:   # in place: the mapping shows it at once, so the engine must notice
         fh.write(bytes(data))
     damaged = Engine(bundle_dir, memory_budget_mb=budget / 2**20, pack=pack)
+    mapped.visits[streamed] = 1   # (not a visit that weighs it for a session: the fast path's turn)
+    with pytest.raises(BundleError, match=f.name + ".*sha256 differs from the index"):
+        mapped._run_one(streamed)
+    assert streamed not in mapped._streamed_ones and streamed not in mapped._maps
     for engine in (damaged, mapped):
         with pytest.raises(BundleError, match=f.name + ".*sha256 differs from the index.*hmoe-edge pack"):
             engine._stream(streamed, x[:1])
