@@ -135,21 +135,41 @@ def characters(n: int | None = None) -> list[Character]:
     return sorted(keep, key=lambda c: c.gb)
 
 
+def options(name: str) -> tuple[str, int, int]:
+    """A data-set name's options after the tree's name, in any order: ``:xC`` images per
+    character and face (1 to 64, default 1) and ``:Spx`` the images' side in pixels (16 to
+    128, default 32): ``hanzi:500:x4:64px`` -> ("hanzi:500", 4, 64)."""
+    copies, side = 1, 32
+    while name.count(":") >= 1:
+        last = name.rsplit(":", 1)[-1]
+        if last[:1] == "x" and last[1:].isdigit():
+            copies = int(last[1:])
+            if not 1 <= copies <= 64:
+                raise UnihanError(f"{name}: expected between x1 and x64 images per character and face")
+        elif last.endswith("px") and last[:-2].isdigit():
+            side = int(last[:-2])
+            if not 16 <= side <= 128:
+                raise UnihanError(f"{name}: expected a side between 16px and 128px")
+        else:
+            break
+        name = name.rsplit(":", 1)[0]
+    return name, copies, side
+
+
 def copies(name: str) -> int:
     """Images per (character, face) a data-set name asks for: ``hanzi:500:x4`` -> 4 (default 1)."""
-    last = name.rsplit(":", 1)[-1]
-    if name.count(":") >= 1 and last[:1] == "x" and last[1:].isdigit():
-        if not 1 <= int(last[1:]) <= 64:
-            raise UnihanError(f"{name}: expected between x1 and x64 images per character and face")
-        return int(last[1:])
-    return 1
+    return options(name)[1]
+
+
+def side(name: str) -> int:
+    """The images' side in pixels a data-set name asks for: ``hanzi:500:64px`` -> 64 (default 32)."""
+    return options(name)[2]
 
 
 def parse(name: str) -> tuple[str, int | str | None]:
-    """``hanzi``, ``hanzi:500``, ``hanzi:@FILE``, ``hanzi-strokes:500`` -> (kind, n or FILE); a
-    trailing ``:xC`` (images per character and face, :func:`copies`) is the data set's, not the tree's."""
-    if copies(name) > 1 or name.endswith(":x1"):
-        name = name.rsplit(":", 1)[0]
+    """``hanzi``, ``hanzi:500``, ``hanzi:@FILE``, ``hanzi-strokes:500`` -> (kind, n or FILE); the
+    options after it (``:xC``, ``:Spx``, :func:`options`) are the data set's, not the tree's."""
+    name = options(name)[0]
     kind, _, n = name.partition(":")
     if kind not in ("hanzi", "hanzi-strokes"):
         raise UnihanError(f"unknown taxonomy {name!r}")

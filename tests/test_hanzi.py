@@ -160,6 +160,16 @@ def test_more_copies_per_character_and_face(tmp_path):
         load_taxonomy("hanzi:10:x99")
 
 
+def test_another_image_side(tmp_path):
+    """``:Spx`` renders at another side (32 by default), with the options in any order."""
+    d = load_dataset("hanzi:6:64px:x2", tmp_path, download=False)
+    assert d.train_x.shape[1:] == (1, 64, 64) and np.bincount(d.train_y).tolist() == [2 * 39] * 6
+    assert hanzi.options("hanzi:6:x2:64px") == ("hanzi:6", 2, 64) and d.tree.names == load_taxonomy("hanzi:6").names
+    assert d.train_x.mean() > 10   # ink on every image
+    with pytest.raises(DatasetError, match="between 16px and 128px"):
+        load_dataset("hanzi:6:8px", tmp_path, download=False)
+
+
 def test_a_users_own_character_list(tmp_path):
     good = tmp_path / "mine.txt"
     good.write_text("手 把\n山,水\n")

@@ -173,16 +173,16 @@ def load_tiny_imagenet(root: Path, download: bool = False) -> Dataset:
 def load_hanzi(name: str, root: Path, download: bool = True) -> Dataset:
     """``hanzi``, ``hanzi:N`` (the N most frequent of GB2312 level 1) or ``hanzi:@FILE`` (the
     characters a file lists), each optionally followed by ``:xC`` (C augmented images per
-    character and face, 1 by default): glyphs rendered from
+    character and face, 1 by default) and ``:Spx`` (side S, 32 by default): glyphs rendered from
     Debian's CJK fonts (trainer/glyphs.py), the test split in held-out font families, under
     the ``hanzi[:N]`` taxonomy. Rendered once and cached under ``root``/hanzi."""
-    from hierarchy.hanzi import UnihanError, copies, parse, select
+    from hierarchy.hanzi import UnihanError, copies, parse, select, side
     from trainer import glyphs
     try:
         _, n = parse(name)
         chars = [c.char for c in select(n)]
         tree = load_taxonomy(name)
-        d = glyphs.load(root / "hanzi", chars, n, copies=copies(name), progress=download)
+        d = glyphs.load(root / "hanzi", chars, n, size=side(name), copies=copies(name), progress=download)
     except (UnihanError, glyphs.GlyphError) as exc:
         raise DatasetError(str(exc)) from None
     order = [tree.names[v] for v in tree.leaves]
