@@ -122,7 +122,8 @@ def glyph_picture(d, all_faces, path: Path) -> None:
             ax.set_yticks([])
             if col == 0:
                 ax.set_ylabel(split, fontsize=8)
-    fig.suptitle("hanzi: training faces (top two rows) and held-out families (bottom two), 32x32", fontsize=10)
+    side = d.train_x.shape[-1]
+    fig.suptitle(f"hanzi: training faces (top two rows) and held-out families (bottom two), {side}x{side}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -350,7 +351,9 @@ def edge(prof: dict, work: Path, runs: dict[str, str]) -> dict:
         return most[mode] / most["flat"] if most["flat"] > 0 else None
 
     path_over_flat, stream_over_flat = over_flat("path"), over_flat("stream")
-    return {"bundle": str(bundle), "images": int(len(x)), "modes": rows, "disk": disk,
+    runs_f1 = {"hmoe": test_scores(runs[f"hmoe-w{w}"], "hmoe")["f1"],
+               "flat": test_scores(runs[f"flat-w{fw}"], "flat")["f1"]}
+    return {"bundle": str(bundle), "images": int(len(x)), "modes": rows, "disk": disk, "runs_f1": runs_f1,
             "path_over_flat_added": path_over_flat, "stream_over_flat_added": stream_over_flat,
             "path_goal_met": any(r is not None and r <= 0.3 for r in (path_over_flat, stream_over_flat))}
 

@@ -454,7 +454,10 @@ def hanzi_section(h: dict | None, out: Path, folder: Path) -> list[str]:
                   f"{f(d['flat_mb'], '.2f')} MB. Over the whole run (the larger reading), path-only adds "
                   f"{f(e['path_over_flat_added'], '.2f')} of flat's memory"
                   + (f", the smallest budget {f(stream, '.2f')}" if stream is not None else "")
-                  + f" (goal at most 0.3: {'met' if e['path_goal_met'] else 'NOT met'}).", ""]
+                  + f" (goal at most 0.3: {'met' if e['path_goal_met'] else 'NOT met'})."
+                  + (f" The bundle's runs, when it was made: HMoE test F1 {e['runs_f1']['hmoe']:.4f}, flat "
+                     f"{e['runs_f1']['flat']:.4f} (where these differ from the sweep's table, the runs were trained "
+                     "again, on another machine)." if e.get("runs_f1") else ""), ""]
     s = h.get("shape")
     if s:
         lines += [f"**On the device, {s['characters']:,} characters** (`{s['tree']}`, {s['experts']} experts, the "
