@@ -50,7 +50,7 @@ def fleet_for(share: float, args: argparse.Namespace) -> Fleet:
 
 
 def base_config(args: argparse.Namespace, alpha: float) -> RunConfig:
-    return replace(DEMO, clients=args.clients, clients_per_round=args.clients_per_round, alpha=alpha,
+    return replace(DEMO, dataset=args.dataset, warm_start=args.warm_start, clients=args.clients, clients_per_round=args.clients_per_round, alpha=alpha,
                    hmoe_rounds=args.rounds, flat_rounds=args.rounds, train_limit=args.train_limit,
                    test_limit=args.test_limit, expert_width=args.expert_width, expert_widths=args.expert_widths,
                    flat_width=args.flat_width, seed=args.seed, assignment="resource-aware")
@@ -94,7 +94,8 @@ def run_one(job: dict, args: argparse.Namespace) -> dict:
     fleet_file = run.parent / f"fleet-weak{job['share']:.2f}.json"
     fleet_file.write_text(json.dumps(job["fleet"], indent=1) + "\n")
     kind = "hmoe" if job["model"].startswith("hmoe") else "flat"
-    cmd = [sys.executable, "-m", "exporter.cli", "train", "--model", kind,
+    cmd = [sys.executable, "-m", "exporter.cli", "train", "--model", kind, "--dataset", args.dataset,
+           "--warm-start", str(args.warm_start),
            "--out", str(run), "--fleet", str(fleet_file), "--fleet-costs", str(job["costs"]),
            "--assignment", "one" if job["model"] == "hmoe-one" else "resource-aware", "--alpha", str(job["alpha"]), "--clients", str(args.clients),
            "--clients-per-round", str(args.clients_per_round), "--hmoe-rounds", str(args.rounds),
@@ -144,6 +145,8 @@ def write_outputs(out: Path, rows: list[dict], meta: dict) -> None:
     lines = results_table(rows)
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if not rows:   # (--collect-only before any run finished: nothing to plot)
+        return
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -164,6 +167,9 @@ def write_outputs(out: Path, rows: list[dict], meta: dict) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/mixed_fleet")
+    p.add_argument("--dataset", default=DEMO.dataset, help="the data set (hmoe train --dataset), e.g. hanzi:100")
+    p.add_argument("--warm-start", type=int, default=0, help="HMoE: rounds the root trains alone first "
+                   "(hmoe train --warm-start)")
     p.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.1])
     p.add_argument("--weak-shares", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))

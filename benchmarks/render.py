@@ -325,7 +325,8 @@ def fleet_section(results: Path, fleet: Path, out: Path) -> list[str]:
                 f"![{title}]({rel(fleet / folder / png, out)})", ""]
 
     for folder, title in (("mixed_fleet", "Mixed fleets (weak devices; before the label-skew defaults)"),
-                          ("mixed_fleet-defaults", "Mixed fleets at Dirichlet 0.1 with today's defaults")):
+                          ("mixed_fleet-defaults", "Mixed fleets at Dirichlet 0.1 with today's defaults"),
+                          ("mixed_fleet-hanzi", "Mixed fleets on glyphs (hanzi:100, half the devices weak)")):
         lines += saved("mixed_fleet.py", folder, title, "f1_vs_weak_share.png",
                        lambda r: mixed_fleet.results_table(r["rows"]))
     for folder, title in (("grow", "Growing the taxonomy (--min-children 1, no logit adjustment)"),
