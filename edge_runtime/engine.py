@@ -189,7 +189,7 @@ class Engine:
         # Streamed experts of one architecture have one layout of their weights in the buffer, so
         # they share its views and its template bindings (``_bound_run``): what the engine keeps
         # per streamed expert is a few bytes, however many experts a run visits.
-        self._layout_keys: dict[str, tuple] = {}   # expert -> its layout, as a key (one object per layout)
+        self._layout_keys: dict[str, tuple] = {}   # expert -> its layout (weight name, offset, count, shape)
         self._views: dict[tuple, dict] = {}   # layout -> the weights as views of the streaming buffer
         # binding key (layout and template; the expert itself when memory-mapped) ->
         # (views, session, IO binding, input and output names), at most KEPT_BINDINGS, LRU order
@@ -324,7 +324,9 @@ class Engine:
         if need <= room:
             return []
         visits = self.visits
-        if visits[key] % ADMIT_EVERY or not self.cache or 2 * min(visits[k] for k in self.cache) >= visits[key]:   # (the loop's answer, sooner)
+        if visits[key] % ADMIT_EVERY:
+            return None
+        if not self.cache or 2 * min(visits[k] for k in self.cache) >= visits[key]:   # (the loop's answer, sooner)
             return None
         victims = []
         for k in sorted(self.cache, key=lambda k: (self.visits[k], -self._depth[k])):
@@ -511,9 +513,8 @@ class Engine:
         if lkey is None:   # the buffer never moves: a layout's views of it are made once
             if layout is None:
                 layout = _safetensors_layout(data, path)
-            lkey = tuple((str(name), int(off), int(count), tuple(int(d) for d in shape))
-                         for name, off, count, shape in layout)
-            lkey = self._layout_keys[key] = next((k for k in self._views if k == lkey), lkey)   # one object each
+            lkey = self._layout_keys[key] = tuple((str(name), int(off), int(count), tuple(int(d) for d in shape))
+                                                  for name, off, count, shape in layout)
         views = self._views.get(lkey)
         if views is None:
             whole = memoryview(self._slot)
