@@ -31,20 +31,27 @@ SHAPED = {"cifar100": ("CIFAR-100-shaped", "synthetic:3,32,32:cifar100:4000"),
 
 def shaped_bundle(work: Path, taxonomy: str, width: int) -> Path:
     """A bundle (fp32 and int8) of the taxonomy's shape, trained one round on synthetic data."""
+    return synthetic_bundle(work / f"{taxonomy}_run_w{width}", work / f"{taxonomy}_bundle_w{width}",
+                            SHAPED[taxonomy][1], width, 2 * width, quantize="int8", validate_images=100)
+
+
+def synthetic_bundle(run: Path, out: Path, dataset: str, width: int, flat_width: int, quantize: str | None = None,
+                     validate_images: int = 100, **settings) -> Path:
+    """``out``: a bundle of ``dataset``'s shape (a ``synthetic:`` spec) trained one round into
+    ``run``, experts of ``width`` and the flat model of ``flat_width`` (kept when already
+    there; ``settings``: other RunConfig fields). Only the shapes matter for what it costs."""
     from exporter.bundle import export_run
+    from trainer.prepare import open_run
     from trainer.protocol.run import RunConfig
     from trainer.transports.inprocess import Federation
-    from trainer.prepare import open_run
-    out = work / f"{taxonomy}_bundle_w{width}"
     if (out / "manifest.json").exists():
         return out
-    cfg = RunConfig(dataset=SHAPED[taxonomy][1], clients=4, clients_per_round=2, hmoe_rounds=1,
-                    flat_rounds=1, expert_width=width, flat_width=2 * width)
-    run = work / f"{taxonomy}_run_w{width}"
+    cfg = RunConfig(**{"clients": 4, "clients_per_round": 2, **settings, "dataset": dataset, "hmoe_rounds": 1,
+                       "flat_rounds": 1, "expert_width": width, "flat_width": flat_width})
     cfg, prep = open_run(run, cfg, resume=True)
     for kind in ("hmoe", "flat"):
         Federation(run, kind, cfg, prep).run(progress=False)
-    export_run(run, out, quantize="int8", progress=False, validate_images=100)
+    export_run(run, out, quantize=quantize, progress=False, validate_images=validate_images)
     return out
 
 

@@ -313,6 +313,15 @@ def goals(points: list[dict]) -> dict:
 
 
 # ------------------------------------------------------------------- edge
+def disk_mb(b) -> dict:
+    """A bundle's MB on disk: every expert, the flat model, the longest root-to-leaf path's experts."""
+    names = b.tree.names
+    return {"experts_mb": sum(e.bytes for e in b.experts.values()) / 2**20,
+            "flat_mb": b.flat.bytes / 2**20 if b.flat else None,
+            "largest_path_mb": max(sum(b.experts[names[v]].bytes for v in b.tree.path(int(leaf))
+                                       if names[v] in b.experts) for leaf in b.tree.leaves) / 2**20}
+
+
 def edge(prof: dict, work: Path, runs: dict[str, str]) -> dict:
     """The main widths' bundle: the HMoE run's experts and the flat run's model (both runs
     trained with the same data, clients and seed) in one bundle."""
@@ -338,10 +347,7 @@ def edge(prof: dict, work: Path, runs: dict[str, str]) -> dict:
     d = load_dataset(prof["dataset"])
     x = b.input_spec.normalize(d.test_x[np.random.default_rng(0).permutation(len(d.test_x))[:prof["images"]]])
     res = bench.inference(bundle, x, modes=("path", "stream", "all", "flat"))
-    disk = {"experts_mb": sum(e.bytes for e in b.experts.values()) / 2**20,
-            "flat_mb": b.flat.bytes / 2**20 if b.flat else None,
-            "largest_path_mb": max(sum(b.experts[b.tree.names[v]].bytes for v in b.tree.path(int(leaf))
-                                       if b.tree.names[v] in b.experts) for leaf in b.tree.leaves) / 2**20}
+    disk = disk_mb(b)
     rows = {m: {"added_mb": r["added_mb"], "grown_mb": r["grown_mb"], "p50_ms": r["latency_ms_median"],
                 "p95_ms": r["latency_ms_p95"], "experts_per_input": r.get("experts_per_input")}
             for m, r in res.items() if isinstance(r, dict)}
@@ -364,21 +370,13 @@ def shape(prof: dict, work: Path) -> dict:
     the edge step's). Images: seeded noise. Besides greedy decoding, whose paths an untrained
     tree's experts make few, a *tour* runs the experts on every leaf's path in turn, so that
     what the engine keeps after streaming every expert is measured too."""
+    from edge_inference import synthetic_bundle
+
     from edge_runtime import bench
-    from exporter.bundle import export_run
-    from trainer.prepare import open_run
-    from trainer.protocol.run import RunConfig
-    from trainer.transports.inprocess import Federation
     w, fw = prof["main"]
-    bundle = work / f"shape-bundle-w{w}"
-    if not (bundle / "manifest.json").exists():
-        run = work / f"shape-run-w{w}"
-        cfg = RunConfig(dataset=f"synthetic:1,32,32:{prof['shape']}:4000", clients=4, clients_per_round=4,
-                        hmoe_rounds=1, flat_rounds=1, expert_width=w, flat_width=fw, assignment="spread")
-        cfg, prep = open_run(run, cfg, resume=True)
-        for kind in ("hmoe", "flat"):
-            Federation(run, kind, cfg, prep).run(progress=False)
-        export_run(run, bundle, progress=False, validate_images=50)
+    bundle = synthetic_bundle(work / f"shape-run-w{w}", work / f"shape-bundle-w{w}",
+                              f"synthetic:1,32,32:{prof['shape']}:4000", w, fw, validate_images=50,
+                              clients_per_round=4, assignment="spread")
     b = bench.load_bundle(bundle)
     tree = b.tree
     res = bench.inference(bundle, bench.random_images(bundle, prof["images"]), modes=("path", "stream", "all", "flat"))
@@ -391,9 +389,7 @@ def shape(prof: dict, work: Path) -> dict:
     kids = [len(tree.children(v)) for v in tree.experts]
     return {"tree": prof["shape"], "characters": int(tree.num_leaves), "experts": len(kids),
             "largest_expert_children": max(kids), "widths": [w, fw], "bundle": str(bundle), "modes": rows,
-            "disk": {"experts_mb": sum(e.bytes for e in b.experts.values()) / 2**20, "flat_mb": b.flat.bytes / 2**20,
-                     "largest_path_mb": max(sum(b.experts[tree.names[v]].bytes for v in tree.path(int(leaf))
-                                                if tree.names[v] in b.experts) for leaf in tree.leaves) / 2**20},
+            "disk": disk_mb(b),
             "over_flat": {m: most[m] / most["flat"] for m in most if m != "flat"}}
 
 

@@ -50,7 +50,8 @@ def fleet_for(share: float, args: argparse.Namespace) -> Fleet:
 
 
 def base_config(args: argparse.Namespace, alpha: float) -> RunConfig:
-    return replace(DEMO, dataset=args.dataset, warm_start=args.warm_start, clients=args.clients, clients_per_round=args.clients_per_round, alpha=alpha,
+    return replace(DEMO, dataset=args.dataset, warm_start=args.warm_start, clients=args.clients,
+                   clients_per_round=args.clients_per_round, alpha=alpha,
                    hmoe_rounds=args.rounds, flat_rounds=args.rounds, train_limit=args.train_limit,
                    test_limit=args.test_limit, expert_width=args.expert_width, expert_widths=args.expert_widths,
                    flat_width=args.flat_width, seed=args.seed, assignment="resource-aware")

@@ -190,6 +190,7 @@ class Engine:
         # they share its views and its template bindings (``_bound_run``): what the engine keeps
         # per streamed expert is a few bytes, however many experts a run visits.
         self._layout_keys: dict[str, tuple] = {}   # expert -> its layout (weight name, offset, count, shape)
+        self._layouts: dict[tuple, tuple] = {}     # layout -> the one object of it
         self._views: dict[tuple, dict] = {}   # layout -> the weights as views of the streaming buffer
         # binding key (layout and template; the expert itself when memory-mapped) ->
         # (views, session, IO binding, input and output names), at most KEPT_BINDINGS, LRU order
@@ -513,8 +514,10 @@ class Engine:
         if lkey is None:   # the buffer never moves: a layout's views of it are made once
             if layout is None:
                 layout = _safetensors_layout(data, path)
-            lkey = self._layout_keys[key] = tuple((str(name), int(off), int(count), tuple(int(d) for d in shape))
-                                                  for name, off, count, shape in layout)
+            lkey = tuple((str(name), int(off), int(count), tuple(int(d) for d in shape))
+                         for name, off, count, shape in layout)
+            # one object per layout: an expert's own copy of it would cost about 1.5 KB an expert
+            lkey = self._layout_keys[key] = self._layouts.setdefault(lkey, lkey)
         views = self._views.get(lkey)
         if views is None:
             whole = memoryview(self._slot)
