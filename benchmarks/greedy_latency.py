@@ -13,7 +13,10 @@ used (what the engine did before templates). One onnxruntime thread.
 Inputs are the test images of the data set the bundle was exported from (else seeded noise). The
 settings take turns, 100 images each (the order rotated every turn), so all rows share the
 machine's conditions while each keeps its own caches warm as a device would. Writes greedy_latency.json: p50 / p95 in ms per setting, session
-creations and streamed runs, and how many images got the batch decoder's leaf.
+creations and streamed runs, and how many images got the batch decoder's leaf; then, timed apart
+(so that the timer is not in the rows above), each model's own run: its p50 inside decoding (the
+settings taking turns again, on up to 2,000 images) against its p50 run 200 times in a row on one
+image (its weights then stay in the CPU's caches).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from edge_runtime.engine import Engine, path_only_bytes  # noqa: E402
 
 BLOCK = 100   # images a setting runs in a row before the next setting's turn
+RUN_TIMED = ("flat", "greedy, every expert open", "greedy, path-only budget, streamed, packed, memory-mapped")
 POLICIES = {"streamed": {}, "sessions only, deepest first": {"stream": False},
             "sessions only, least recently used": {"stream": False, "eviction": "lru"}}
 
@@ -51,6 +55,50 @@ def inputs(engine: Engine, n: int) -> tuple[np.ndarray, str]:
     mean = np.asarray(spec.mean, dtype=np.float32).reshape(-1, 1, 1)
     std = np.asarray(spec.std, dtype=np.float32).reshape(-1, 1, 1)
     return ((x - mean) / std).astype(np.float32), source
+
+
+def model_runs(settings: dict, x: np.ndarray, n: int = 2000) -> dict:
+    """Per setting in RUN_TIMED: each model's p50 run (us) inside decoding, and how many runs.
+    The engine's one-input run (``Engine._run_one``) is timed through a wrapper on the instance
+    (one per engine: the flat row and the all-open row share theirs)."""
+    timed = {name: settings[name] for name in RUN_TIMED if name in settings}
+    got: dict[str, dict] = {name: {} for name in timed}
+    now = [""]   # the setting whose turn it is
+    engines = {id(e): e for e, _ in timed.values()}
+    for engine in engines.values():
+        def run(key, inner=engine._run_one):
+            t = time.perf_counter()
+            out = inner(key)
+            got[now[0]].setdefault(key, []).append(time.perf_counter() - t)
+            return out
+        engine._run_one = run
+    names = list(timed)
+    try:
+        for b, lo in enumerate(range(0, min(n, len(x)), BLOCK)):
+            for j in range(len(names)):
+                now[0] = names[(b + j) % len(names)]
+                fn = timed[now[0]][1]
+                for i in range(lo, min(lo + BLOCK, len(x))):
+                    fn(x[i:i + 1])
+    finally:
+        for engine in engines.values():
+            del engine._run_one   # (the class's method again)
+    return {name: {k: {"p50_us": float(np.median(v)) * 1e6, "runs": len(v)} for k, v in acc.items()}
+            for name, acc in got.items()}
+
+
+def repeated_runs(engine: Engine, x: np.ndarray, times: int = 200) -> dict:
+    """Each model of ``engine`` (all open) run ``times`` times in a row on one image: p50 us."""
+    engine._load_one(engine.check_input(x[:1]))
+    out = {}
+    for key in engine.entries:
+        ts = []
+        for _ in range(times):
+            t = time.perf_counter()
+            engine._run_one(key)
+            ts.append(time.perf_counter() - t)
+        out[key] = float(np.median(ts)) * 1e6
+    return out
 
 
 def main() -> int:
@@ -113,6 +161,8 @@ def main() -> int:
         print(f"{name}: p50 {r['p50_ms']:.3f} ms, p95 {r['p95_ms']:.3f} ms"
               + (f", {r['session_creations']} session creations, {r['streamed']} streamed" if "streamed" in r else ""))
     flat = rows["flat"]["p50_ms"]
+    runs = model_runs(settings, x)
+    runs["repeated on one image"] = {k: {"p50_us": v} for k, v in repeated_runs(full, x).items()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "greedy_latency.json").write_text(json.dumps({
@@ -120,7 +170,8 @@ def main() -> int:
         "pack_seconds": pack_seconds,
         "inputs": source, "bundle_experts": len(full.bundle.experts), "experts_mb": total / 2**20,
         "greedy_p50_over_flat": {n: r["p50_ms"] / flat for n, r in rows.items() if n != "flat"},
-        "p95_over_p50": {n: r["p95_ms"] / r["p50_ms"] for n, r in rows.items()}, "rows": rows}, indent=1) + "\n")
+        "p95_over_p50": {n: r["p95_ms"] / r["p50_ms"] for n, r in rows.items()}, "rows": rows,
+        "model_runs": runs}, indent=1) + "\n")
     print(f"same leaf as the batch decoder: {min(r.get('same_leaf_as_batch_decoder', len(x)) for r in rows.values())}"
           f" of {len(x)} in every setting")
     return 0

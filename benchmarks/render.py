@@ -227,8 +227,25 @@ def greedy_section(fleet: Path) -> list[str]:
             lines.append(f"| {name} | {r['p50_ms']:.3f} | {r['p95_ms']:.3f} | {r['p95_ms'] / r['p50_ms']:.2f} | "
                          f"{r['p50_ms'] / flat:.2f} | {r.get('session_creations', r.get('misses', ''))} | "
                          f"{r.get('streamed', '')} | {'' if same is None else f'{same} of {n}'} |")
-        lines.append("")
+        lines += [""] + model_runs_lines(g.get("model_runs"))
     return lines
+
+
+def model_runs_lines(runs: dict | None, most: int = 8) -> list[str]:
+    """Each model's own run inside decoding against its run repeated on one image (greedy_latency.py's
+    ``model_runs``): a table for a bundle of at most ``most`` models."""
+    if not runs or len(runs.get("repeated on one image", {})) > most:
+        return []
+    alone = runs["repeated on one image"]
+    cols = [k for k in runs if k != "repeated on one image"]
+    lines = ["Each model's own run, p50 us (timed apart from the rows above): run 200 times in a row on one image "
+             "(its weights stay in the CPU's caches), and inside decoding in the settings named (runs per model "
+             "in brackets).", "", "| model | repeated on one image | " + " | ".join(f"inside: {c}" for c in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for key, a in alone.items():
+        cells = [f"{runs[c][key]['p50_us']:.1f} ({runs[c][key]['runs']})" if key in runs[c] else "" for c in cols]
+        lines.append(f"| {key} | {a['p50_us']:.1f} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def boards_section(b: dict | None) -> list[str]:

@@ -6,6 +6,7 @@ and kept in an LRU cache bounded by a memory budget. No torch, no HTTP, no image
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -140,6 +141,18 @@ def ort_value(array: np.ndarray):
     return ort.OrtValue.ortvalue_from_numpy(array)
 
 
+def bound_run(sess, binding):
+    """A call with no arguments that runs ``sess`` on ``binding``: onnxruntime's own (pybind)
+    run when its Python classes expose it, else their ``run_with_iobinding``. The Python method
+    adds only checks for WebGPU graph capture, which a CPU session never does, and cost about
+    0.8 us of a 25 us expert run here (benchmarks/greedy_latency.py runs a few per image)."""
+    c_sess, c_binding = getattr(sess, "_sess", None), getattr(binding, "_iobinding", None)
+    if c_binding is not None and getattr(binding, "_session", c_sess) is c_sess and \
+            callable(getattr(c_sess, "run_with_iobinding", None)):
+        return functools.partial(c_sess.run_with_iobinding, c_binding, None)
+    return functools.partial(sess.run_with_iobinding, binding)
+
+
 def _signature(st: os.stat_result) -> tuple:
     """What changes whenever a file's bytes can have changed: any write moves its ctime, which
     no unprivileged call can set back."""
@@ -207,7 +220,8 @@ class Engine:
             self.pack = Path(pack)
             self.packs = load_index(self.bundle, self.pack)
         if self.packs:   # the packed templates and room for the largest packed expert's weights
-            self._slot_bytes = max(e["bytes"] for e in self.packs["experts"].values())
+            # (memory-mapped, the weights are never read into a buffer: no room to keep for one)
+            self._slot_bytes = 0 if mmap else max(e["bytes"] for e in self.packs["experts"].values())
             self.reserved = sum(t["bytes"] for t in self.packs["templates"].values()) + self._slot_bytes
         else:
             self._slot_bytes = max((self.entries[k].weights.bytes for k in self.templates), default=0)
@@ -379,8 +393,8 @@ class Engine:
             one = self._streamed_ones.get(bkey)
             if one is not None:
                 self._streamed_ones.move_to_end(bkey)
-                sess.run_with_iobinding(one[1])
-                return one[2]
+                one[0]()
+                return one[1]
             x = self._x1
         binding.bind_cpu_input(xname, x)
         binding.bind_output(out)
@@ -395,11 +409,12 @@ class Engine:
         return logits
 
     def _bind_one(self, sess, binding, xname: str, out: str, logits: np.ndarray) -> tuple:
-        """``binding`` with ``_x1`` as its input and an output array shaped like ``logits``."""
+        """``binding`` with ``_x1`` as its input and an output array shaped like ``logits``:
+        (its run, ``bound_run``; the array; the session and the binding it keeps alive)."""
         array = np.empty_like(logits)
         binding.bind_ortvalue_input(xname, self._x1_value)
         binding.bind_ortvalue_output(out, ort_value(array))
-        return sess, binding, array
+        return bound_run(sess, binding), array, sess, binding
 
     def _run_one(self, key: str) -> np.ndarray:
         """Expert ``key``'s logits for the input in ``_x1`` (``_greedy_one``): the array is the
@@ -409,16 +424,16 @@ class Engine:
         if one is not None:   # (``_close`` drops it with the session)
             self.stats.hits += 1
             self.cache.move_to_end(key)
-            one[0].run_with_iobinding(one[1])
-            return one[2]
+            one[0]()
+            return one[1]
         if self.mmap:   # a memory-mapped expert streamed before: its binding, once its file is unchanged
             m, one = self._maps.get(key), self._streamed_ones.get(key)
             if (m is not None and one is not None and self.visits[key] % ADMIT_EVERY and key not in self.cache
                     and _signature(os.fstat(m[3].fileno())) == m[0]):
                 self.stats.misses += 1
                 self.stats.streamed += 1
-                one[0].run_with_iobinding(one[1])
-                return one[2]
+                one[0]()
+                return one[1]
         sess, name, logits = self._open_or_stream(key, None)
         if logits is not None:
             return logits
@@ -660,9 +675,10 @@ class Engine:
         if "flat" not in self.entries:
             raise BundleError(f"{self.bundle.root}: no flat model in this bundle")
         x = self.check_input(x)
-        if len(x) == 1:   # bound once, as the experts' runs on one input are (``_greedy_one``)
-            self._load_one(x)
-            return leaf_rule(self.tree, softmax(self._run_one("flat")))
+        if len(x) == 1:   # bound once, as the experts' runs on one input are (``_greedy_one``); the
+            self._load_one(x)   # argmax of the logits is that of the probabilities: no softmax
+            out = self._run_one("flat")
+            return self.tree.leaf_order[out.argmax(axis=1)]
         return leaf_rule(self.tree, softmax(self.run("flat", x)))
 
     @property
