@@ -184,6 +184,46 @@ def test_memory_budget_keeps_the_upper_levels(bundle_dir):
     assert sorted(small.loaded) == ["Shoes", "root"] and small.stats.hits == 2 and small.stats.evictions == 3
 
 
+def test_runs_call_onnxruntime_directly_or_through_its_public_method(bundle_dir):
+    from edge_runtime.engine import bound_run
+    engine = Engine(bundle_dir)
+    x = np.random.default_rng(5).normal(size=(1, 1, 28, 28)).astype(np.float32)
+    engine._load_one(x)
+    want = engine.run("root", x)
+    engine._run_one("root")
+    run, out, sess, binding = engine._ones["root"]
+    assert run.func == sess._sess.run_with_iobinding   # the compiled run, its Python checks skipped
+    out[:] = 0
+    run()
+    assert np.allclose(out, want, atol=1e-6)
+    calls = []
+
+    class Wrapped:   # a session whose classes expose no compiled run: the public method is used
+        def run_with_iobinding(self, b):
+            calls.append(b)
+    bound_run(Wrapped(), "binding")()
+    assert calls == ["binding"]
+
+
+def test_greedy_latency_benchmark_writes_every_setting_and_each_models_runs(bundle_dir, tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("greedy_latency", Path(__file__).parent.parent / "benchmarks" /
+                                                  "greedy_latency.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(sys, "argv", ["greedy_latency.py", "--bundle", str(bundle_dir), "--images", "60",
+                                      "--budgets", "0.5", "--out", str(tmp_path)])
+    assert bench.main() == 0
+    got = json.loads((tmp_path / "greedy_latency.json").read_text())
+    assert got["images"] == 60 and "flat" in got["rows"]
+    assert all(r["same_leaf_as_batch_decoder"] == 60 for k, r in got["rows"].items() if k != "flat")
+    runs = got["model_runs"]
+    assert set(runs["flat"]) == {"flat"} and runs["flat"]["flat"]["runs"] == 60
+    assert runs["greedy, every expert open"]["root"]["runs"] == 60   # every image visits the root
+    assert set(runs["repeated on one image"]) == set(Engine(bundle_dir).entries)
+
+
 def test_streamed_experts_answer_as_open_ones_within_the_budget(bundle_dir):
     """Under the path-only budget the engine keeps the experts visited most open and streams
     the others through their template (issue 26): every image gets the leaf and path of the
