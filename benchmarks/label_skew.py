@@ -94,6 +94,8 @@ REMEDIES: dict[str, dict] = {
                            "what": "the defaults and --no-balanced-epochs", "hmoe_only": True,
                            "flat_as": "defaults"},
     "defaults+fedprox": {"flags": ["--prox-mu", "0.01"], "what": "the defaults and --prox-mu 0.01"},
+    "defaults+leaf-widths": {"flags": ["--expert-widths", "leaves:8"], "hmoe_only": True, "flat_as": "defaults",
+                             "what": "the defaults and --expert-widths leaves:8 (narrower experts below the root)"},
 }
 PROFILES = {"demo": [], "quick": ["--train-limit", "12000", "--test-limit", "2000"]}
 RULE = {"hmoe": "greedy", "flat": "leaf"}

@@ -196,6 +196,9 @@ def edge_section(e: dict | None) -> list[str]:
 
 
 GREEDY_BUNDLES = (("greedy_latency", "demo bundle (Fashion-MNIST, 5 experts)"),
+                  ("greedy_latency-leaf-widths", "the demo's training with narrower experts below the root (`hmoe train "
+                   "--model both --expert-widths leaves:8 --out runs/arch/leaves8`, then `hmoe export`: the root at "
+                   "width 16, Clothes 10, the others 8; the same flat model)"),
                   ("greedy_latency-cifar100", "CIFAR-100-shaped bundle (21 experts, one round on synthetic data; built by `python benchmarks/edge_inference.py --work runs/shaped`)"),
                   ("greedy_latency-tiny-imagenet", "Tiny-ImageNet-shaped bundle (101 experts, one round on synthetic data; built the same way)"))
 
@@ -352,7 +355,9 @@ def fleet_section(results: Path, fleet: Path, out: Path) -> list[str]:
         lines += saved("grow.py", folder, title, "f1_vs_compute.png",
                        lambda r: [ln.replace("### ", "#### ") for ln in grow.results_lines(r["scenarios"])])
     for folder, title in (("label_skew", "Label skew (quick profile, every remedy)"),
-                          ("label_skew-demo", "Label skew at the demo's settings")):
+                          ("label_skew-demo", "Label skew at the demo's settings"),
+                          ("label_skew-leaf-widths", "Narrower experts below the root (--expert-widths leaves:8), "
+                           "demo settings")):
         lines += saved("label_skew.py", folder, title, "f1_vs_alpha.png", label_skew.results_lines)
     sb = load(fleet / "subtree_bundle" / "subtree_bundle.json")
     lines += ["### Per-subtree bundles", ""]
