@@ -675,11 +675,11 @@ class Engine:
         if "flat" not in self.entries:
             raise BundleError(f"{self.bundle.root}: no flat model in this bundle")
         x = self.check_input(x)
-        if len(x) == 1:   # bound once, as the experts' runs on one input are (``_greedy_one``); the
-            self._load_one(x)   # argmax of the logits is that of the probabilities: no softmax
-            out = self._run_one("flat")
-            return self.tree.leaf_order[out.argmax(axis=1)]
-        return leaf_rule(self.tree, softmax(self.run("flat", x)))
+        # (the argmax of the logits is that of the probabilities: no softmax)
+        if len(x) == 1:   # bound once, as the experts' runs on one input are (``_greedy_one``)
+            self._load_one(x)
+            return leaf_rule(self.tree, self._run_one("flat"))
+        return leaf_rule(self.tree, self.run("flat", x))
 
     @property
     def loaded(self) -> list[str]:

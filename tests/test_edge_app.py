@@ -196,6 +196,8 @@ def test_runs_call_onnxruntime_directly_or_through_its_public_method(bundle_dir)
     out[:] = 0
     run()
     assert np.allclose(out, want, atol=1e-6)
+    xs = np.random.default_rng(6).normal(size=(20, 1, 28, 28)).astype(np.float32)   # flat: one input, as a batch
+    assert [int(engine.flat_nodes(xs[i:i + 1])[0]) for i in range(20)] == engine.flat_nodes(xs).tolist()
     calls = []
 
     class Wrapped:   # a session whose classes expose no compiled run: the public method is used
