@@ -97,7 +97,7 @@ def create_app(bundle: str | os.PathLike, memory_budget_mb: float | None = None,
             body = await asyncio.wait_for(read_limited(request, max_body_bytes + 64 * 1024), body_timeout)
         except (asyncio.TimeoutError, TimeoutError):
             raise ImageError(f"the body did not arrive within {body_timeout:g} s", 408) from None
-        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
             if len(body) > max_body_bytes:
                 raise ImageError(f"image larger than the limit of {max_body_bytes} bytes", 413)
             return body

@@ -79,7 +79,8 @@ class LocalConfig:
                                              "flag": "--local-epochs", "least": 1})
     batch_size: int = field(default=32, metadata={"help": "local batch size", "least": 1})
     lr: float = field(default=0.05, metadata={"help": "client learning rate (the first round's, with --lr-decay)"})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum", "least": 0})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum (Adam: its beta1)", "least": 0,
+                                                   "most": 0.999})
     weight_decay: float = field(default=0.0, metadata={"help": "L2 weight decay of the client's optimizer",
                                                         "least": 0})
     optimizer: str = field(default="sgd", metadata={"help": "the client's optimizer", "choices": ("sgd", "adam")})

@@ -33,6 +33,7 @@ from safetensors.numpy import load_file, save
 from trainer.device.config import LocalConfig, Weights
 from trainer.protocol.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from trainer.protocol.fleet import FleetCosts, Prediction
+from trainer.protocol.messages import reported_loss, reported_seconds
 from trainer.protocol.strategy import Strategy, Task, usable_samples
 
 FLAT_FILE = "flat.safetensors"
@@ -189,6 +190,7 @@ class RunStore:
 
 Validator = Callable[[str, Weights], "float | None"]
 DIVERGED = "diverged: non-finite loss or weights"
+MALFORMED_METRICS = "malformed metrics: train_loss is not a number"
 
 
 def check_arrays(task: Task, weights: Weights, finite: bool = True) -> str | None:
@@ -383,7 +385,10 @@ class RoundDriver:
         for client in sorted(results):
             new, metrics = results[client]
             why = self.check_reply(plan, client, new, metrics.get("num_samples"))
-            if why is None and not np.isfinite(metrics.get("train_loss", 0.0)):
+            loss = reported_loss(metrics)
+            if why is None and loss is None:
+                why = MALFORMED_METRICS
+            elif why is None and not np.isfinite(loss):
                 why = DIVERGED
             if why == DIVERGED:
                 diverged.append(client)
@@ -392,7 +397,7 @@ class RoundDriver:
                 left_out[str(client)] = why
                 continue
             by_task.setdefault(plan.assigned[client], []).append((client, new, int(metrics["num_samples"])))
-            losses.append(float(metrics.get("train_loss", 0.0)))
+            losses.append(loss)
         updated = {}
         for key in list(by_task):   # each result's influence bounded against the task's own history
             res = by_task[key]
@@ -409,7 +414,7 @@ class RoundDriver:
         entry = {"round": rnd, "task": plan.first, "clients": sum(map(len, by_task.values())),
                  "samples": sum(n for res in by_task.values() for _, _, n in res),
                  "skipped": plan.skipped, "dropped": plan.dropped, "diverged": diverged,
-                 "client_seconds": float(sum(m.get("train_seconds", 0.0) for _, m in results.values())),
+                 "client_seconds": float(sum(reported_seconds(m) for _, m in results.values())),
                  "client_gmacs": float(sum(n * plan.configs[c].epochs * 3 * self.tasks[k].net.forward_macs()
                                            for k, res in by_task.items() for c, _, n in res) / 1e9),
                  "lr": s.lr(rnd), "client_config": {str(c): local.to_dict() for c, local in plan.configs.items()},

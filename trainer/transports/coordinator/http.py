@@ -102,10 +102,10 @@ async def read_body(request: Request, limit: int, seconds: float = BODY_SECONDS)
 
 def bounded_int(text: str, name: str, least: int = 0) -> int:
     """A header's or query's integer in [least, 2^31 - 1], or a 422 that names it."""
-    try:
-        value = int(text)
-    except (TypeError, ValueError):
-        raise HTTPException(422, f"{name} {str(text)[:40]!r} is not an integer") from None
+    if not isinstance(text, str) or not (text.isascii() and text.isdigit() and len(text) <= 20):
+        # strict: int() would also take '1_0', ' 10 ' and other digits than 0-9
+        raise HTTPException(422, f"{name} {str(text)[:40]!r} is not an integer; expected decimal digits 0-9 only")
+    value = int(text)
     if not least <= value <= MAX_INT:
         raise HTTPException(422, f"{name} {str(text)[:40]} is out of range; expected {least} to {MAX_INT}")
     return value

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import queue
@@ -42,8 +43,11 @@ from trainer.protocol.checkpoint import CheckpointError, load_checkpoint, save_c
 from trainer.device.config import Weights
 from trainer.protocol.driver import ClientSampler, RoundDriver, RoundPlan, RunStore, config_dict
 from trainer.protocol.fleet import run_fleet
+from trainer.protocol.messages import ClientMetrics, InvalidMetrics
 from trainer.protocol.run import load_strategy_state, run_files
 from trainer.protocol.strategy import StrategyError
+
+logger = logging.getLogger("hmoe.coordinator")
 
 UPDATE_SLACK = 4096      # bytes an update may carry beyond its tensors (the safetensors header)
 MAX_BATCH = 512          # writes committed together by the writer thread
@@ -695,6 +699,10 @@ class Coordinator:
                                 f"expected 1 <= X-Samples <= X-Client-Samples <= {ceiling}")
         if expert not in self.tasks:
             raise InvalidUpdate(f"unknown expert {expert!r}; experts are {', '.join(self.tasks)}")
+        try:   # parsed before it is stored: the round's close reads it, and must never fail on it
+            metrics = ClientMetrics.parse(metrics).to_dict()
+        except InvalidMetrics as exc:
+            raise InvalidUpdate(str(exc)) from None
         self._check_current(device, rnd, expert, base_version)   # stale first: a late update is 409, however it looks
         weights = parse_safetensors(body, max_header=1024 + 256 * len(self.expected[expert]))
         cur, plan = self._round
@@ -755,9 +763,11 @@ class Coordinator:
         data = self._log_path(rnd).read_bytes()
         out = {}
         for idx, o, n, samples, metrics in rows:
-            m = json.loads(metrics or "{}")
-            out[idx] = (load(data[o:o + n]), {"num_samples": samples, "train_loss": float(m.get("loss_after", 0.0)),
-                                              "train_seconds": float(m.get("seconds", 0.0))})
+            try:   # stored parsed; a row an older coordinator stored unparsed is left out by the driver
+                result = ClientMetrics.parse(json.loads(metrics or "{}")).result(samples)
+            except (InvalidMetrics, ValueError, RecursionError):
+                result = {"num_samples": samples, "train_loss": None}
+            out[idx] = (load(data[o:o + n]), result)
         return out
 
     def _validation_error(self, key: str, weights: Weights) -> float | None:
@@ -850,6 +860,8 @@ class Coordinator:
                 self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
             except Exception as exc:   # the updates are committed; the round closes at the next try
                 self.last_aggregation = {"error": repr(exc)}
+                logger.exception("closing round %s failed; it is tried again at the next batch",
+                              self._current.get("round"))
                 break
             finally:
                 self._after_commit.clear()
