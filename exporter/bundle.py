@@ -19,8 +19,9 @@ from hierarchy.errors import HmoeError
 from hierarchy.manifest import FileEntry, Manifest, ModelEntry, TemplateEntry, template_key
 from trainer.protocol.checkpoint import CheckpointError, load_checkpoint
 from trainer.datasets import Dataset
-from trainer.device.nets import build_net, num_params
+from trainer.device.nets import OnTrunk, build_net, build_trunk, num_params
 from trainer.protocol.run import RunError, load_input_spec, load_run_config
+from trainer.protocol.strategy import trunk_owner
 
 
 class ExportError(HmoeError, ValueError):
@@ -51,7 +52,7 @@ def _load_run(run: Path) -> tuple:
 def _load_nets(run: Path, tree: Hierarchy, shape: tuple[int, int, int], cfg) -> tuple[dict, object]:
     """Expert networks by node name (and the flat one, if trained) from their checkpoints."""
     from trainer.device.client import load_numpy
-    experts = {}
+    experts, loaded = {}, {}
     for key, task in cfg.tasks("hmoe", tree, shape).items():
         path = run / "experts" / f"{task.file_stem}.safetensors"
         try:
@@ -64,6 +65,13 @@ def _load_nets(run: Path, tree: Hierarchy, shape: tuple[int, int, int], cfg) -> 
         net = build_net(net_cfg)
         load_numpy(net, weights)
         experts[key] = net.eval()
+        loaded[key] = weights
+    # Experts on a shared trunk: each file holds the trunk too for now (the device's answers equal
+    # torch's; a bundle with the trunk as a model of its own is issue 39's next step).
+    owner = trunk_owner(cfg.tasks("hmoe", tree, shape))
+    for key, net in experts.items():
+        if net.cfg.trunk_blocks:
+            experts[key] = OnTrunk(build_trunk(net.cfg, loaded[owner]), net).eval()
     flat = None
     if (run / "flat.safetensors").exists():
         try:

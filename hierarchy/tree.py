@@ -15,6 +15,7 @@ import numpy as np
 from hierarchy.errors import HmoeError, UnknownNameError, UsageError
 
 FORMAT_VERSION = 1
+MAX_NODES = 100_000   # the largest tree read from a file or a manifest (all 3,755 characters: about 4,000 nodes)
 
 
 class HierarchyError(HmoeError, ValueError):
@@ -45,7 +46,8 @@ class Hierarchy:
             n = later[0]
             raise HierarchyError(f"node {names[n]!r} comes before its parent; parents must precede children")
         if len(set(names)) != len(names):
-            dup = next(x for x in names if list(names).count(x) > 1)
+            seen: set = set()
+            dup = next(x for x in names if x in seen or seen.add(x))
             raise HierarchyError(f"node name {dup!r} appears twice; names must be unique")
         self.parents: np.ndarray = parents
         self.names: list[str] = [str(x) for x in names]
@@ -156,12 +158,20 @@ class Hierarchy:
         for key in ("names", "parents", "leaves"):
             if key not in d:
                 raise HierarchyError(f"{source}: missing key {key!r}; expected names, parents, leaves")
-        names = d["names"]
+        names, parents, leaves = d["names"], d["parents"], d["leaves"]
+        for key, value in (("names", names), ("parents", parents), ("leaves", leaves)):
+            if not isinstance(value, list):
+                raise HierarchyError(f"{source}: {key!r} is {type(value).__name__}; expected a list")
+        if len(names) > MAX_NODES:   # before any work per node: a hostile manifest costs nothing
+            raise HierarchyError(f"{source}: {len(names)} nodes; this release reads trees of at most {MAX_NODES}")
+        if not all(isinstance(n, str) for n in names):
+            raise HierarchyError(f"{source}: 'names' holds a value that is not a string")
+        index = {n: i for i, n in enumerate(names)}   # one pass: linear in the tree, not leaves x names
         try:
-            leaf_order = [names.index(n) for n in d["leaves"]]
-        except ValueError as exc:
-            raise HierarchyError(f"{source}: 'leaves' names a node not in 'names': {exc}") from None
-        return cls(d["parents"], names, leaf_order)
+            leaf_order = [index[n] for n in leaves]
+        except (KeyError, TypeError) as exc:
+            raise HierarchyError(f"{source}: 'leaves' names a node not in 'names': {str(exc)[:80]}") from None
+        return cls(parents, names, leaf_order)
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Write atomically: a failure leaves no half-written file."""

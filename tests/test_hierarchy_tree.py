@@ -189,3 +189,23 @@ def test_npz_reads_run_one_at_a_time(tmp_path, monkeypatch):
         assert (got[t]["images"] == t).all() and list(got[t]["labels"]) == list(range(t + 1))
     with pytest.raises(KeyError):
         mod.read_npz(tmp_path / "0.npz", ("nope",))
+
+
+def test_large_trees_parse_in_linear_time_and_hostile_ones_are_refused_at_once():
+    """Issue 37: a manifest's tree was parsed with a names.index per leaf (300,000 leaves: minutes)."""
+    import time
+
+    from hierarchy.tree import MAX_NODES
+    def star(n):
+        return {"names": ["r"] + [f"l{i}" for i in range(n)], "parents": [-1] + [0] * n,
+                "leaves": [f"l{i}" for i in range(n)]}
+    t = time.perf_counter()
+    tree = Hierarchy.from_dict(star(20_000))
+    assert tree.num_leaves == 20_000
+    assert time.perf_counter() - t < 5   # was 10 s; about 0.04 s now (a generous bound for loaded machines)
+    t = time.perf_counter()
+    with pytest.raises(HierarchyError, match=f"at most {MAX_NODES}"):
+        Hierarchy.from_dict(star(300_000))
+    assert time.perf_counter() - t < 1
+    with pytest.raises(HierarchyError, match="expected a list"):
+        Hierarchy.from_dict({"names": "r", "parents": [-1], "leaves": []})

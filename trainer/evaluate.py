@@ -68,12 +68,16 @@ def expert_accuracy(tree: Hierarchy, expert: int, net: ConvNet, x: np.ndarray, y
 
 
 def validation_error(tree: Hierarchy, task, weights: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray,
-                     normalize: Normalizer, device: str = "cpu") -> float:
+                     normalize: Normalizer, device: str = "cpu", trunk: dict | None = None) -> float:
     """1 - accuracy of ``task``'s expert with ``weights`` on the validation samples under it
-    (0 when none lies under it): what the worst-validation schedule reads, on every transport."""
+    (0 when none lies under it): what the worst-validation schedule reads, on every transport.
+    ``trunk``: the shared trunk's weights, for an expert that runs on one."""
     from trainer.device.client import load_numpy
-    from trainer.device.nets import build_net
-    net = build_net(task.net).to(device)
+    from trainer.device.nets import OnTrunk, build_net, build_trunk
+    net = build_net(task.net)
     load_numpy(net, weights)
+    if task.net.trunk_blocks:
+        net = OnTrunk(build_trunk(task.net, trunk), net)
+    net = net.to(device)
     acc, n = expert_accuracy(tree, task.node, net, x, y, normalize, device)
     return 1.0 - acc if n else 0.0

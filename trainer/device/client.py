@@ -92,7 +92,7 @@ TRAIN_THREADS = 1   # torch threads of every local update, on every transport (s
 def local_update(net_cfg: NetConfig, weights: Weights | None, x: np.ndarray, y: np.ndarray,
                  cfg: LocalConfig, normalize: Normalizer, seed: int,
                  device: str = "cpu", micro_batch: int | None = None,
-                 threads: int = TRAIN_THREADS) -> tuple[Weights, dict]:
+                 threads: int = TRAIN_THREADS, trunk: Weights | None = None) -> tuple[Weights, dict]:
     """Train from ``weights`` on uint8 images ``x`` with child/leaf targets ``y``.
 
     The update runs on ``threads`` torch threads (restored afterwards). A CPU kernel's
@@ -104,15 +104,43 @@ def local_update(net_cfg: NetConfig, weights: Weights | None, x: np.ndarray, y: 
     ``micro_batch`` splits every batch into smaller chunks whose gradients are
     accumulated (loss scaled by chunk share), so the update equals the full batch's
     while peak memory follows the micro-batch.
+
+    An expert on a shared trunk (``net_cfg.trunk_blocks``) needs ``trunk``: the trunk's tensors
+    (the root expert's weights, or just their trunk part). The trunk runs forward once over the
+    samples, without gradients, and only the expert trains on its features.
     """
     if len(x) == 0:
         raise UsageError("local_update needs at least one sample")
+    if net_cfg.trunk_blocks and trunk is None:
+        raise UsageError("this expert runs on a shared trunk (trunk_blocks "
+                         f"{net_cfg.trunk_blocks}); its update needs the trunk's weights")
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        if net_cfg.trunk_blocks:
+            start = time.perf_counter()
+            x, normalize = trunk_features(net_cfg, trunk, x, normalize, cfg.batch_size, device), identity
+            weights_out, metrics = _update(net_cfg, weights, x, y, cfg, normalize, seed, device, micro_batch)
+            metrics["train_seconds"] = time.perf_counter() - start   # the trunk's pass included
+            return weights_out, metrics
         return _update(net_cfg, weights, x, y, cfg, normalize, seed, device, micro_batch)
     finally:
         torch.set_num_threads(previous)
+
+
+def identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@torch.no_grad()
+def trunk_features(net_cfg: NetConfig, trunk: Weights, x: np.ndarray, normalize: Normalizer, batch: int,
+                   device: str = "cpu") -> np.ndarray:
+    """The frozen trunk's output for uint8 images ``x`` (float32, in batches of ``batch``)."""
+    from trainer.device.nets import build_trunk
+    net = build_trunk(net_cfg, trunk).to(device)
+    out = [net(normalize(torch.from_numpy(np.ascontiguousarray(x[lo:lo + batch]))).to(device)).cpu()
+           for lo in range(0, len(x), batch)]
+    return torch.cat(out).numpy()
 
 
 def _update(net_cfg: NetConfig, weights: Weights | None, x: np.ndarray, y: np.ndarray, cfg: LocalConfig,

@@ -22,13 +22,36 @@ class NetConfig:
     width: int = 16                  # channels of the first conv block; doubles per block
     depth: int = 0                   # conv blocks; 0 = chosen from the input size
     hidden: int = 0                  # units of the hidden dense layer; 0 = 4 * width
+    # Experts on a shared trunk (docs/TRAINING.md, "Shared trunk"): the first ``trunk_blocks``
+    # conv blocks are not this network's but the trunk's (the root expert's, of width
+    # ``trunk_width``); this network takes the trunk's output and runs the remaining blocks
+    # and its head. ``in_shape`` stays the image's. 0: an independent network (the paper's).
+    trunk_blocks: int = 0
+    trunk_width: int = 0             # 0 = this network's own width
 
     def resolved(self) -> "NetConfig":
         c, h, w = self.in_shape
         depth = self.depth or (1 if min(h, w) < 16 else 2 if min(h, w) <= 32 else 3 if min(h, w) <= 64 else 4)
         if min(h, w) >> depth < 1:
             raise UsageError(f"input {self.in_shape} is too small for {depth} conv blocks")
-        return replace(self, in_shape=tuple(self.in_shape), depth=depth, hidden=self.hidden or 4 * self.width)
+        if not 0 <= self.trunk_blocks <= depth:
+            raise UsageError(f"--trunk-blocks {self.trunk_blocks}: expected 0 to the networks' {depth} conv blocks")
+        return replace(self, in_shape=tuple(self.in_shape), depth=depth, hidden=self.hidden or 4 * self.width,
+                       trunk_width=(self.trunk_width or self.width) if self.trunk_blocks else 0)
+
+    def feature_shape(self) -> tuple[int, int, int]:
+        """The shape this network takes: the image's, or the trunk's output on a shared trunk."""
+        cfg = self.resolved()
+        c, h, w = cfg.in_shape
+        for i in range(cfg.trunk_blocks):
+            c, h, w = cfg.trunk_width * 2 ** i, h // 2, w // 2
+        return c, h, w
+
+    def trunk_config(self) -> "NetConfig":
+        """The trunk this network runs on, as the network of its blocks (``trunk_blocks`` deep; its
+        head is never built by ``trainer.device.nets.Trunk``)."""
+        cfg = self.resolved()
+        return NetConfig(cfg.in_shape, 1, cfg.trunk_width, cfg.trunk_blocks)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self.resolved()))
@@ -46,6 +69,9 @@ class NetConfig:
         c, h, w = cfg.in_shape
         shapes: dict[str, tuple[int, ...]] = {}
         for i in range(cfg.depth):
+            if i < cfg.trunk_blocks:   # the trunk's block: no tensor of this network's
+                c, h, w = cfg.trunk_width * 2 ** i, h // 2, w // 2
+                continue
             out = cfg.width * 2 ** i
             shapes[f"features.{3 * i}.weight"] = (out, c, 3, 3)
             shapes[f"features.{3 * i}.bias"] = (out,)
@@ -65,10 +91,23 @@ class NetConfig:
         c, h, w = cfg.in_shape
         macs = 0
         for i in range(cfg.depth):
-            out = cfg.width * 2 ** i
-            macs += out * c * 9 * h * w
+            out = (cfg.trunk_width if i < cfg.trunk_blocks else cfg.width) * 2 ** i
+            if i >= cfg.trunk_blocks:   # the trunk's blocks are counted by trunk_macs
+                macs += out * c * 9 * h * w
             c, h, w = out, h // 2, w // 2
         return macs + c * h * w * cfg.hidden + cfg.hidden * cfg.num_outputs
+
+    def trunk_macs(self) -> int:
+        """Multiply-accumulates of one sample's pass through the trunk this network runs on (0
+        without one): a round runs it forward once per sample, without gradients."""
+        cfg = self.resolved()
+        c, h, w = cfg.in_shape
+        macs = 0
+        for i in range(cfg.trunk_blocks):
+            out = cfg.trunk_width * 2 ** i
+            macs += out * c * 9 * h * w
+            c, h, w = out, h // 2, w // 2
+        return macs
 
 
 @dataclass(frozen=True)

@@ -132,6 +132,10 @@ class RunConfig:
                           "starts from its parent's weights (all but its output layer) and trains at --warm-lr times "
                           "the learning rate (0: off; HD-CNN's fine-from-coarse initialisation)",
                           "networks and local training", least=0)
+    trunk_blocks: int = opt(0, "HMoE: experts on a shared trunk: the root expert's first K conv blocks are shared "
+                            "by every other expert, which runs on their output and trains only its own layers "
+                            "(0: independent experts, the paper's; simulation only in this release)",
+                            "networks and local training", least=0)
     warm_lr: float = opt(0.1, "HMoE with --warm-start: the other experts' learning rate, as a share of --lr",
                          "networks and local training", least=0)
     device: str = opt("cpu", "cpu | cuda (when available)", "networks and local training")
@@ -198,7 +202,8 @@ class RunConfig:
     def tasks(self, kind: str, tree: Hierarchy, in_shape: tuple[int, int, int]) -> dict[str, Task]:
         """The networks of model family ``kind``, experts sized by ``expert_widths``."""
         widths = expert_widths(tree, self.expert_widths, self.expert_width) if kind == "hmoe" else None
-        return make_tasks(tree, kind, in_shape, self.width(kind), self.depth, widths=widths)
+        return make_tasks(tree, kind, in_shape, self.width(kind), self.depth, widths=widths,
+                          trunk_blocks=self.trunk_blocks if kind == "hmoe" else 0)
 
     def strategy(self, kind: str, tree: Hierarchy, tasks: dict[str, Task], shares: dict[str, float] | None = None,
                  schedule: str | None = None, priors: dict[str, list[float]] | None = None) -> Strategy:
@@ -215,6 +220,13 @@ class RunConfig:
                         min_children=self.min_children, server_optimizer=self.server_optimizer,
                         server_lr=self.server_lr, server_momentum=self.server_momentum, epochs_cap=self.epochs_cap,
                         priors=priors, warm_start=self.warm_start if hmoe else 0, warm_lr=self.warm_lr)
+
+
+def simulation_only(cfg: RunConfig, what: str) -> None:
+    """Refuse a run whose experts share a trunk on a transport that cannot carry it yet."""
+    if cfg.trunk_blocks:
+        raise RunError(f"{what} cannot yet train a run with --trunk-blocks {cfg.trunk_blocks} (experts on a shared "
+                       "trunk train in the in-process simulation only in this release); train it with `hmoe train`")
 
 
 def load_run_config(run_dir: Path) -> RunConfig:

@@ -98,17 +98,30 @@ def task_priors(tree: Hierarchy, tasks: dict[str, Task], labels: np.ndarray | No
 
 
 def make_tasks(tree: Hierarchy, kind: str, in_shape: tuple[int, int, int], width: int,
-               depth: int = 0, hidden: int = 0, widths: dict[str, int] | None = None) -> dict[str, Task]:
+               depth: int = 0, hidden: int = 0, widths: dict[str, int] | None = None,
+               trunk_blocks: int = 0) -> dict[str, Task]:
     """``kind`` hmoe: one task per expert node (of width ``widths[name]`` where given, else
-    ``width``); flat: a single task over all leaves."""
+    ``width``); flat: a single task over all leaves. With ``trunk_blocks`` K, the top expert
+    (the first on every path) is a whole network whose first K conv blocks are the shared
+    trunk, and every other expert runs on that trunk's output."""
     if kind == "flat":
         return {FLAT: Task(FLAT, -1, NetConfig(in_shape, tree.num_leaves, width, depth, hidden).resolved())}
     if kind != "hmoe":
         raise UsageError(f"unknown model kind {kind!r}; expected hmoe or flat")
     widths = widths or {}
-    return {tree.names[e]: Task(tree.names[e], int(e), NetConfig(in_shape, int(tree.num_children[e]),
-                                                             widths.get(tree.names[e], width), depth, hidden).resolved())
-            for e in tree.experts}
+    top = int(min(tree.experts)) if len(tree.experts) else -1
+    top_width = widths.get(tree.names[top], width) if top >= 0 else width
+    return {tree.names[e]: Task(tree.names[e], int(e), NetConfig(
+        in_shape, int(tree.num_children[e]), widths.get(tree.names[e], width), depth, hidden,
+        trunk_blocks if e != top else 0, top_width if trunk_blocks and e != top else 0).resolved())
+        for e in tree.experts}
+
+
+def trunk_owner(tasks: dict[str, Task]) -> str | None:
+    """The key of the expert whose first blocks are the shared trunk (None: no trunk)."""
+    if not any(t.net.trunk_blocks for t in tasks.values()):
+        return None
+    return min((t for t in tasks.values() if t.node >= 0), key=lambda t: t.node).key
 
 
 def expert_widths(tree: Hierarchy, rule: str, width: int) -> dict[str, int]:

@@ -12,13 +12,13 @@ import torch
 
 from trainer.device.client import load_numpy, local_update, to_numpy
 from trainer.device.config import Weights
-from trainer.device.nets import ConvNet, build_net
+from trainer.device.nets import ConvNet, OnTrunk, build_net, build_trunk
 from trainer.evaluate import evaluate_flat, evaluate_hmoe, validation_error
 from trainer.prepare import Prepared, task_shares
 from trainer.protocol.driver import ClientSampler, RoundDriver, RoundPlan, RunStore
 from trainer.protocol.fleet import run_fleet
 from trainer.protocol.run import RunConfig
-from trainer.protocol.strategy import stable_seed, task_priors
+from trainer.protocol.strategy import stable_seed, task_priors, trunk_owner
 
 
 class Federation:
@@ -29,6 +29,7 @@ class Federation:
         self.run_dir, self.kind, self.cfg, self.prep = Path(run_dir), kind, cfg, prep
         self.tree = prep.data.tree
         self.tasks = cfg.tasks(kind, self.tree, prep.data.shape)
+        self.trunk_owner = trunk_owner(self.tasks)
         strategy = cfg.strategy(kind, self.tree, self.tasks, task_shares(self.tree, self.tasks, prep.data.train_y),
                                 priors=task_priors(self.tree, self.tasks, prep.data.train_y))
         counts = {c: np.bincount(prep.data.train_y[p], minlength=self.tree.num_leaves) for c, p in enumerate(prep.parts)}
@@ -64,10 +65,18 @@ class Federation:
         torch.manual_seed(stable_seed(self.cfg.seed, "init", key))
         return to_numpy(build_net(self.tasks[key].net))
 
-    def net(self, key: str) -> ConvNet:
-        net = build_net(self.tasks[key].net).to(self.cfg.device)
-        load_numpy(net, self.weights[key])
-        return net
+    def net(self, key: str, weights: Weights | None = None) -> ConvNet | OnTrunk:
+        """The network of ``key`` on images (on the shared trunk's current weights where it has one)."""
+        cfg = self.tasks[key].net
+        net = build_net(cfg)
+        load_numpy(net, self.weights[key] if weights is None else weights)
+        if cfg.trunk_blocks:
+            net = OnTrunk(build_trunk(cfg, self.weights[self.trunk_owner]), net)
+        return net.to(self.cfg.device)
+
+    def trunk(self, key: str) -> Weights | None:
+        """The trunk's weights an update of ``key`` runs on (None: an independent expert)."""
+        return self.weights[self.trunk_owner] if self.tasks[key].net.trunk_blocks else None
 
     def expert_nets(self) -> dict[int, ConvNet]:
         return {t.node: self.net(k) for k, t in self.tasks.items()}
@@ -77,7 +86,7 @@ class Federation:
         if not len(idx):
             return None
         return validation_error(self.tree, self.tasks[key], weights, d.train_x[idx], d.train_y[idx],
-                                self.prep.normalize, self.cfg.device)
+                                self.prep.normalize, self.cfg.device, trunk=self.trunk(key))
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, decoder: str | None = None) -> dict[str, float]:
         if self.kind == "hmoe":
@@ -105,7 +114,7 @@ class Federation:
         key, d = plan.assigned[client], self.prep.data
         idx, target = self.strategy.client_data(key, d.train_y, self.prep.parts[client])
         return local_update(self.tasks[key].net, self.weights[key], d.train_x[idx], target, plan.configs[client],
-                            self.prep.normalize, plan.seeds[client], self.cfg.device)
+                            self.prep.normalize, plan.seeds[client], self.cfg.device, trunk=self.trunk(key))
 
     def step(self, rnd: int) -> dict:
         """Run round ``rnd`` in process: plan, train every assigned client, close."""

@@ -44,7 +44,7 @@ from trainer.device.config import Weights
 from trainer.protocol.driver import ClientSampler, RoundDriver, RoundPlan, RunStore, config_dict
 from trainer.protocol.fleet import run_fleet
 from trainer.protocol.messages import ClientMetrics, InvalidMetrics
-from trainer.protocol.run import load_strategy_state, run_files
+from trainer.protocol.run import load_strategy_state, run_files, simulation_only
 from trainer.protocol.strategy import StrategyError
 
 logger = logging.getLogger("hmoe.coordinator")
@@ -248,6 +248,7 @@ class Coordinator:
                  limits: Limits = Limits()) -> None:
         self.run_dir = Path(run_dir)
         self.cfg, self.tree, self.spec = run_files(self.run_dir)
+        simulation_only(self.cfg, "the coordinator")
         self.min_devices = self.cfg.clients if min_devices is None else min_devices
         if not 1 <= self.min_devices <= self.cfg.clients:
             raise CoordinatorError(f"min_devices must be in [1, {self.cfg.clients}] (the run's clients); got "

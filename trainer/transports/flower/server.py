@@ -35,7 +35,7 @@ from flwr.serverapp.strategy import Strategy
 from hierarchy.errors import HmoeError
 from hierarchy.tree import write_text_atomic
 from trainer.transports.flower.client import from_record, to_record
-from trainer.protocol.run import load_input_spec, load_run_config
+from trainer.protocol.run import load_input_spec, load_run_config, simulation_only
 from trainer.transports.inprocess import Federation
 from trainer.protocol.driver import RoundPlan
 from trainer.prepare import prepare
@@ -154,6 +154,7 @@ def serve(grid: Grid, run_dir: str | Path, kind: str = "hmoe", round_timeout: fl
     from trainer.report import build_report
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
+    simulation_only(cfg, "Flower")
     prep = prepare(cfg)
     tree = prep.data.tree
     if taxonomy:
