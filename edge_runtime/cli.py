@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from edge_runtime.bundle import load_bundle
 from edge_runtime.sync import DeviceBounds
@@ -149,12 +150,27 @@ def _sync(args: argparse.Namespace) -> int:
         subtree = subtree or carried
     if subtree:
         print(f"this device carries the subtree {subtree}: it trains only the experts inside it")
-    done = sync(args.server, args.token, args.data, args.memory_cap_mb, args.rounds, args.state,
+    done = sync(args.server, read_token(args.token, args.token_file), args.data, args.memory_cap_mb, args.rounds,
+                args.state,
                 poll=args.poll, name=args.name, until_round=args.until_round, subtree=subtree,
                 bounds=DeviceBounds(max_epochs=args.max_epochs, max_lr=args.max_lr,
                                     max_sample_passes=args.max_sample_passes, reply_seconds=args.reply_seconds))
     print(f"took part in {done} rounds")
     return 0
+
+
+def read_token(token: str | None, token_file: str | None) -> str:
+    """The enrolment secret: ``token``, or the first line of ``token_file``."""
+    if token is not None:
+        return token
+    try:
+        text = Path(token_file).read_text().strip()
+    except OSError as exc:
+        raise UsageError(f"--token-file {token_file}: cannot read it ({exc.strerror}); expected a file holding the "
+                         "enrolment secret or one-time token") from None
+    if not text:
+        raise UsageError(f"--token-file {token_file} is empty; expected the enrolment secret or one-time token")
+    return text.splitlines()[0].strip()
 
 
 def _install_service(args: argparse.Namespace) -> int:
@@ -228,8 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_bench)
     p = sub.add_parser("sync", help="take part in federated rounds run by a coordinator")
     p.add_argument("--server", required=True, help="coordinator URL, e.g. http://127.0.0.1:8000")
-    p.add_argument("--token", required=True, help="the fleet's enrolment secret, or a one-time enrolment token from "
-                   "the operator (used once; the device's own token is then kept in --state, mode 0600)")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--token", help="the fleet's enrolment secret, or a one-time enrolment token from the operator "
+                     "(used once; the device's own token is then kept in --state, mode 0600). Visible in `ps` to "
+                     "every user: prefer --token-file")
+    who.add_argument("--token-file", help="a file holding the enrolment secret or one-time token (systemd: "
+                     "LoadCredential= and %%d/NAME); never in the process's arguments")
     p.add_argument("--data", required=True, help="local labelled data (class folders or .npz)")
     p.add_argument("--memory-cap-mb", type=float, default=None)
     p.add_argument("--rounds", type=int, default=None, help="rounds to take part in (default: until stopped)")

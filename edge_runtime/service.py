@@ -48,6 +48,7 @@ User={user}
 ExecStart={_exec(args)}
 Restart=on-failure
 RestartSec=5
+LimitNOFILE=65536
 MemoryMax={memory_max}
 MemorySwapMax=0
 NoNewPrivileges=yes
@@ -61,12 +62,12 @@ WantedBy=multi-user.target
 
 def sync_units(exe: str, server: str, data: Path, token_file: Path, state: Path, memory_max: str,
                cap_mb: float | None, every: str, user: str) -> tuple[str, str]:
-    # the token is read from its file by the shell at start, so it is never in the unit or `ps`
+    # the secret reaches the process as a systemd credential (a file only this unit reads), never
+    # as an argument: `ps` shows the path %d/enrol-token, not the secret
     args = [exe, "sync", "--server", server, "--data", str(data), "--state", str(state), "--rounds", "1"]
     if cap_mb:
         args += ["--memory-cap-mb", f"{cap_mb:g}"]
-    script = _exec(args) + ' --token "$(cat ' + shlex.quote(str(token_file)) + ')"'
-    command = "/bin/sh -c " + shlex.quote(script)
+    command = _exec(args) + " --token-file %d/enrol-token"
     service = f"""[Unit]
 Description=hmoe-edge: one federated round with {server}
 After=network-online.target
@@ -75,6 +76,7 @@ Wants=network-online.target
 [Service]
 Type=oneshot
 User={user}
+LoadCredential=enrol-token:{token_file}
 ExecStart={command}
 MemoryMax={memory_max}
 MemorySwapMax=0
