@@ -112,3 +112,24 @@ def test_transports_that_cannot_carry_the_trunk_yet_say_so(trunk_run, tmp_path):
 def test_trunk_blocks_beyond_the_networks_depth_are_refused():
     with pytest.raises(ValueError, match="trunk-blocks 3"):
         NetConfig((1, 28, 28), 3, width=4, depth=2, trunk_blocks=3).resolved()
+
+
+def test_a_temperature_fitted_on_validation_softens_an_overconfident_expert():
+    from trainer.evaluate import fit_temperature, softmax
+    rng = np.random.default_rng(0)
+    target = rng.integers(0, 4, 2000)
+    logits = rng.normal(0, 1, (2000, 4))
+    logits[np.arange(2000), target] += 1.0
+    sharp = logits * 6                                  # the same ranking, far too confident
+    assert fit_temperature(sharp, target) > 3
+    assert 0.6 < fit_temperature(logits, target) < 1.6
+    assert fit_temperature(sharp[:0], target[:0]) == 1.0
+    assert np.allclose(softmax(sharp, 6.0), softmax(logits))
+
+
+def test_soft_decoding_scores_a_trunk_run(trunk_run):
+    run, cfg, prep, fed = trunk_run
+    d = prep.data
+    soft = fed.evaluate(d.test_x, d.test_y, "soft:2")
+    assert 0 <= soft["info_f1"] <= 1 and soft["experts_per_input"] >= fed.evaluate(d.test_x, d.test_y)[
+        "experts_per_input"]

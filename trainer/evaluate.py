@@ -14,14 +14,53 @@ FLAT_RULES = {"leaf": leaf_rule, "majority": majority_rule}
 
 
 @torch.no_grad()
+def predict_logits(net: ConvNet, x: np.ndarray, normalize: Normalizer, batch: int = 1024,
+                   device: str = "cpu") -> np.ndarray:
+    """Logits for uint8 images ``x``."""
+    net.eval()
+    out = [net(normalize(torch.from_numpy(np.ascontiguousarray(x[lo:lo + batch]))).to(device)).float().cpu().numpy()
+           for lo in range(0, len(x), batch)]
+    return np.concatenate(out) if out else np.zeros((0, net.cfg.num_outputs), dtype=np.float32)
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    z = logits / temperature
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+TEMPERATURES = np.exp(np.linspace(np.log(0.25), np.log(8.0), 41))   # the grid a temperature is fitted on
+
+
+def fit_temperature(logits: np.ndarray, target: np.ndarray) -> float:
+    """The temperature (on ``TEMPERATURES``) whose softmax gives ``target`` the least mean negative
+    log-likelihood: Guo et al., ICML 2017's calibration, one scalar per expert; 1 without samples."""
+    if not len(target):
+        return 1.0
+    nll = [-np.mean(np.log(np.clip(softmax(logits, t)[np.arange(len(target)), target], 1e-12, None)))
+           for t in TEMPERATURES]
+    return float(TEMPERATURES[int(np.argmin(nll))])
+
+
+def fit_temperatures(tree: Hierarchy, nets: dict[int, ConvNet], x: np.ndarray, y: np.ndarray,
+                     normalize: Normalizer, device: str = "cpu") -> dict[int, float]:
+    """Every expert's temperature, fitted on the samples of ``x`` (validation) under it."""
+    out = {}
+    for expert, net in nets.items():
+        mask, target = tree.lcpn(expert, y)
+        out[expert] = fit_temperature(predict_logits(net, x[mask], normalize, device=device), target)
+    return out
+
+
+@torch.no_grad()
 def predict_probs(net: ConvNet, x: np.ndarray, normalize: Normalizer, batch: int = 1024,
-                  device: str = "cpu") -> np.ndarray:
-    """Softmax outputs for uint8 images ``x``."""
+                  device: str = "cpu", temperature: float = 1.0) -> np.ndarray:
+    """Softmax outputs for uint8 images ``x`` (of the logits over ``temperature``)."""
     net.eval()
     out = []
     for lo in range(0, len(x), batch):
         xb = normalize(torch.from_numpy(np.ascontiguousarray(x[lo:lo + batch]))).to(device)
-        out.append(torch.softmax(net(xb).float(), dim=1).cpu().numpy())
+        out.append(torch.softmax(net(xb).float() / temperature, dim=1).cpu().numpy())
     if not out:
         return np.zeros((0, net.cfg.num_outputs), dtype=np.float32)
     return np.concatenate(out)
@@ -37,10 +76,15 @@ def _scores(tree: Hierarchy, y: np.ndarray, pred: np.ndarray) -> dict:
 
 
 def evaluate_hmoe(tree: Hierarchy, nets: dict[int, ConvNet], x: np.ndarray, y: np.ndarray,
-                  normalize: Normalizer, decoder: str = "greedy", device: str = "cpu") -> dict[str, float]:
-    """Decode with ``decoder`` (greedy | beam:K | threshold:T); only visited experts run."""
+                  normalize: Normalizer, decoder: str = "greedy", device: str = "cpu",
+                  temperatures: dict[int, float] | None = None) -> dict[str, float]:
+    """Decode with ``decoder`` (greedy | beam:K | threshold:T); only visited experts run, each
+    with its ``temperatures`` entry where given (calibrated probabilities)."""
+    temperatures = temperatures or {}
+
     def expert_fn(expert: int, idx: np.ndarray) -> np.ndarray:
-        return predict_probs(nets[expert], x[idx], normalize, device=device)
+        return predict_probs(nets[expert], x[idx], normalize, device=device,
+                             temperature=temperatures.get(expert, 1.0))
 
     d = decode(tree, expert_fn, len(x), decoder)
     out = _scores(tree, y, d.nodes)

@@ -112,7 +112,8 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     """Re-evaluate a run on the test split with other decoders."""
     p.add_argument("--run", dest="run_dir", required=True, help="run directory written by hmoe train")
     p.add_argument("--decode", nargs="+", default=["greedy", "beam:2", "threshold:0.5"],
-                   help="HMoE decoders: greedy, beam:K, threshold:T")
+                   help="HMoE decoders: greedy, beam:K, threshold:T, soft:K (beam:K over probabilities calibrated "
+                   "by a temperature per expert, fitted on the run's validation split)")
     p.add_argument("--flat-rule", nargs="+", default=["leaf", "majority"], help="flat rules: leaf, majority")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(run=_eval)

@@ -13,7 +13,7 @@ import torch
 from trainer.device.client import load_numpy, local_update, to_numpy
 from trainer.device.config import Weights
 from trainer.device.nets import ConvNet, OnTrunk, build_net, build_trunk
-from trainer.evaluate import evaluate_flat, evaluate_hmoe, validation_error
+from trainer.evaluate import evaluate_flat, evaluate_hmoe, fit_temperatures, validation_error
 from trainer.prepare import Prepared, task_shares
 from trainer.protocol.driver import ClientSampler, RoundDriver, RoundPlan, RunStore
 from trainer.protocol.fleet import run_fleet
@@ -89,9 +89,19 @@ class Federation:
                                 self.prep.normalize, self.cfg.device, trunk=self.trunk(key))
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, decoder: str | None = None) -> dict[str, float]:
+        """Scores on ``x``: HMoE decoded with ``decoder`` (greedy | beam:K | threshold:T | soft:K, the
+        last a beam of K over probabilities calibrated by a temperature per expert, fitted on the
+        validation split), flat with a leaf rule."""
         if self.kind == "hmoe":
+            decoder, temperatures = decoder or "greedy", None
+            if decoder.startswith("soft:"):
+                d, idx = self.prep.data, self.prep.val_idx
+                nets = self.expert_nets()
+                temperatures = fit_temperatures(self.tree, nets, d.train_x[idx], d.train_y[idx],
+                                                self.prep.normalize, self.cfg.device)
+                decoder = "beam:" + decoder.split(":", 1)[1]
             return evaluate_hmoe(self.tree, self.expert_nets(), x, y, self.prep.normalize,
-                                 decoder or "greedy", self.cfg.device)
+                                 decoder, self.cfg.device, temperatures)
         return evaluate_flat(self.tree, self.net("flat"), x, y, self.prep.normalize, decoder or "leaf",
                              self.cfg.device)
 
