@@ -133,3 +133,20 @@ def test_soft_decoding_scores_a_trunk_run(trunk_run):
     soft = fed.evaluate(d.test_x, d.test_y, "soft:2")
     assert 0 <= soft["info_f1"] <= 1 and soft["experts_per_input"] >= fed.evaluate(d.test_x, d.test_y)[
         "experts_per_input"]
+
+
+def test_a_round_on_the_trunk_is_measured_with_the_trunk_it_holds():
+    """Table 1's figures of an expert on the trunk: its own training state, the trunk's weights
+    and the trunk's features, in a fresh process like every other round."""
+    from trainer.device.cost import task_cost
+    from trainer.device.nets import Trunk, analytic_bytes
+    cfg = NetConfig((1, 28, 28), 3, width=4, depth=2, trunk_blocks=2, trunk_width=8).resolved()
+    torch.manual_seed(0)
+    weights, trunk = to_numpy(build_net(cfg)), to_numpy(Trunk(cfg))
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (64, 1, 28, 28), dtype=np.uint8), rng.integers(0, 3, 64)
+    cost = task_cost(cfg, weights, [(x, y, LocalConfig(batch_size=16))], (0.5,), (0.25,), 0, trunk=trunk)
+    assert cost["live_mb"] > 0 and cost["time_ms"] > 0
+    analytic = analytic_bytes(cfg, 16)
+    assert analytic["trunk"] == 4 * sum(p.numel() for p in Trunk(cfg).parameters())
+    assert analytic["total"] < analytic_bytes(NetConfig((1, 28, 28), 3, width=8, depth=2), 16)["total"]

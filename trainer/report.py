@@ -72,7 +72,7 @@ def measure_family_cost(fed: Federation, num_clients: int = 3) -> dict[str, dict
         if not clients:
             continue
         out[key] = task_cost(task.net, fed.weights[key], clients, d.mean, d.std,
-                             stable_seed(fed.cfg.seed, "cost-run", key), fed.cfg.device)
+                             stable_seed(fed.cfg.seed, "cost-run", key), fed.cfg.device, trunk=fed.trunk(key))
         out[key]["clients"] = [c for c in chosen if len(s.client_data(key, d.train_y, fed.prep.parts[c])[0])]
     return out
 

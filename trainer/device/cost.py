@@ -25,7 +25,7 @@ COST_METRICS = ("time_ms", "mem_mb", "live_mb", "analytic_mb")
 def measure_update(net: NetConfig, weights: Weights, x: np.ndarray, y: np.ndarray, local: LocalConfig,
                    mean: tuple[float, ...], std: tuple[float, ...], seed: int, device: str = "cpu",
                    threads: int | None = None, timeout: float = 1800, repeats: int = 3,
-                   micro_batch: int | None = None, live_peak: bool = False) -> dict:
+                   micro_batch: int | None = None, live_peak: bool = False, trunk: Weights | None = None) -> dict:
     """Run one local update in a new Python process (trainer.device.cost_worker) and return
     its peak RSS growth over the idle process (MB) and its wall time (ms, the median of
     ``repeats`` identical updates in that process); with ``live_peak``, also the peak of
@@ -36,6 +36,10 @@ def measure_update(net: NetConfig, weights: Weights, x: np.ndarray, y: np.ndarra
         np.save(tmp_path / "x.npy", np.ascontiguousarray(x))
         np.save(tmp_path / "y.npy", np.asarray(y, dtype=np.int64))
         save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(tmp_path / "w.safetensors"))
+        if net.trunk_blocks:   # an expert on the shared trunk: the round holds the trunk's weights too
+            from trainer.device.nets import trunk_weights
+            save_file({k: np.ascontiguousarray(v) for k, v in trunk_weights(net, trunk).items()},
+                      str(tmp_path / "trunk.safetensors"))
         spec = {"net": json.loads(net.to_json()), "local": local.to_dict(), "mean": list(mean), "std": list(std),
                 "seed": seed, "device": device, "threads": threads, "repeats": repeats,
                 "micro_batch": micro_batch, "live_peak": live_peak}
@@ -70,10 +74,11 @@ def summarize_costs(per_task: dict[str, dict]) -> dict:
 
 
 def task_cost(net: NetConfig, weights: Weights, clients: list[tuple[np.ndarray, np.ndarray, LocalConfig]],
-              mean: tuple[float, ...], std: tuple[float, ...], seed: int, device: str = "cpu") -> dict:
+              mean: tuple[float, ...], std: tuple[float, ...], seed: int, device: str = "cpu",
+              trunk: Weights | None = None) -> dict:
     """Median over the given clients' local updates (images, targets, hyper-parameters),
     beside the analytic count."""
-    runs = [measure_update(net, weights, x, y, local, mean, std, seed + i, device, live_peak=True)
+    runs = [measure_update(net, weights, x, y, local, mean, std, seed + i, device, live_peak=True, trunk=trunk)
             for i, (x, y, local) in enumerate(clients)]
     local = clients[0][2]
     slots = 2 if local.optimizer == "adam" else (1 if local.momentum else 0)
@@ -101,14 +106,16 @@ def measure_profile(net: NetConfig, local: LocalConfig, x: np.ndarray, y: np.nda
     import torch
 
     from trainer.device.client import to_numpy
-    from trainer.device.nets import build_net
+    from trainer.device.nets import Trunk, build_net
     torch.manual_seed(seed)
     weights = to_numpy(build_net(net))
+    trunk = to_numpy(Trunk(net)) if net.trunk_blocks else None
     one = LocalConfig(**{**local.to_dict(), "epochs": 1})
-    full = measure_update(net, weights, x[:samples], y[:samples], one, mean, std, seed, device, threads=1)
+    full = measure_update(net, weights, x[:samples], y[:samples], one, mean, std, seed, device, threads=1,
+                          trunk=trunk)
     n1 = max(1, samples // 4)
     mb1 = measure_update(net, weights, x[:n1], y[:n1], one, mean, std, seed, device, threads=1, repeats=1,
-                         micro_batch=1)
+                         micro_batch=1, trunk=trunk)
     return {"ms_per_sample": full["time_ms"] / full["samples"], "mem_mb": full["mem_mb"],
             "ms_per_sample_mb1": mb1["time_ms"] / mb1["samples"], "mem_mb_mb1": mb1["mem_mb"],
             "params": sum(int(np.prod(s)) for s in net.param_shapes().values()),

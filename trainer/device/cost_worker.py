@@ -71,7 +71,7 @@ def warm_up(net, local, normalize, device: str) -> None:
 
     from trainer.device.client import local_update
     from trainer.device.nets import NetConfig
-    tiny = NetConfig(net.in_shape, 2, width=1, depth=net.depth, hidden=2)
+    tiny = NetConfig(net.in_shape, 2, width=1, depth=net.depth, hidden=2)   # (no trunk: an image network)
     x = np.zeros((2, *net.in_shape), dtype=np.uint8)
     local_update(tiny, None, x, np.array([0, 1]), replace(local, prior=()), normalize, seed=0, device=device)
 
@@ -93,6 +93,7 @@ def main(folder: str) -> int:
     local = LocalConfig(**spec["local"])
     x, y = np.load(d / "x.npy"), np.load(d / "y.npy")
     weights = load_file(str(d / "w.safetensors"))
+    trunk = load_file(str(d / "trunk.safetensors")) if (d / "trunk.safetensors").exists() else None
     normalize = Normalizer(tuple(spec["mean"]), tuple(spec["std"]))
     device = spec.get("device", "cpu")
     micro = spec.get("micro_batch")
@@ -102,16 +103,16 @@ def main(folder: str) -> int:
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        _, metrics = local_update(net, weights, x, y, local, normalize, spec["seed"], device, micro)
+        _, metrics = local_update(net, weights, x, y, local, normalize, spec["seed"], device, micro, trunk=trunk)
         result.update(mem_mb=(torch.cuda.max_memory_allocated() - base) / MB, method="torch.cuda.max_memory_allocated")
     else:
         baseline = psutil.Process().memory_info().rss
         if reset_peak() and _status_kb("VmHWM") is not None:
-            _, metrics = local_update(net, weights, x, y, local, normalize, spec["seed"], device, micro)
+            _, metrics = local_update(net, weights, x, y, local, normalize, spec["seed"], device, micro, trunk=trunk)
             peak, method = _status_kb("VmHWM") * 1024, "VmHWM after clear_refs"
         else:
             with Sampler() as s:
-                _, metrics = local_update(net, weights, x, y, local, normalize, spec["seed"], device, micro)
+                _, metrics = local_update(net, weights, x, y, local, normalize, spec["seed"], device, micro, trunk=trunk)
             peak, method = s.peak, "psutil RSS sampling"
         result.update(mem_mb=max(0, peak - baseline) / MB, baseline_mb=baseline / MB, peak_mb=peak / MB,
                       method=method)
@@ -119,17 +120,17 @@ def main(folder: str) -> int:
     # one run of a few hundred ms on a shared machine swings by +-30%.
     times = [metrics["train_seconds"] * 1000.0]
     for _ in range(int(spec.get("repeats", 1)) - 1):
-        _, again = local_update(net, weights, x, y, local, normalize, spec["seed"], device, micro)
+        _, again = local_update(net, weights, x, y, local, normalize, spec["seed"], device, micro, trunk=trunk)
         times.append(again["train_seconds"] * 1000.0)
     result["times_ms"] = times
     result["time_ms"] = float(np.median(times))
     if spec.get("live_peak"):
-        result["live_peak_mb"] = live_tensor_peak(net, weights, x, y, local, normalize, device, micro) / MB
+        result["live_peak_mb"] = live_tensor_peak(net, weights, x, y, local, normalize, device, micro, trunk) / MB
     (d / "result.json").write_text(json.dumps(result))
     return 0
 
 
-def live_tensor_peak(net, weights, x, y, local, normalize, device: str, micro) -> int:
+def live_tensor_peak(net, weights, x, y, local, normalize, device: str, micro, trunk=None) -> int:
     """Peak bytes of live torch tensors during one optimizer step of the update (a network
     built, its weights loaded, one batch forward and backward, the optimizer's state
     created), from torch.profiler's memory events: the allocator's own count, which is the
@@ -143,7 +144,7 @@ def live_tensor_peak(net, weights, x, y, local, normalize, device: str, micro) -
     from trainer.device.client import local_update
     n = min(len(y), local.batch_size)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        local_update(net, weights, x[:n], y[:n], replace(local, epochs=1), normalize, 0, device, micro)
+        local_update(net, weights, x[:n], y[:n], replace(local, epochs=1), normalize, 0, device, micro, trunk=trunk)
     events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                     if e.name() == "[memory]")
     return int(np.cumsum([b for _, b in events]).max(initial=0))

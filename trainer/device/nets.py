@@ -94,6 +94,7 @@ def analytic_bytes(cfg: NetConfig, batch_size: int, optimizer_slots: int = 1) ->
     """Parameters + gradients + optimizer state + one batch of activations (float32)."""
     net = build_net(cfg)
     params = num_params(net)
+    trunk = num_params(Trunk(cfg)) if cfg.resolved().trunk_blocks else 0   # held for its forward, not trained
     acts = 0
 
     def count(_m, _inp, out):
@@ -102,10 +103,12 @@ def analytic_bytes(cfg: NetConfig, batch_size: int, optimizer_slots: int = 1) ->
 
     hooks = [m.register_forward_hook(count) for m in net.modules() if not list(m.children())]
     with torch.no_grad():
-        net(torch.zeros(batch_size, *cfg.resolved().in_shape))
+        net(torch.zeros(batch_size, *cfg.feature_shape()))
     for h in hooks:
         h.remove()
     out = {"params": params * 4, "grads": params * 4, "optimizer": optimizer_slots * params * 4,
-           "activations": (acts + batch_size * int(torch.tensor(cfg.resolved().in_shape).prod())) * 4}
+           "activations": (acts + batch_size * int(np.prod(cfg.feature_shape()))) * 4}
+    if trunk:
+        out["trunk"] = trunk * 4
     out["total"] = sum(out.values())
     return out
