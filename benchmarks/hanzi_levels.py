@@ -26,8 +26,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from trainer.device.client import load_numpy
-    from trainer.device.nets import build_net
     from trainer.prepare import prepare
     from trainer.protocol.run import load_run_config
     from trainer.transports.inprocess import Federation
@@ -35,11 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     prep = prepare(cfg)
     fed = Federation(Path(args.run), "hmoe", cfg, prep)
     d, tree = prep.data, prep.data.tree
-    nets = {}
-    for key, task in fed.tasks.items():
-        net = build_net(task.net)
-        load_numpy(net, fed.weights[key])
-        nets[task.node] = net.eval()
+    nets = {task.node: fed.net(key).eval() for key, task in fed.tasks.items()}   # (on the trunk where shared)
     root = int(tree.experts[0])
     kids = np.array(tree.children(root))
 

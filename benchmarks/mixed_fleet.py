@@ -50,7 +50,9 @@ def fleet_for(share: float, args: argparse.Namespace) -> Fleet:
 
 
 def base_config(args: argparse.Namespace, alpha: float) -> RunConfig:
-    return replace(DEMO, dataset=args.dataset, warm_start=args.warm_start, clients=args.clients,
+    return replace(DEMO, dataset=args.dataset, warm_start=args.warm_start, trunk_blocks=args.trunk_blocks,
+                   partition=args.partition,
+                   clients=args.clients,
                    clients_per_round=args.clients_per_round, alpha=alpha,
                    hmoe_rounds=args.rounds, flat_rounds=args.rounds, train_limit=args.train_limit,
                    test_limit=args.test_limit, expert_width=args.expert_width, expert_widths=args.expert_widths,
@@ -96,9 +98,10 @@ def run_one(job: dict, args: argparse.Namespace) -> dict:
     fleet_file.write_text(json.dumps(job["fleet"], indent=1) + "\n")
     kind = "hmoe" if job["model"].startswith("hmoe") else "flat"
     cmd = [sys.executable, "-m", "exporter.cli", "train", "--model", kind, "--dataset", args.dataset,
-           "--warm-start", str(args.warm_start),
+           "--warm-start", str(args.warm_start), "--trunk-blocks", str(args.trunk_blocks if kind == "hmoe" else 0),
+           "--partition", args.partition,
            "--out", str(run), "--fleet", str(fleet_file), "--fleet-costs", str(job["costs"]),
-           "--assignment", "one" if job["model"] == "hmoe-one" else "resource-aware", "--alpha", str(job["alpha"]), "--clients", str(args.clients),
+           "--assignment", "one" if job["model"] == "hmoe-one" else args.assignment, "--alpha", str(job["alpha"]), "--clients", str(args.clients),
            "--clients-per-round", str(args.clients_per_round), "--hmoe-rounds", str(args.rounds),
            "--flat-rounds", str(args.rounds), "--train-limit", str(args.train_limit),
            "--test-limit", str(args.test_limit), "--expert-width", str(args.expert_width),
@@ -171,6 +174,12 @@ def main() -> int:
     p.add_argument("--dataset", default=DEMO.dataset, help="the data set (hmoe train --dataset), e.g. hanzi:100")
     p.add_argument("--warm-start", type=int, default=0, help="HMoE: rounds the root trains alone first "
                    "(hmoe train --warm-start)")
+    p.add_argument("--trunk-blocks", type=int, default=0, help="HMoE: experts on a shared trunk of this many "
+                   "conv blocks (hmoe train --trunk-blocks)")
+    p.add_argument("--assignment", default="resource-aware", choices=("resource-aware", "spread"),
+                   help="hmoe's assignment (hmoe train --assignment; spread for many-class trees)")
+    p.add_argument("--partition", default="dirichlet", choices=("dirichlet", "iid"),
+                   help="how the data is split (iid: --alphas only labels the cell)")
     p.add_argument("--alphas", type=float, nargs="+", default=[0.5, 0.1])
     p.add_argument("--weak-shares", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))

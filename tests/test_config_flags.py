@@ -57,3 +57,20 @@ def test_a_saved_config_is_checked_like_the_flags():
         RunConfig.from_dict({**saved, "local": {**saved["local"], "epochs": 0}})
     with pytest.raises(UsageError, match="unknown run settings"):
         RunConfig.from_dict({**saved, "rounds_per_day": 3})
+
+
+def test_a_data_set_with_defaults_of_its_own_starts_from_them_and_flags_still_win():
+    """`hmoe train --dataset hanzi:N` alone runs the configuration measured best on the glyphs
+    (trainer.protocol.run.DATASET_DEFAULTS); any flag given overrides it; other data sets keep
+    the fields' defaults."""
+    from trainer.protocol.run import DATASET_DEFAULTS
+    hanzi = DATASET_DEFAULTS["hanzi"]
+    cfg = config_from_args(parser().parse_args(["--dataset", "hanzi:300"]))
+    for name, value in hanzi.items():
+        assert getattr(cfg, name) == value, name
+    cfg = config_from_args(parser().parse_args(["--dataset", "hanzi", "--trunk-blocks", "0", "--assignment", "one",
+                                                "--hmoe-rounds", "7"]))
+    assert (cfg.trunk_blocks, cfg.assignment, cfg.hmoe_rounds) == (0, "one", 7)
+    assert cfg.warm_start == hanzi["warm_start"]
+    assert config_from_args(parser().parse_args(["--dataset", "cifar100"])) == RunConfig(dataset="cifar100")
+    assert "hanzi: spread" in {o: a for a in parser()._actions for o in a.option_strings}["--assignment"].help

@@ -12,10 +12,11 @@ from dataclasses import MISSING, Field, fields
 
 from hierarchy.errors import UsageError
 from trainer.device.config import LocalConfig
-from trainer.protocol.run import REMEDIES, RunConfig, load_run_config
+from trainer.protocol.run import DATASET_DEFAULTS, REMEDIES, RunConfig, dataset_defaults, load_run_config
 
 ROUNDS = ("hmoe_rounds", "flat_rounds")   # left unset, they keep a resumed or grown run's own count
 UNSET_KEEPS = {name.rpartition(".")[2] for name in REMEDIES}   # label-skew settings: a run keeps them for life
+PROFILED = {name for d in DATASET_DEFAULTS.values() for name in d}   # unset: the data set's own default
 
 
 def flag_name(f: Field) -> str:
@@ -29,9 +30,15 @@ def _default(f: Field):
 def _add(group: argparse._ArgumentGroup, f: Field, default) -> None:
     meta, name = f.metadata, flag_name(f)
     shown = "" if default in (None, "", {}) or isinstance(default, dict) else f" (default: {default})"
-    kw: dict = {"dest": f.name, "help": meta["help"] + shown}
+    own = [f"{family}: {d[f.name]}" for family, d in DATASET_DEFAULTS.items() if f.name in d]
+    if own:
+        shown = f" (default: {default if default not in (None, '') else 'none'}; {'; '.join(own)})"
+    kw: dict = {"dest": f.name, "help": (meta["help"] + shown).replace("%", "%%")}
     if f.name in ROUNDS:
         kw.update(type=int, default=None)
+    elif f.name in PROFILED:   # left unset, the data set's default (DATASET_DEFAULTS), else the field's
+        kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
+        kw.update(type=kind, default=None, choices=list(meta["choices"]) if meta.get("choices") else None)
     elif f.name in UNSET_KEEPS:   # left unset, a resumed run keeps its own value
         if isinstance(default, bool):
             kw.update(action=argparse.BooleanOptionalAction, default=None)
@@ -90,10 +97,14 @@ def config_from_args(args: argparse.Namespace, resume: bool = False) -> RunConfi
     if resume and out and (Path(out) / "config.json").is_file():
         saved = load_run_config(Path(out))
 
+    profile = dataset_defaults(saved.dataset if saved is not None and args.dataset is None else args.dataset)
+
     def value_of(f: Field, owner):
         value = getattr(args, f.name)
         if f.name in UNSET_KEEPS and value is None:   # unset: the resumed run's own, or the default
             return getattr(owner(saved), f.name) if saved is not None else _default(f)
+        if f.name in PROFILED and f.name not in ROUNDS and value is None:
+            return getattr(owner(saved), f.name) if saved is not None else profile.get(f.name, _default(f))
         return value
 
     values: dict = {}
@@ -104,7 +115,7 @@ def config_from_args(args: argparse.Namespace, resume: bool = False) -> RunConfi
             continue
         value = value_of(f, lambda c: c)
         if f.name in ROUNDS and value is None:
-            value = 0 if resume else _default(f)
+            value = 0 if resume else profile.get(f.name, _default(f))
         elif f.metadata.get("parse") and value is not None:
             value = _parse(f.metadata["parse"], value, flag_name(f))
         values[f.name] = value

@@ -229,6 +229,21 @@ def simulation_only(cfg: RunConfig, what: str) -> None:
                        "trunk train in the in-process simulation only in this release); train it with `hmoe train`")
 
 
+# The settings a data set starts from when its flags are not given (`hmoe train --dataset
+# hanzi:500` alone runs the configuration docs/TRAINING.md measured best there); a flag given
+# on the command line always wins. Keyed by the data set's family (its name before any ':').
+DATASET_DEFAULTS: dict[str, dict] = {
+    "hanzi": {"partition": "iid", "clients_per_round": 20, "assignment": "spread", "min_cohort": 2,
+              "warm_start": 30, "expert_widths": "map:root=32", "trunk_blocks": 2,
+              "hmoe_rounds": 100, "flat_rounds": 100},
+}
+
+
+def dataset_defaults(dataset: str | None) -> dict:
+    """``DATASET_DEFAULTS`` of ``dataset``'s family ({} for a data set without any)."""
+    return DATASET_DEFAULTS.get(str(dataset or "").split(":", 1)[0], {})
+
+
 def load_run_config(run_dir: Path) -> RunConfig:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
