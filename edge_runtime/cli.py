@@ -154,7 +154,8 @@ def _sync(args: argparse.Namespace) -> int:
                 args.state,
                 poll=args.poll, name=args.name, until_round=args.until_round, subtree=subtree,
                 bounds=DeviceBounds(max_epochs=args.max_epochs, max_lr=args.max_lr,
-                                    max_sample_passes=args.max_sample_passes, reply_seconds=args.reply_seconds))
+                                    max_sample_passes=args.max_sample_passes, reply_seconds=args.reply_seconds,
+                                    max_weights_bytes=int(args.max_weights_mb * (1 << 20))))
     print(f"took part in {done} rounds")
     return 0
 
@@ -266,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-epochs", type=int, default=b.max_epochs,
                    help="refuse an assignment asking for more local epochs than this")
     p.add_argument("--max-lr", type=float, default=b.max_lr, help="refuse a larger learning rate")
+    p.add_argument("--max-weights-mb", type=float, default=b.max_weights_bytes / (1 << 20),
+                   help="refuse an expert whose weights are larger, whatever the coordinator's manifest declares "
+                        "(with --memory-cap-mb: at most a quarter of it)")
     p.add_argument("--max-sample-passes", type=int, default=b.max_sample_passes,
                    help="refuse a round whose epochs x samples is larger (its work)")
     p.add_argument("--reply-seconds", type=float, default=b.reply_seconds,

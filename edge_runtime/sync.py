@@ -52,6 +52,8 @@ class DeviceBounds:
     max_abs_weight: float = 1e4            # no weight of a sane expert is near this
     max_json_bytes: int = 1 << 20          # an assignment, enrolment or update answer
     max_manifest_bytes: int = 64 << 20     # the manifest (a 4,000-class tree is a few MB)
+    max_weights_bytes: int = 64 << 20      # one expert's weights, whatever the manifest declares (the
+                                           # largest shipped expert is about 2 MB; --memory-cap-mb lowers it)
     reply_seconds: float = 60.0            # a whole reply, from the request to its last byte
     read_seconds: float = 10.0             # silence between two bytes of a reply
 
@@ -304,6 +306,13 @@ def sync(server: str, secret: str, data: str | os.PathLike, memory_cap_mb: float
                 raise client.fail(what, f"hyperparameters {name_} {value:g} is over this device's bound {most:g}")
         shapes = expected_shapes(bundle, expert)
         limit = 8 + 1024 + 256 * len(shapes) + sum(4 * int(np.prod(s)) for s in shapes.values()) + 4096
+        # the manifest is the coordinator's word: the device's own limits bound the download too
+        own = bounds.max_weights_bytes if memory_cap_mb is None else min(bounds.max_weights_bytes,
+                                                                           int(memory_cap_mb * (1 << 20)) // 4)
+        if limit > own:
+            raise client.fail(f"GET /weights/{expert}", f"the manifest declares {limit} bytes of weights for "
+                              f"{expert}; this device takes at most {own} (its own limit: --max-weights-mb, a "
+                              "quarter of --memory-cap-mb)")
         r = client.request("GET", f"/weights/{quote(expert, safe='')}", limit=limit, what=f"GET /weights/{expert}")
         if r.status_code != 200:
             raise client.fail(f"GET /weights/{expert}", f"refused ({r.status_code}): {r.text}")

@@ -66,6 +66,12 @@ class Hostile:
         if path == "/enroll":
             return JSONResponse({"device_id": "dev", "token": "tok"})
         if path == "/manifest":
+            if m == "a huge expert in the manifest":   # declares the assigned expert 4,096 channels wide
+                manifest = json.loads(json.dumps(self.real["manifest"]))
+                for entry in manifest["experts"].values() if isinstance(manifest["experts"], dict) \
+                        else manifest["experts"]:
+                    entry["net"]["width"], entry["net"]["hidden"] = 4096, 16384
+                return JSONResponse(manifest)
             return JSONResponse({"hierarchy": "nope"} if m == "bad manifest" else self.real["manifest"])
         if path == "/assignment":
             changes = {"epochs a million": {"hyperparameters": {**a["hyperparameters"], "epochs": 1_000_000}},
@@ -102,7 +108,7 @@ class Hostile:
         if path.startswith("/weights/"):
             data = self.real["weights"]
             w = load(data)
-            if m == "a gigabyte of weights":
+            if m in ("a gigabyte of weights", "a huge expert in the manifest"):
                 async def gigabyte():
                     for _ in range(16384):
                         yield b"\0" * 65536
@@ -179,6 +185,7 @@ BAD = {   # mode -> what the one line must say
     "no checksum": "SHA-256",
     "other version": "X-Weights-Version",
     "bad manifest": "GET /manifest",
+    "a huge expert in the manifest": "this device takes at most",
 }
 
 
@@ -203,6 +210,8 @@ def test_a_bad_reply_is_one_clear_line_in_bounded_time_and_memory(hostile, devic
     assert state.read_bytes() == before   # the last good state is kept
     allowed = {"GET /manifest", "GET /assignment", f"GET /weights/{hostile.real['assignment']['expert']}"}
     assert set(hostile.requests) <= allowed, hostile.requests   # no request it did not mean to send
+    if mode == "a huge expert in the manifest":   # refused by the device's own limit, before a byte is fetched
+        assert not any(r.startswith("GET /weights/") for r in hostile.requests), hostile.requests
 
 
 def test_an_honest_reply_trains_and_sends(hostile, device_data, tmp_path):
