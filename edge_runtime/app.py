@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -44,6 +45,19 @@ def documented(ok: dict, *codes: int) -> dict:
             **{c: {"description": WHY[c], "content": {"application/json": {"schema": ERROR_BODY}}} for c in codes}}
 
 
+TRIM_AFTER_BYTES = 1 << 20   # a body this large may leave heap glibc keeps: hand it back after
+
+
+def give_memory_back() -> None:
+    """glibc's malloc_trim(0): free heap pages go back to the system (large bodies freed in a
+    burst otherwise stay resident, raised mmap thresholds putting the next ones on the heap)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc: nothing to do
+        pass
+
+
 def resident_mb() -> float:
     import psutil
     return psutil.Process(os.getpid()).memory_info().rss / 2**20
@@ -52,12 +66,16 @@ def resident_mb() -> float:
 def create_app(bundle: str | os.PathLike, memory_budget_mb: float | None = None, token: str | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, max_pixels: int = MAX_PIXELS, threads: int = 1,
                decoder: str = "greedy", workers: int = 2, max_queued: int = 64,
-               body_timeout: float = 30.0, pack: str | os.PathLike | None = None, mmap: bool = False) -> FastAPI:
+               body_timeout: float = 30.0, pack: str | os.PathLike | None = None, mmap: bool = False,
+               max_uploads: int = 8) -> FastAPI:
+    """The app; at most ``max_uploads`` request bodies are held in memory at once (each up to
+    ``max_body_bytes``): past that a prediction is answered 503 at once, before its body is read."""
     engine = Engine(bundle, memory_budget_mb=memory_budget_mb, threads=threads, pack=pack, mmap=mmap)
     parse_decoder(decoder)
     lock = threading.Lock()
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hmoe-predict")
     busy = [0]   # requests in the pool or waiting for it (the event loop is the only writer)
+    uploading = [0]   # of those, the ones whose body is still arriving
     app = FastAPI(title="hmoe-edge", description="Hierarchical mixture-of-experts inference on this device.")
     app.state.engine = engine
     # a personalised bundle holds one subtree: every answer is a node inside it (the best one for
@@ -82,12 +100,15 @@ def create_app(bundle: str | os.PathLike, memory_budget_mb: float | None = None,
 
     async def read_limited(request: Request, limit: int) -> bytes:
         chunks, size = [], 0
-        async for chunk in request.stream():
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                raise ImageError(f"body larger than the limit of {max_body_bytes} bytes", 413)
-        return b"".join(chunks)
+        try:
+            async for chunk in request.stream():
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > limit:
+                    raise ImageError(f"body larger than the limit of {max_body_bytes} bytes", 413)
+            return b"".join(chunks)
+        finally:   # a failed read's chunks are not kept alive by the exception's traceback
+            chunks.clear()
 
     async def read_image(request: Request) -> bytes:
         length = request.headers.get("content-length")
@@ -163,9 +184,24 @@ def create_app(bundle: str | os.PathLike, memory_budget_mb: float | None = None,
         if busy[0] >= workers + max_queued:
             raise HTTPException(503, f"busy: {busy[0]} predictions in progress; retry shortly",
                                 headers={"Retry-After": "1"})
+        if uploading[0] >= max_uploads:
+            raise HTTPException(503, f"busy: {uploading[0]} images arriving; retry shortly",
+                                headers={"Retry-After": "1"})
         busy[0] += 1
+        declared = request.headers.get("content-length", "")
+        big = not declared.isdigit() or int(declared) > TRIM_AFTER_BYTES
         try:
-            pred = await asyncio.wrap_future(pool.submit(work, await read_image(request), spec))
+            uploading[0] += 1
+            try:
+                data = await read_image(request)
+            finally:
+                uploading[0] -= 1
+                if big and uploading[0] == 0 and sys.exc_info()[0] is not None:
+                    give_memory_back()   # the last large body of a burst failed to arrive
+            pred = await asyncio.wrap_future(pool.submit(work, data, spec))
+            del data
+            if big and uploading[0] == 0:
+                give_memory_back()
         except (InputError, DecodeError) as exc:
             raise HTTPException(422, str(exc)) from None
         except BundleError as exc:

@@ -65,7 +65,7 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(args.bundle, memory_budget_mb=args.memory_budget_mb, token=args.token,
                      max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels, threads=args.threads,
                      decoder=args.decode, workers=args.workers, body_timeout=args.body_timeout, pack=args.pack,
-                     mmap=args.mmap)
+                     mmap=args.mmap, max_uploads=args.max_uploads)
     serve(app, args.host, args.port, args.log_level)
     return 0
 
@@ -215,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest accepted image (width x height)")
     p.add_argument("--workers", type=int, default=2, help="threads that decode images and run the experts")
     p.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request body may take to arrive (408)")
+    p.add_argument("--max-uploads", type=int, default=8, help="request bodies held in memory at once (each up to "
+                   "--max-body-bytes); past that a prediction is answered 503 before its body is read")
     p.add_argument("--log-level", default="warning")
     p.set_defaults(run=_serve)
     p = sub.add_parser("pack", help="lay out every expert's weights for this CPU once, so experts streamed under "

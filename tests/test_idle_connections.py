@@ -105,3 +105,54 @@ def test_the_file_limit_is_raised_to_the_hard_limit_and_connections_capped_below
                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 2048))).stdout.split()
     assert [int(v) for v in out] == [2048 - SPARE_FILES, 2048, 2048]
     assert connection_limit() >= 16
+
+
+@pytest.mark.slow
+def test_many_large_uploads_held_open_cost_a_bounded_memory_given_back(bundle_dir):
+    """Issue 37: 70 concurrent 8 MB uploads held open took `serve` from 122 to 640 MB, and it
+    stayed there. Now at most --max-uploads bodies arrive at once (the rest: 503 before their
+    body is read), and the memory goes back once they are done."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([edge_exe(), "serve", "--bundle", str(bundle_dir), "--port", str(port),
+                             "--body-timeout", "20"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def rss_mb() -> float:
+        for line in open(f"/proc/{proc.pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    size = 8 * 1024 * 1024
+    socks = []
+    try:
+        wait_for_http(url + "/health", proc)
+        before = rss_mb()
+        for _ in range(70):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {size}\r\n\r\n"
+                      .encode())
+            s.sendall(b"\0" * (size - 1024))   # all but the last KB: held open
+            socks.append(s)
+        time.sleep(1.0)
+        refused = 0
+        for s in socks:
+            s.settimeout(0.2)
+            try:
+                refused += s.recv(64).startswith(b"HTTP/1.1 503")
+            except OSError:
+                pass
+        held = rss_mb()
+        assert refused >= 70 - 8, refused
+        assert held - before < 8 * 9 + 60, (before, held)   # 8 bodies of 8 MB at most, and slack
+        for s in socks:
+            s.close()
+        socks = []
+        time.sleep(2.0)
+        health_within(url)
+        assert rss_mb() - before < 40, (before, rss_mb())
+    finally:
+        for s in socks:
+            s.close()
+        proc.terminate()
+        proc.wait(10)
