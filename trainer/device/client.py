@@ -106,8 +106,9 @@ def local_update(net_cfg: NetConfig, weights: Weights | None, x: np.ndarray, y: 
     while peak memory follows the micro-batch.
 
     An expert on a shared trunk (``net_cfg.trunk_blocks``) needs ``trunk``: the trunk's tensors
-    (the root expert's weights, or just their trunk part). The trunk runs forward once over the
-    samples, without gradients, and only the expert trains on its features.
+    (the root expert's weights, or just their trunk part). The trunk runs forward on each batch,
+    without gradients, and only the expert trains on its features: the round holds the trunk's
+    weights and one batch of its features, never the features of every sample.
     """
     if len(x) == 0:
         raise UsageError("local_update needs at least one sample")
@@ -118,29 +119,23 @@ def local_update(net_cfg: NetConfig, weights: Weights | None, x: np.ndarray, y: 
     torch.set_num_threads(threads)
     try:
         if net_cfg.trunk_blocks:
-            start = time.perf_counter()
-            x, normalize = trunk_features(net_cfg, trunk, x, normalize, cfg.batch_size, device), identity
-            weights_out, metrics = _update(net_cfg, weights, x, y, cfg, normalize, seed, device, micro_batch)
-            metrics["train_seconds"] = time.perf_counter() - start   # the trunk's pass included
-            return weights_out, metrics
+            normalize = OnTrunkInput(net_cfg, trunk, normalize, device)
         return _update(net_cfg, weights, x, y, cfg, normalize, seed, device, micro_batch)
     finally:
         torch.set_num_threads(previous)
 
 
-def identity(x: torch.Tensor) -> torch.Tensor:
-    return x
+class OnTrunkInput:
+    """A batch of uint8 images -> the frozen trunk's features of it (no gradients): what an
+    expert on the shared trunk trains on, one batch at a time."""
 
+    def __init__(self, net_cfg: NetConfig, trunk: Weights, normalize: Normalizer, device: str) -> None:
+        from trainer.device.nets import build_trunk
+        self.trunk, self.normalize, self.device = build_trunk(net_cfg, trunk).to(device), normalize, device
 
-@torch.no_grad()
-def trunk_features(net_cfg: NetConfig, trunk: Weights, x: np.ndarray, normalize: Normalizer, batch: int,
-                   device: str = "cpu") -> np.ndarray:
-    """The frozen trunk's output for uint8 images ``x`` (float32, in batches of ``batch``)."""
-    from trainer.device.nets import build_trunk
-    net = build_trunk(net_cfg, trunk).to(device)
-    out = [net(normalize(torch.from_numpy(np.ascontiguousarray(x[lo:lo + batch]))).to(device)).cpu()
-           for lo in range(0, len(x), batch)]
-    return torch.cat(out).numpy()
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(self.normalize(x).to(self.device))
 
 
 def _update(net_cfg: NetConfig, weights: Weights | None, x: np.ndarray, y: np.ndarray, cfg: LocalConfig,

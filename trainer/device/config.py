@@ -99,7 +99,7 @@ class NetConfig:
 
     def trunk_macs(self) -> int:
         """Multiply-accumulates of one sample's pass through the trunk this network runs on (0
-        without one): a round runs it forward once per sample, without gradients."""
+        without one): a round runs it forward on every batch, without gradients."""
         cfg = self.resolved()
         c, h, w = cfg.in_shape
         macs = 0
