@@ -105,8 +105,11 @@ def expert_weights(bundle: Bundle, expert: str) -> dict[str, np.ndarray]:
 
 def train_expert(bundle: Bundle | str | os.PathLike, expert: str, x: np.ndarray, labels: np.ndarray,
                  memory_cap_mb: float | None, local=None, seed: int = 0,
-                 weights: dict[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], dict]:
-    """Train ``expert`` on uint8 images ``x`` with leaf ``labels``; returns new weights and a report."""
+                 weights: dict[str, np.ndarray] | None = None,
+                 trunk: dict[str, np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """Train ``expert`` on uint8 images ``x`` with leaf ``labels``; returns new weights and a report.
+    An expert on a shared trunk needs ``trunk``, the trunk's weights (the coordinator's current
+    ones; a bundle's own experts on a trunk are not trainable from the bundle alone yet)."""
     from trainer.device.client import LocalConfig, Normalizer, local_update
     from trainer.device.nets import NetConfig
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
@@ -119,42 +122,47 @@ def train_expert(bundle: Bundle | str | os.PathLike, expert: str, x: np.ndarray,
         raise TrainError(f"none of the {len(labels)} local samples lies under {expert!r}; nothing to train")
     xs = np.ascontiguousarray(x[mask])
     net_cfg = NetConfig.from_json(json.dumps(bundle.experts[expert].net))
+    if net_cfg.trunk_blocks and trunk is None:
+        raise TrainError(f"{expert!r} runs on the run's shared trunk; training it needs the trunk's weights "
+                         "(hmoe-edge sync fetches them from the coordinator)")
     weights = weights if weights is not None else expert_weights(bundle, expert)
     normalize = Normalizer(bundle.input_spec.mean, bundle.input_spec.std)
     report: dict = {"expert": expert, "samples": int(mask.sum()), "memory_cap_mb": memory_cap_mb,
                     "effective_batch": local.batch_size, "seed": seed}
     plan = None
-    loss_before = _loss(net_cfg, weights, xs, target, normalize)
+    loss_before = _loss(net_cfg, weights, xs, target, normalize, trunk=trunk)
     if memory_cap_mb is not None:
         release_freed_memory()
         warm_up(net_cfg, local, normalize)
         meter = PeakMeter()
         try:
-            plan = plan_micro_batch(net_cfg, local, normalize, xs, target, memory_cap_mb, meter)
+            plan = plan_micro_batch(net_cfg, local, normalize, xs, target, memory_cap_mb, meter, trunk=trunk)
         except MemoryCapError as exc:
             raise TrainError(str(exc)) from None
         report.update(micro_batch=plan.micro_batch, probe_growth_mb=plan.predicted_mb, probes_mb=plan.probes)
         meter.reset()
     t = time.perf_counter()
     new, metrics = local_update(net_cfg, weights, xs, target, local, normalize, seed,
-                                micro_batch=plan.micro_batch if plan else None)
+                                micro_batch=plan.micro_batch if plan else None, trunk=trunk)
     report["seconds"] = time.perf_counter() - t
     if plan is not None:
         report["peak_growth_mb"] = meter.growth_mb()
         report["within_cap"] = report["peak_growth_mb"] <= memory_cap_mb
-    report.update(loss_before=loss_before, loss_after=_loss(net_cfg, new, xs, target, normalize),
+    report.update(loss_before=loss_before, loss_after=_loss(net_cfg, new, xs, target, normalize, trunk=trunk),
                   train_loss=metrics["train_loss"])
     return new, report
 
 
-def _loss(net_cfg, weights, x, y, normalize, batch: int = 32) -> float:
+def _loss(net_cfg, weights, x, y, normalize, batch: int = 32, trunk=None) -> float:
     import torch
 
-    from trainer.device.client import load_numpy
+    from trainer.device.client import OnTrunkInput, load_numpy
     from trainer.device.nets import build_net
     net = build_net(net_cfg)
     load_numpy(net, weights)
     net.eval()
+    if net_cfg.trunk_blocks:
+        normalize = OnTrunkInput(net_cfg, trunk, normalize, "cpu")
     total = 0.0
     with torch.no_grad():
         for lo in range(0, len(x), batch):

@@ -184,6 +184,26 @@ def bundle_from_manifest(manifest: dict, server: str = "the coordinator") -> Bun
         raise SyncError(f"{server}: GET /manifest: {exc}") from None
 
 
+def fetch_trunk(client: Client, bundle: Bundle, expert: str, a: dict, what: str, bounds: DeviceBounds,
+                own: int) -> dict[str, np.ndarray]:
+    """The shared trunk's weights an expert on it trains above: the assignment names the expert
+    whose weights hold it and their version; checked like the expert's own."""
+    t = field(client, a, "trunk", dict, what)
+    owner = field(client, t, "expert", str, what)
+    if owner not in bundle.experts or bundle.experts[owner].net.get("trunk_blocks"):
+        raise client.fail(what, f"field 'trunk' names {owner[:100]!r}, not the manifest's expert that holds the trunk")
+    version = field(client, t, "version", int, what, least=0, most=MAX_INT)
+    shapes = expected_shapes(bundle, owner)
+    limit = 8 + 1024 + 256 * len(shapes) + sum(4 * int(np.prod(s)) for s in shapes.values()) + 4096
+    if limit > own:
+        raise client.fail(f"GET /weights/{owner}", f"the manifest declares {limit} bytes of weights for {owner}; "
+                          f"this device takes at most {own}")
+    r = client.request("GET", f"/weights/{quote(owner, safe='')}", limit=limit, what=f"GET /weights/{owner}")
+    if r.status_code != 200:
+        raise client.fail(f"GET /weights/{owner}", f"refused ({r.status_code}): {r.text}")
+    return check_weights(client, r, owner, version, shapes, bounds)
+
+
 def expected_shapes(bundle: Bundle, expert: str) -> dict[str, tuple[int, ...]]:
     """The tensors an expert's weights must hold, from the network config in the manifest."""
     from trainer.device.nets import NetConfig
@@ -317,8 +337,11 @@ def sync(server: str, secret: str, data: str | os.PathLike, memory_cap_mb: float
         if r.status_code != 200:
             raise client.fail(f"GET /weights/{expert}", f"refused ({r.status_code}): {r.text}")
         weights = check_weights(client, r, expert, version, shapes, bounds)
+        trunk = fetch_trunk(client, bundle, expert, a, what, bounds, own) \
+            if bundle.experts[expert].net.get("trunk_blocks") else None
         try:
-            new, report = train_expert(bundle, expert, x, labels, memory_cap_mb, local, seed, weights=weights)
+            new, report = train_expert(bundle, expert, x, labels, memory_cap_mb, local, seed, weights=weights,
+                                       trunk=trunk)
         except TrainError as exc:
             raise SyncError(f"round {rnd}: cannot train {expert}: {exc}") from None
         if not all(np.all(np.isfinite(v)) for v in new.values()):

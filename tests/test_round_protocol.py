@@ -39,6 +39,10 @@ CASES["resource-aware-fleet"] = protocol_cfg("round-robin", assignment="resource
 # Several experts a round, one per client (issue 27): the schedule's experts in turn, after
 # the root has trained alone for two rounds and the others started from their parents' weights.
 CASES["spread"] = protocol_cfg("round-robin", assignment="spread", min_cohort=1, warm_start=2)
+# Experts on a shared trunk (issue 39): the root's first conv block is every other expert's
+# trunk; a device training one of them gets the trunk's weights beside its own.
+CASES["trunk"] = protocol_cfg("round-robin", assignment="spread", min_cohort=1, warm_start=2, trunk_blocks=1,
+                              expert_width=4)
 # Every label-skew remedy at once: the local objective travels in the assignment's
 # hyper-parameters, the server optimizer's moments with the run (docs/TRAINING.md, "Label skew").
 CASES["label-skew-remedies"] = protocol_cfg("round-robin", server_optimizer="adam", server_lr=0.01,

@@ -102,11 +102,12 @@ def test_the_exported_bundle_decides_as_torch_does_on_the_trunk(trunk_run, tmp_p
     assert abs(onnx_f1 - torch_f1) <= 0.002
 
 
-def test_transports_that_cannot_carry_the_trunk_yet_say_so(trunk_run, tmp_path):
-    from trainer.transports.coordinator.service import Coordinator
+def test_growing_a_run_on_the_trunk_is_refused_clearly(trunk_run):
+    from hierarchy import load_taxonomy
+    from trainer.grow import extension_config
     run, *_ = trunk_run
     with pytest.raises(RunError, match="trunk-blocks 1"):
-        Coordinator(run, tmp_path / "db.sqlite", "s")
+        extension_config(run, load_taxonomy("fashion-mnist"), ["hmoe"], None, None, None, "cpu")
 
 
 def test_trunk_blocks_beyond_the_networks_depth_are_refused():

@@ -28,7 +28,7 @@ import numpy as np
 from hierarchy import Hierarchy
 from hierarchy.errors import UsageError
 from trainer.device.config import Weights
-from trainer.protocol.run import RunConfig, RunError, run_files, simulation_only
+from trainer.protocol.run import RunConfig, RunError, run_files, refuse_trunk
 from trainer.protocol.strategy import FLAT, Task, make_tasks
 
 OUT_W, OUT_B = "head.3.weight", "head.3.bias"   # the output layer of trainer.device.nets.ConvNet
@@ -126,7 +126,7 @@ def extension_config(from_run: Path, new_tree: Hierarchy, kinds: list[str], hmoe
     the new tree, the rounds given (default: 20 per expert to train for HMoE, the old run's
     half for the flat fine-tune) and a strategy that trains only the changed and new experts."""
     old_cfg, old_tree, spec = run_files(from_run)
-    simulation_only(old_cfg, "--extend")
+    refuse_trunk(old_cfg, "--extend")
     old_tasks = old_cfg.tasks("hmoe", old_tree, spec.shape)
     new_tasks = old_cfg.tasks("hmoe", new_tree, spec.shape)
     plan = plan_extension(old_tree, new_tree, old_tasks, new_tasks)

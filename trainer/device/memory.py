@@ -56,7 +56,7 @@ class Plan:
 
 
 def plan_micro_batch(net_cfg, local, normalize, x: np.ndarray, y: np.ndarray, cap_mb: float,
-                     meter: PeakMeter) -> Plan:
+                     meter: PeakMeter, trunk=None) -> Plan:
     """Measure one training step at micro-batches 1, 2, 4, ... up to the batch size (growth
     over the idle baseline, so memory the allocator kept from earlier probes counts too);
     use the largest that stayed under SAFETY x cap."""
@@ -77,7 +77,8 @@ def plan_micro_batch(net_cfg, local, normalize, x: np.ndarray, y: np.ndarray, ca
                 break
         meter.reset()
         n = min(len(x), m)
-        local_update(net_cfg, None, x[:n], y[:n], _one_step(local, m), normalize, seed=0, micro_batch=m)
+        local_update(net_cfg, None, x[:n], y[:n], _one_step(local, m), normalize, seed=0, micro_batch=m,
+                     trunk=trunk)
         probes[m] = meter.growth_mb()
         if probes[m] > cap_mb * SAFETY:
             break

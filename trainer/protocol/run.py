@@ -134,7 +134,7 @@ class RunConfig:
                           "networks and local training", least=0)
     trunk_blocks: int = opt(0, "HMoE: experts on a shared trunk: the root expert's first K conv blocks are shared "
                             "by every other expert, which runs on their output and trains only its own layers "
-                            "(0: independent experts, the paper's; simulation only in this release)",
+                            "(0: independent experts, the paper's)",
                             "networks and local training", least=0)
     warm_lr: float = opt(0.1, "HMoE with --warm-start: the other experts' learning rate, as a share of --lr",
                          "networks and local training", least=0)
@@ -222,11 +222,11 @@ class RunConfig:
                         priors=priors, warm_start=self.warm_start if hmoe else 0, warm_lr=self.warm_lr)
 
 
-def simulation_only(cfg: RunConfig, what: str) -> None:
-    """Refuse a run whose experts share a trunk on a transport that cannot carry it yet."""
+def refuse_trunk(cfg: RunConfig, what: str) -> None:
+    """Refuse a run whose experts share a trunk where that is not supported yet."""
     if cfg.trunk_blocks:
-        raise RunError(f"{what} cannot yet train a run with --trunk-blocks {cfg.trunk_blocks} (experts on a shared "
-                       "trunk train in the in-process simulation only in this release); train it with `hmoe train`")
+        raise RunError(f"{what} cannot yet take a run with --trunk-blocks {cfg.trunk_blocks} (experts on a shared "
+                       "trunk); train a new run on the grown tree instead")
 
 
 # The settings a data set starts from when its flags are not given (`hmoe train --dataset

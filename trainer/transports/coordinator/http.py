@@ -61,7 +61,10 @@ ASSIGNMENT = obj(round=INT, expert=STR, weights_version=INT, deadline={"type": [
                  planned={"type": "boolean"}, children={"type": "array", "items": STR},
                  seed={"type": ["integer", "null"]}, hyperparameters={"type": ["object", "null"]},
                  samples={"type": ["integer", "null"]}, excused={"type": ["string", "null"]},
-                 wait={"type": ["string", "null"]})
+                 wait={"type": ["string", "null"]},
+                 trunk={"type": ["object", "null"], "description": "for an expert on the shared trunk: the expert "
+                        "whose weights hold the trunk, and their version (GET /weights/{expert} serves them)",
+                        "properties": {"expert": STR, "version": INT}})
 UPDATE_PARAMETERS = [
     {"name": name, "in": "header", "required": required, "schema": schema, "description": text}
     for name, required, schema, text in (

@@ -44,8 +44,8 @@ from trainer.device.config import Weights
 from trainer.protocol.driver import ClientSampler, RoundDriver, RoundPlan, RunStore, config_dict
 from trainer.protocol.fleet import run_fleet
 from trainer.protocol.messages import ClientMetrics, InvalidMetrics
-from trainer.protocol.run import load_strategy_state, run_files, simulation_only
-from trainer.protocol.strategy import StrategyError
+from trainer.protocol.run import load_strategy_state, run_files
+from trainer.protocol.strategy import StrategyError, trunk_owner
 
 logger = logging.getLogger("hmoe.coordinator")
 
@@ -248,7 +248,6 @@ class Coordinator:
                  limits: Limits = Limits()) -> None:
         self.run_dir = Path(run_dir)
         self.cfg, self.tree, self.spec = run_files(self.run_dir)
-        simulation_only(self.cfg, "the coordinator")
         self.min_devices = self.cfg.clients if min_devices is None else min_devices
         if not 1 <= self.min_devices <= self.cfg.clients:
             raise CoordinatorError(f"min_devices must be in [1, {self.cfg.clients}] (the run's clients); got "
@@ -257,6 +256,7 @@ class Coordinator:
         self.limits, self._enrol_bucket = limits, TokenBucket(limits.enrol_per_second, limits.enrol_burst)
         self.round_seconds = round_seconds
         self.tasks = self.cfg.tasks("hmoe", self.tree, self.spec.shape)
+        self.trunk_owner = trunk_owner(self.tasks)
         strategy = self.cfg.strategy("hmoe", self.tree, self.tasks, schedule=schedule)
         try:
             fleet = run_fleet(self.run_dir, self.cfg.fleet, self.cfg.clients, self.cfg.seed, self.cfg.local)
@@ -543,7 +543,7 @@ class Coordinator:
         cur, plan = self._round
         rnd = cur["round"]
         out = {**cur, "children": [], "seed": None, "hyperparameters": None, "samples": None, "excused": None,
-               "wait": None}
+               "wait": None, "trunk": None}
         why = self._excused_why.get(device) if device is not None else None
         if why is not None and plan is not None and plan.rnd == rnd:   # excused stays excused for the round
             out.update(samples=0, excused=f"excused from round {rnd} already ({why}); new counts count from the "
@@ -562,6 +562,8 @@ class Coordinator:
             out.update(expert=key, weights_version=self._versions[key], seed=plan.seeds[idx],
                        hyperparameters=config_dict(plan.configs[idx]), samples=self.driver.task_n[idx][key],
                        children=[self.tree.names[c] for c in self.tree.children(self.tasks[key].node)])
+            if self.tasks[key].net.trunk_blocks:   # the trunk's weights: the owner's of this round
+                out["trunk"] = {"expert": self.trunk_owner, "version": self._versions[self.trunk_owner]}
             if subtree is not None and not self.tree.ancestor_mask[self.tasks[key].node, self.tree.index(subtree)]:
                 out.update(samples=0, excused=f"the round's expert {key} is outside the device's subtree {subtree}")
         return out
@@ -782,7 +784,8 @@ class Coordinator:
         if not len(prep.val_idx):
             return None
         x, y = prep.data.train_x[prep.val_idx], prep.data.train_y[prep.val_idx]
-        return validation_error(self.tree, self.tasks[key], weights, x, y, prep.normalize)
+        trunk = self.driver.weights[self.trunk_owner] if self.tasks[key].net.trunk_blocks else None
+        return validation_error(self.tree, self.tasks[key], weights, x, y, prep.normalize, trunk=trunk)
 
     # --------------------------------------------------------------- writer
     def _enqueue(self, fn, *args) -> Future:

@@ -116,7 +116,8 @@ def handle_query(msg: Message, context: Context, run_dir: str | None = None) -> 
 
 
 def train_task(cfg: Mapping, weights: dict[str, np.ndarray], node_config: Mapping, run_config: Mapping,
-               run_dir: str | None = None) -> tuple[dict[str, np.ndarray], dict]:
+               run_dir: str | None = None, trunk: dict[str, np.ndarray] | None = None
+               ) -> tuple[dict[str, np.ndarray], dict]:
     """A train message's work, without Flower's message types: the node's samples under the
     expert (the message's relabelling table), the device core's local update with the
     strategy's hyper-parameters and seed (under ``memory-cap-mb`` when the node sets it).
@@ -139,16 +140,18 @@ def train_task(cfg: Mapping, weights: dict[str, np.ndarray], node_config: Mappin
     if cap:
         from trainer.device.memory import PeakMeter, plan_micro_batch, warm_up
         warm_up(net, local, normalize)
-        micro = plan_micro_batch(net, local, normalize, x[keep], target[keep], float(cap), PeakMeter()).micro_batch
+        micro = plan_micro_batch(net, local, normalize, x[keep], target[keep], float(cap), PeakMeter(),
+                                 trunk=trunk).micro_batch
     new, metrics = local_update(net, weights, x[keep], target[keep], local, normalize, int(cfg["seed"]),
-                                micro_batch=micro, threads=int(node_config.get("threads", TRAIN_THREADS)))
+                                micro_batch=micro, threads=int(node_config.get("threads", TRAIN_THREADS)), trunk=trunk)
     return new, {"num-examples": int(metrics["num_samples"]), "train-loss": float(metrics["train_loss"]),
                  "train-seconds": float(metrics["train_seconds"])}
 
 
 def handle_train(msg: Message, context: Context, run_dir: str | None = None) -> Message:
+    trunk = from_record(msg.content["trunk"]) if "trunk" in msg.content else None   # an expert on the shared trunk
     new, metrics = train_task(msg.content["config"], from_record(msg.content["arrays"]), context.node_config,
-                              context.run_config, run_dir)
+                              context.run_config, run_dir, trunk)
     return Message(RecordDict({"arrays": to_record(new), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

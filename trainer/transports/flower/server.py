@@ -35,8 +35,9 @@ from flwr.serverapp.strategy import Strategy
 from hierarchy.errors import HmoeError
 from hierarchy.tree import write_text_atomic
 from trainer.transports.flower.client import from_record, to_record
-from trainer.protocol.run import load_input_spec, load_run_config, simulation_only
+from trainer.protocol.run import load_input_spec, load_run_config
 from trainer.transports.inprocess import Federation
+from trainer.device.nets import trunk_weights
 from trainer.protocol.driver import RoundPlan
 from trainer.prepare import prepare
 
@@ -82,9 +83,12 @@ class HmoeFlowerStrategy(Strategy):
         self.plan = fed.driver.plan(rnd, present=set(self.nodes))
         messages = []
         for client, key in self.plan.assigned.items():
-            messages.append(Message(RecordDict({"arrays": to_record(fed.weights[key]),
-                                                "config": ConfigRecord(self.train_config(self.plan, client))}),
-                                    dst_node_id=self.nodes[client], message_type=MessageType.TRAIN, group_id=str(rnd)))
+            content = {"arrays": to_record(fed.weights[key]),
+                       "config": ConfigRecord(self.train_config(self.plan, client))}
+            if fed.tasks[key].net.trunk_blocks:   # an expert on the shared trunk: the trunk's weights beside
+                content["trunk"] = to_record(trunk_weights(fed.tasks[key].net, fed.weights[fed.trunk_owner]))
+            messages.append(Message(RecordDict(content), dst_node_id=self.nodes[client],
+                                    message_type=MessageType.TRAIN, group_id=str(rnd)))
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[None, MetricRecord]:
@@ -154,7 +158,6 @@ def serve(grid: Grid, run_dir: str | Path, kind: str = "hmoe", round_timeout: fl
     from trainer.report import build_report
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
-    simulation_only(cfg, "Flower")
     prep = prepare(cfg)
     tree = prep.data.tree
     if taxonomy:
