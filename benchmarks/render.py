@@ -346,7 +346,9 @@ def fleet_section(results: Path, fleet: Path, out: Path) -> list[str]:
 
     for folder, title in (("mixed_fleet", "Mixed fleets (weak devices; before the label-skew defaults)"),
                           ("mixed_fleet-defaults", "Mixed fleets at Dirichlet 0.1 with today's defaults"),
-                          ("mixed_fleet-hanzi", "Mixed fleets on glyphs (hanzi:100, half the devices weak)")):
+                          ("mixed_fleet-hanzi", "Mixed fleets on glyphs (hanzi:100, half the devices weak)"),
+                          ("mixed_fleet-trunk", "Mixed fleet on glyphs with experts on a shared trunk (hanzi:500, "
+                           "half the devices weak)")):
         lines += saved("mixed_fleet.py", folder, title, "f1_vs_weak_share.png",
                        lambda r: mixed_fleet.results_table(r["rows"]))
     for folder, title in (("grow", "Growing the taxonomy (--min-children 1, no logit adjustment)"),
@@ -548,7 +550,23 @@ def render(results: Path, fleet: Path, out: Path) -> str:
     hz = load(fleet / "hanzi" / "hanzi.json")
     if hz:
         lines += hanzi_section(hz, out, fleet / "hanzi")
+    lines += trunk_section(fleet / "trunk", out)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def trunk_section(folder: Path, out: Path) -> list[str]:
+    """benchmarks/trunk.py's results: experts on a shared trunk, independent ones and flat, equal rounds."""
+    import trunk
+    r = load(folder / "results.json")
+    lines = ["### Experts on a shared trunk (equal rounds)", ""]
+    if r is None:
+        return lines + ["Not measured: `python benchmarks/trunk.py --out docs/results/trunk`.", ""]
+    return lines + [f"Not re-run by `make bench` (about {r['wall_seconds'] / 60:.0f} min to score, after training); "
+                    f"from `{rel(folder / 'results.json', out)}`, commit `{r['commit']}`, `{r['command']}`; "
+                    f"{r['dataset']}, {r['rounds']} rounds each, seed {r['seed']}, one run per model; "
+                    f"{machine_line(r.get('machine'))}. Scored on the held-out font families; live MB is the peak "
+                    "of live torch tensors in one step of that round (fixed by the torch build).", "",
+                    *trunk.results_lines(r), ""]
 
 
 def main(argv: list[str] | None = None) -> int:
