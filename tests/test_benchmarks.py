@@ -105,3 +105,22 @@ def test_boards_run_inside_a_real_limit_or_say_why_not(bundle_dir, tmp_path):
     assert not row["serve"]["killed"] and row["train"]["returncode"] == 0 and not row["train"]["killed"]
     for stage in ("serve", "train"):
         assert 0 < row[stage]["cgroup_peak_mb"] <= row["limit_mb"] and row[stage]["peak_rss_mb"] > 0
+
+
+@pytest.mark.slow
+def test_trunk_benchmark_trains_scores_and_measures_every_model(tmp_path):
+    """benchmarks/trunk.py on a small synthetic data set: the trunk, independent experts and
+    flat softmax trained for the same rounds, each scored and its rounds' live tensors measured."""
+    proc = subprocess.run([sys.executable, "benchmarks/trunk.py", "--out", str(tmp_path / "out"), "--work",
+                           str(tmp_path / "runs"), "--dataset", "synthetic:1,28,28:fashion-mnist:300", "--rounds", "2",
+                           "--trunk-blocks", "1", "--expert-width", "4", "--flat-widths", "8", "--trunk-width", "8",
+                           "--jobs", "2", "--", "--clients", "3", "--clients-per-round", "3", "--expert-widths",
+                           "map:root=8"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    r = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(r["models"]) == {"hmoe-trunk1", "hmoe-independent", "flat-w8"}
+    trunk = r["models"]["hmoe-trunk1"]
+    assert trunk["trunk_blocks"] == 1 and trunk["rounds"] == 2 and 0 <= trunk["greedy"]["info_f1"] <= 1
+    assert {v["role"] for v in trunk["live"].values()} == {"root", "largest other"}
+    assert all(v["live_mb"] > 0 for m in r["models"].values() for v in m["live"].values())
+    assert "| hmoe-trunk1 | 2 |" in (tmp_path / "out" / "results.md").read_text()
