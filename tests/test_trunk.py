@@ -151,3 +151,17 @@ def test_a_round_on_the_trunk_is_measured_with_the_trunk_it_holds():
     analytic = analytic_bytes(cfg, 16)
     assert analytic["trunk"] == 4 * sum(p.numel() for p in Trunk(cfg).parameters())
     assert analytic["total"] < analytic_bytes(NetConfig((1, 28, 28), 3, width=8, depth=2), 16)["total"]
+
+
+def test_a_warm_start_that_can_copy_nothing_is_named():
+    import tempfile
+    from pathlib import Path
+
+    from trainer.train import cold_experts
+    out = []
+    for cfg in (replace(CFG, warm_start=2, expert_widths="map:root=8"), replace(CFG, warm_start=2),
+                replace(CFG, warm_start=2, expert_widths="map:root=8", trunk_blocks=1)):
+        run = Path(tempfile.mkdtemp()) / "run"
+        c, p = open_run(run, cfg, resume=False)
+        out.append(cold_experts(Federation(run, "hmoe", c, p)))
+    assert out == [["Clothes", "Goods"], [], []]
