@@ -43,6 +43,9 @@ CASES["spread"] = protocol_cfg("round-robin", assignment="spread", min_cohort=1,
 # trunk; a device training one of them gets the trunk's weights beside its own.
 CASES["trunk"] = protocol_cfg("round-robin", assignment="spread", min_cohort=1, warm_start=2, trunk_blocks=1,
                               expert_width=4)
+# FLTrust (issue 37): every transport trains the same reference update on the run's
+# validation split and weighs each device's change by its direction.
+CASES["trust-reference"] = protocol_cfg("round-robin", trust_reference=True)
 # Every label-skew remedy at once: the local objective travels in the assignment's
 # hyper-parameters, the server optimizer's moments with the run (docs/TRAINING.md, "Label skew").
 CASES["label-skew-remedies"] = protocol_cfg("round-robin", server_optimizer="adam", server_lr=0.01,

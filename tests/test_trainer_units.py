@@ -251,3 +251,30 @@ def test_warm_start_trains_the_root_alone_then_starts_each_expert_from_its_paren
             np.testing.assert_array_equal(a, want, err_msg=f"{key} {n} (parent {parent})")
     assert "Tops" in warm and tree.names[int(tree.parents[tasks["Tops"].node])] == "Clothes"
     assert s.client_config("root", 5).lr == s.lr(5) and s.client_config("Tops", 5).lr == pytest.approx(0.1 * s.lr(5))
+
+
+def test_fltrust_weighs_a_change_by_its_direction_and_gives_it_the_references_size():
+    """trust_results (Cao et al., NDSS 2021): a reversed change earns nothing whatever its size
+    or claimed samples; a change 50 times the server's own is scaled down to it; honest ones
+    count by their cosine with the server's change."""
+    from trainer.protocol.aggregate import fedavg, trust_results
+    rng = np.random.default_rng(0)
+    base = {"w": rng.normal(0, 1, (20, 10)).astype(np.float32), "b": np.zeros(10, np.float32)}
+    step = {"w": rng.normal(0, 0.01, (20, 10)), "b": rng.normal(0, 0.01, 10)}
+    ref = {k: (base[k] + step[k]).astype(np.float32) for k in base}
+
+    def moved(scale, noise=0.0):
+        return {k: (base[k] + scale * step[k] + noise * rng.normal(0, 0.01, base[k].shape)).astype(np.float32)
+                for k in base}
+    honest, reversed_, huge = moved(1.0, 0.5), moved(-2.5), moved(50.0)
+    kept, rejected, cosines = trust_results([(honest, 10), (reversed_, 100_000), (huge, 10)], base, ref)
+    assert set(kept) == {0, 2} and "against the server's reference" in rejected[1]
+    r0 = np.sqrt(sum(np.sum(v ** 2) for v in step.values()))
+    for i in kept:
+        w, trust = kept[i]
+        norm = np.sqrt(sum(np.sum((w[k].astype(np.float64) - base[k]) ** 2) for k in base))
+        assert abs(norm - r0) < 1e-4 * r0 and 0 < trust <= 1 + 1e-9
+    assert kept[2][1] > kept[0][1]          # the one along the reference counts more
+    agg = fedavg(list(kept.values()))       # trust as the weight: within the reference's norm of the base
+    assert np.sqrt(sum(np.sum((agg[k].astype(np.float64) - base[k]) ** 2) for k in base)) <= r0 * (1 + 1e-4)
+    assert trust_results([(honest, 1)], base, base) is None   # a reference that did not move: no judgement

@@ -24,21 +24,26 @@ ROUNDS = 6
 ATTACK_COUNTS = [10_000] * 10   # 100,000 samples: the ceiling a device may claim
 
 
-def fleet(tmp_path, clients: int):
-    cfg = RunConfig(dataset="fashion-mnist", train_limit=4000, test_limit=1000, clients=clients,
-                    clients_per_round=clients, hmoe_rounds=ROUNDS, expert_width=8, seed=0, partition="iid")
+def fleet(tmp_path, clients: int, **over):
+    cfg = RunConfig(**{"dataset": "fashion-mnist", "train_limit": 4000, "test_limit": 1000, "clients": clients,
+                       "clients_per_round": clients, "hmoe_rounds": ROUNDS, "expert_width": 8, "seed": 0,
+                       "partition": "iid", **over})
     cfg, prep = open_run(tmp_path / "run", cfg, resume=False)
     Federation(tmp_path / "run", "hmoe", cfg, prep)
     return cfg, prep
 
 
 def drive(tmp_path, name: str, cfg, prep, attack: bool, sybils: int = 0, honest_n: int = 1,
-          attackers_n: int = 1) -> tuple[float, list[dict]]:
+          attackers_n: int = 1, reverse: float = 0.0, claim: bool = True, rounds: int = ROUNDS,
+          honest_silent: bool = False) -> tuple[float, list[dict]]:
     """ROUNDS coordinator rounds over a copy of the run: the first ``honest_n`` devices are
     honest (each trains its assignment on its own partition), the next ``attackers_n`` claim
     100,000 samples and either send weights of 1e4 (``attack``) or decline every round, and
-    ``sybils`` more enrolments report no samples and are excused. Returns the test
-    Information F1 and the rounds' log entries."""
+    ``sybils`` more enrolments report no samples and are excused. With ``reverse`` F, an
+    attacker trains its assignment on its own partition like an honest device and sends the
+    reverse of that change, F times as large (claiming 100,000 samples with ``claim``, else
+    its real counts). ``honest_silent``: the honest devices decline (the attacker is alone).
+    Returns the test Information F1 and the rounds' log entries."""
     import shutil
     run = tmp_path / name
     shutil.copytree(tmp_path / "run", run)
@@ -48,18 +53,34 @@ def drive(tmp_path, name: str, cfg, prep, attack: bool, sybils: int = 0, honest_
         devices = [coord.enroll(SECRET)["device_id"] for _ in range(honest_n + attackers_n + sybils)]
         honest, attackers, extra = (devices[:honest_n], devices[honest_n:honest_n + attackers_n],
                                     devices[honest_n + attackers_n:])
-        own = {dev: np.bincount(d.train_y[prep.parts[i]], minlength=10).tolist() for i, dev in enumerate(honest)}
-        counts = {**own, **{dev: ATTACK_COUNTS for dev in attackers}, **{dev: [0] * 10 for dev in extra}}
+        own = {dev: np.bincount(d.train_y[prep.parts[i]], minlength=10).tolist()
+               for i, dev in enumerate(honest + attackers)}
+        counts = {**own, **{dev: ATTACK_COUNTS if claim else own[dev] for dev in attackers},
+                  **{dev: [0] * 10 for dev in extra}}
         for dev in devices:
             coord.assignment(dev, counts[dev])   # every device reports its samples: the first round is planned
-        for rnd in range(ROUNDS):
+        def train(i: int, dev: str) -> tuple[dict, dict, dict]:
+            h = asked[dev]
+            key = h["expert"]
+            idx, target = coord.strategy.client_data(key, d.train_y, prep.parts[i])
+            base = load(coord.current_weights(key)[1])
+            w, m = local_update(coord.tasks[key].net, base, d.train_x[idx], target,
+                                LocalConfig.from_dict(h["hyperparameters"]), prep.normalize, h["seed"])
+            return base, w, m
+
+        for rnd in range(rounds):
             asked = {dev: coord.assignment(dev, counts[dev]) for dev in devices}
             assert {a["round"] for a in asked.values()} == {rnd}
             for dev in extra:
                 assert asked[dev]["excused"]
-            for dev in attackers:
+            for j, dev in enumerate(attackers):
                 a = asked[dev]
-                if attack:
+                if attack and reverse:
+                    base, w, m = train(honest_n + j, dev)
+                    bad = {k: (base[k] - reverse * (w[k] - base[k])).astype(np.float32) for k in base}
+                    coord.submit(dev, rnd, a["expert"], a["weights_version"], a["samples"], f"a-{rnd}", {},
+                                 save(bad), a["hyperparameters"])
+                elif attack:
                     w = load(coord.current_weights(a["expert"])[1])
                     coord.submit(dev, rnd, a["expert"], a["weights_version"], a["samples"], f"a-{rnd}", {},
                                  save({k: np.full_like(v, 1e4) for k, v in w.items()}), a["hyperparameters"])
@@ -67,11 +88,11 @@ def drive(tmp_path, name: str, cfg, prep, attack: bool, sybils: int = 0, honest_
                     coord.excuse(dev, rnd, "declined")
             for i, dev in enumerate(honest):
                 h = asked[dev]
-                key = h["expert"]
-                idx, target = coord.strategy.client_data(key, d.train_y, prep.parts[i])
-                w, m = local_update(coord.tasks[key].net, load(coord.current_weights(key)[1]), d.train_x[idx],
-                                    target, LocalConfig.from_dict(h["hyperparameters"]), prep.normalize, h["seed"])
-                coord.submit(dev, rnd, key, h["weights_version"], m["num_samples"], f"h-{rnd}", {}, save(w),
+                if honest_silent:
+                    coord.excuse(dev, rnd, "declined")
+                    continue
+                _, w, m = train(i, dev)
+                coord.submit(dev, rnd, h["expert"], h["weights_version"], m["num_samples"], f"h-{rnd}", {}, save(w),
                              h["hyperparameters"])
             coord.tick()   # waits for the writer to close the round
             assert coord.status()["rounds_aggregated"] == rnd + 1
@@ -105,6 +126,52 @@ def test_a_small_round_does_not_let_one_device_set_an_expert(tmp_path, case):
     for e in log:
         for c in range(honest_n, honest_n + attackers_n):
             assert "over 100 x" in e["left_out"][str(c)], e.get("left_out")
+
+
+# The second audit (issue 37): a patient attacker that sends the reverse of its honest change,
+# scaled, with the server's reference update on (--trust-reference, FLTrust).
+PATIENT = {"reverse-2.5x-claims-100k": dict(reverse=2.5), "reverse-2.5x-real-counts": dict(reverse=2.5, claim=False),
+           "reverse-50x-claims-100k": dict(reverse=50.0), "reverse-50x-real-counts": dict(reverse=50.0, claim=False),
+           "three-declining-sybils": dict(reverse=2.5, sybils=3),
+           "two-of-four": dict(reverse=2.5, honest_n=2, attackers_n=2),
+           "one-of-five": dict(reverse=2.5, honest_n=4, attackers_n=1)}
+
+
+@needs_fashion
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(PATIENT))
+def test_a_patient_attacker_cannot_steer_an_expert_under_the_servers_reference(tmp_path, case):
+    """Test Information F1 within 0.02 of the same rounds with the attackers silent, and every
+    reversed change left out by its direction (FLTrust's cosine), whatever it claims."""
+    kw = PATIENT[case]
+    honest_n, attackers_n, sybils = kw.get("honest_n", 1), kw.get("attackers_n", 1), kw.get("sybils", 0)
+    cfg, prep = fleet(tmp_path, honest_n + attackers_n + sybils, trust_reference=True)
+    clean, _ = drive(tmp_path, "honest", cfg, prep, attack=False, honest_n=honest_n, attackers_n=attackers_n,
+                     sybils=sybils)
+    attacked, log = drive(tmp_path, "attacked", cfg, prep, attack=True, **kw)
+    print(f"{case}: honest {clean:.4f}, attacked {attacked:.4f}")
+    assert clean > 0.3
+    assert abs(attacked - clean) <= 0.02, (clean, attacked)
+    for e in log:
+        for c in range(honest_n, honest_n + attackers_n):
+            assert "against the server's reference" in e["left_out"][str(c)], e.get("left_out")
+
+
+@needs_fashion
+@pytest.mark.slow
+def test_an_attacker_alone_for_many_rounds_builds_up_nothing(tmp_path):
+    """The ratchet the audit found (a lone attacker's scaled changes remembered as typical, the
+    allowance growing 2.9 -> 8.8 -> 26.3): under the server's reference nothing is remembered
+    between rounds; 30 rounds of a lone attacker sending the reverse of its change at 2.5x
+    leave every expert where it started."""
+    cfg, prep = fleet(tmp_path, 2, trust_reference=True, hmoe_rounds=30)
+    start = {k: dict(v) for k, v in Federation(tmp_path / "run", "hmoe", cfg, prep).weights.items()}
+    _, log = drive(tmp_path, "alone", cfg, prep, attack=True, reverse=2.5, rounds=30, honest_silent=True)
+    assert len(log) == 30
+    assert all("against the server's reference" in e["left_out"]["1"] for e in log)
+    fed = Federation(tmp_path / "alone", "hmoe", cfg, prep)
+    for key, weights in start.items():
+        assert all(np.array_equal(weights[n], fed.weights[key][n]) for n in weights), key
 
 
 def test_an_attacker_alone_before_the_deadline_changes_nothing(tmp_path):

@@ -159,3 +159,34 @@ def server_step(rule: str, base: Weights, aggregate: Weights, state: dict[str, n
         out[f"m/{name}"] = m.astype(np.float32)
         new[name] = (b64 - lr * step).astype(b.dtype)
     return new, out
+
+
+def trust_results(results: list[tuple[Weights, int]], base: Weights, reference: Weights
+                  ) -> tuple[dict[int, tuple[Weights, float]], dict[int, str], list[float]] | None:
+    """FLTrust (Cao et al., NDSS 2021): the server's own update ``reference`` (trained from
+    ``base`` on its clean validation samples) is the direction and size a round's change may
+    have. Each result's change counts with weight ReLU(cosine with the reference's change),
+    rescaled to the reference's norm; one pointing away from it (cosine <= 0), unchanged, or
+    not finite is left out. Sample counts buy nothing, and nothing is remembered between
+    rounds, so no sequence of updates can widen what the next round accepts. Returns the kept
+    results by index (each rescaled, with its trust as the weight FedAvg reads), the reason for
+    each one left out, and the kept cosines; None when the reference itself is no change."""
+    ref = {k: reference[k].astype(np.float64) - base[k] for k in base}
+    r0 = float(np.sqrt(sum(np.sum(v ** 2) for v in ref.values())))
+    if not np.isfinite(r0) or r0 == 0:
+        return None
+    kept, rejected, cosines = {}, {}, []
+    for i, (weights, _) in enumerate(results):
+        delta = {k: weights[k].astype(np.float64) - base[k] for k in base}
+        norm = float(np.sqrt(sum(np.sum(v ** 2) for v in delta.values())))
+        if not np.isfinite(norm) or norm == 0:
+            rejected[i] = "no change" if norm == 0 else "change not finite"
+            continue
+        cos = float(sum(np.sum(delta[k] * ref[k]) for k in base) / (norm * r0))
+        if not cos > 0:
+            rejected[i] = f"change against the server's reference update (cosine {cos:.3f} <= 0)"
+            continue
+        scale = r0 / norm
+        kept[i] = ({k: (base[k] + delta[k] * scale).astype(weights[k].dtype) for k in base}, cos)
+        cosines.append(cos)
+    return kept, rejected, cosines

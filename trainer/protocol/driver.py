@@ -34,7 +34,8 @@ from trainer.device.config import LocalConfig, Weights
 from trainer.protocol.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from trainer.protocol.fleet import FleetCosts, Prediction
 from trainer.protocol.messages import reported_loss, reported_seconds
-from trainer.protocol.strategy import Strategy, Task, usable_samples
+from trainer.protocol.aggregate import trust_results
+from trainer.protocol.strategy import Strategy, Task, stable_seed, usable_samples
 
 FLAT_FILE = "flat.safetensors"
 
@@ -189,6 +190,9 @@ class RunStore:
 
 
 Validator = Callable[[str, Weights], "float | None"]
+# (task, its weights at the round's start, the round's hyper-parameters, seed) -> the server's own
+# update of the task on its validation split, or None (FLTrust's reference; torch, so a callback)
+Referee = Callable[[str, Weights, LocalConfig, int], "Weights | None"]
 DIVERGED = "diverged: non-finite loss or weights"
 MALFORMED_METRICS = "malformed metrics: train_loss is not a number"
 
@@ -242,10 +246,11 @@ class RoundDriver:
 
     def __init__(self, store: RunStore, strategy: Strategy, tree: Hierarchy, sampler: ClientSampler,
                  counts: dict[int, np.ndarray], fleet: FleetCosts | None = None,
-                 validate: Validator | None = None) -> None:
+                 validate: Validator | None = None, reference: Referee | None = None) -> None:
         self.store, self.strategy, self.tree, self.sampler, self.fleet = store, strategy, tree, sampler, fleet
         self.tasks = store.tasks
         self.validate = validate
+        self.reference = reference
         self.task_n: dict[int, dict[str, int]] = {}
         self.client_n: dict[int, int] = {}
         for client, c in counts.items():
@@ -401,6 +406,17 @@ class RoundDriver:
         updated = {}
         for key in list(by_task):   # each result's influence bounded against the task's own history
             res = by_task[key]
+            trusted = self._trusted(plan, key, res)
+            if trusted is not None:   # FLTrust: weighted by direction, scaled to the server's own change
+                kept, rejected, _ = trusted
+                for i, why in rejected.items():
+                    left_out[str(res[i][0])] = why
+                by_task[key] = [(res[i][0], w, res[i][2]) for i, (w, _) in kept.items()]
+                if not kept:
+                    del by_task[key]
+                    continue
+                updated[key] = s.combine(list(kept.values()), self.weights[key], key, 0)
+                continue
             kept, rejected, norms = s.bound([(w, n) for _, w, n in res], self.weights[key], key)
             for i, why in rejected.items():
                 left_out[str(res[i][0])] = why
@@ -437,6 +453,15 @@ class RoundDriver:
             self._record_validation(key)
         entry.update(extra() if extra else {})
         return updated, entry
+
+    def _trusted(self, plan: RoundPlan, key: str, res: list):
+        """``trust_results`` against the server's reference update of ``key`` this round, or None
+        (FLTrust off, no reference from this transport, or the reference is no change)."""
+        if not self.strategy.trust_reference or self.reference is None:
+            return None
+        config = plan.configs[res[0][0]]   # the round's hyper-parameters for the task (a client's)
+        reference = self.reference(key, self.weights[key], config, stable_seed(self.strategy.seed, plan.rnd, "reference", key))
+        return None if reference is None else trust_results([(w, n) for _, w, n in res], self.weights[key], reference)
 
     def _record_validation(self, key: str) -> None:
         """The task's validation error, on every transport alike, when the schedule reads it."""

@@ -92,6 +92,10 @@ class RunConfig:
     influence_bound: float = opt(3.0, "a client's change counts at most this many times the expert's typical "
                                  "change (its recent accepted ones; 100 times: left out), its sample count this many "
                                  "times the fleet's median (0: off)", least=0)
+    trust_reference: bool = opt(False, "FLTrust (Cao et al., NDSS 2021): each round the server trains every task "
+                                "once on its validation split; a client's change counts by the ReLU of its cosine with "
+                                "that reference change, rescaled to its norm (a reversed or scaled update earns "
+                                "nothing; the server loads torch and the data set)")
     fleet: dict | None = opt(None, "JSON fleet file: tiers (name, share of clients, memory_mb, speed) and "
                              "deadline_s; a client is asked only for tasks whose predicted round fits its tier "
                              "(default: no limits)", "fleet (device tiers; see trainer/protocol/fleet.py)",
@@ -219,7 +223,8 @@ class RunConfig:
                         assignment=self.assignment if hmoe else "one", min_clients=self.min_cohort,
                         min_children=self.min_children, server_optimizer=self.server_optimizer,
                         server_lr=self.server_lr, server_momentum=self.server_momentum, epochs_cap=self.epochs_cap,
-                        priors=priors, warm_start=self.warm_start if hmoe else 0, warm_lr=self.warm_lr)
+                        priors=priors, warm_start=self.warm_start if hmoe else 0, warm_lr=self.warm_lr,
+                        trust_reference=self.trust_reference)
 
 
 def refuse_trunk(cfg: RunConfig, what: str) -> None:

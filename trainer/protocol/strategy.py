@@ -171,7 +171,8 @@ class Strategy:
                  influence_bound: float = 0.0, assignment: str = "one", min_clients: int = 2,
                  min_children: int = 1, server_optimizer: str = "none", server_lr: float = 1.0,
                  server_momentum: float = 0.9, epochs_cap: int = 0,
-                 priors: dict[str, list[float]] | None = None, warm_start: int = 0, warm_lr: float = 1.0) -> None:
+                 priors: dict[str, list[float]] | None = None, warm_start: int = 0, warm_lr: float = 1.0,
+                 trust_reference: bool = False) -> None:
         if lr_decay not in LR_DECAYS:
             raise UsageError(f"unknown lr decay {lr_decay!r}; expected one of {', '.join(LR_DECAYS)}")
         rule, _, arg = aggregation.partition(":")
@@ -186,6 +187,7 @@ class Strategy:
         self.server_state: dict[str, dict[str, np.ndarray]] = {}   # per task: the server optimizer's moments
         self.changes: dict[str, list[float]] = {}   # per task: norms of its last accepted changes (the bound's)
         self.epochs_cap = epochs_cap
+        self.trust_reference = trust_reference   # FLTrust: the server's own update sets a round's direction and size
         self.warm_start, self.warm_lr = warm_start, warm_lr
         self.priors = dict(priors or task_priors(tree, tasks))
         self.aggregation, self.influence_bound, self.assignment = aggregation, influence_bound, assignment

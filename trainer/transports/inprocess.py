@@ -16,6 +16,7 @@ from trainer.device.nets import ConvNet, OnTrunk, build_net, build_trunk
 from trainer.evaluate import evaluate_flat, evaluate_hmoe, fit_temperatures, validation_error
 from trainer.prepare import Prepared, task_shares
 from trainer.protocol.driver import ClientSampler, RoundDriver, RoundPlan, RunStore
+from trainer.reference import reference_update
 from trainer.protocol.fleet import run_fleet
 from trainer.protocol.run import RunConfig
 from trainer.protocol.strategy import stable_seed, task_priors, trunk_owner
@@ -35,7 +36,8 @@ class Federation:
         counts = {c: np.bincount(prep.data.train_y[p], minlength=self.tree.num_leaves) for c, p in enumerate(prep.parts)}
         self.driver = RoundDriver(RunStore(run_dir, kind, self.tasks), strategy, self.tree,
                                   ClientSampler(cfg.seed, cfg.clients, cfg.clients_per_round, cfg.dropout), counts,
-                                  run_fleet(run_dir, cfg.fleet, cfg.clients, cfg.seed, cfg.local), self._validation_error if kind == "hmoe" else None)
+                                  run_fleet(run_dir, cfg.fleet, cfg.clients, cfg.seed, cfg.local),
+                                  self._validation_error if kind == "hmoe" else None, self._reference)
         self.driver.open(self._init)
 
     # ------------------------------------------------- the driver's state, by name
@@ -86,6 +88,14 @@ class Federation:
         if not len(idx):
             return None
         return validation_error(self.tree, self.tasks[key], weights, d.train_x[idx], d.train_y[idx],
+                                self.prep.normalize, self.cfg.device, trunk=self.trunk(key))
+
+    def _reference(self, key: str, weights: Weights, config, seed: int) -> Weights | None:
+        """FLTrust's reference update of ``key``: trained here on the validation split."""
+        d, idx = self.prep.data, self.prep.val_idx
+        if not len(idx):
+            return None
+        return reference_update(self.tasks[key], self.tree, weights, config, seed, d.train_x[idx], d.train_y[idx],
                                 self.prep.normalize, self.cfg.device, trunk=self.trunk(key))
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, decoder: str | None = None) -> dict[str, float]:

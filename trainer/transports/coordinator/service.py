@@ -4,7 +4,8 @@ It moves messages and decides nothing: who trains which expert in a round, each 
 hyper-parameters and seed, which replies count, how updates combine and the schedule's
 state all come from ``trainer.protocol.driver`` and the run's ``Strategy``, exactly as in
 the simulation. No torch is loaded (aggregation is numpy), except by a schedule that reads
-validation errors, which validates each new expert on the run's validation split.
+validation errors, which validates each new expert on the run's validation split, and by
+``--trust-reference`` (FLTrust), which trains each round's tasks once on that split.
 
 State lives in SQLite (WAL, synchronous=FULL: a committed row survives kill -9 and power
 loss). Accepted updates are appended to one log file per round and new expert versions
@@ -264,7 +265,7 @@ class Coordinator:
             raise CoordinatorError(str(exc)) from None
         self.driver = RoundDriver(RunStore(self.run_dir, "hmoe", self.tasks), strategy, self.tree,
                                   ClientSampler(self.cfg.seed, self.cfg.clients, self.cfg.clients_per_round),
-                                  {}, fleet, self._validation_error)
+                                  {}, fleet, self._validation_error, self._reference)
         self.strategy = strategy
         self.expected = {k: t.net.param_shapes() for k, t in self.tasks.items()}
         self.store = self.run_dir / "coordinator"
@@ -773,14 +774,28 @@ class Coordinator:
             out[idx] = (load(data[o:o + n]), result)
         return out
 
+    def _validation_data(self):
+        """The run's validation split, as the simulation holds it (torch and the data set load on first use)."""
+        from trainer.prepare import prepare
+        if self._validation is None:
+            self._validation = prepare(self.cfg)
+        return self._validation
+
+    def _reference(self, key: str, weights: Weights, config, seed: int) -> Weights | None:
+        """FLTrust's reference update of ``key`` (``--trust-reference``), as the simulation's."""
+        from trainer.reference import reference_update
+        prep = self._validation_data()
+        if not len(prep.val_idx):
+            return None
+        x, y = prep.data.train_x[prep.val_idx], prep.data.train_y[prep.val_idx]
+        trunk = self.driver.weights[self.trunk_owner] if self.tasks[key].net.trunk_blocks else None
+        return reference_update(self.tasks[key], self.tree, weights, config, seed, x, y, prep.normalize, trunk=trunk)
+
     def _validation_error(self, key: str, weights: Weights) -> float | None:
         """Only for a schedule that reads validation errors: the run's validation split, as the
         simulation uses it (loads torch and the data set on first use)."""
         from trainer.evaluate import validation_error
-        from trainer.prepare import prepare
-        if self._validation is None:
-            self._validation = prepare(self.cfg)
-        prep = self._validation
+        prep = self._validation_data()
         if not len(prep.val_idx):
             return None
         x, y = prep.data.train_x[prep.val_idx], prep.data.train_y[prep.val_idx]
