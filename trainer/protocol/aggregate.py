@@ -166,8 +166,9 @@ def trust_results(results: list[tuple[Weights, int]], base: Weights, reference: 
     """FLTrust (Cao et al., NDSS 2021): the server's own update ``reference`` (trained from
     ``base`` on its clean validation samples) is the direction and size a round's change may
     have. Each result's change counts with weight ReLU(cosine with the reference's change),
-    rescaled to the reference's norm; one pointing away from it (cosine <= 0), unchanged, or
-    not finite is left out. Sample counts buy nothing, and nothing is remembered between
+    scaled down to the reference's norm where longer (FLTrust scales every change to it; a
+    shorter honest change is kept as it is here); one pointing away from it (cosine <= 0),
+    unchanged, or not finite is left out. Sample counts buy nothing, and nothing is remembered between
     rounds, so no sequence of updates can widen what the next round accepts. Returns the kept
     results by index (each rescaled, with its trust as the weight FedAvg reads), the reason for
     each one left out, and the kept cosines; None when the reference itself is no change."""
@@ -186,7 +187,7 @@ def trust_results(results: list[tuple[Weights, int]], base: Weights, reference: 
         if not cos > 0:
             rejected[i] = f"change against the server's reference update (cosine {cos:.3f} <= 0)"
             continue
-        scale = r0 / norm
+        scale = min(1.0, r0 / norm)
         kept[i] = ({k: (base[k] + delta[k] * scale).astype(weights[k].dtype) for k in base}, cos)
         cosines.append(cos)
     return kept, rejected, cosines

@@ -190,9 +190,10 @@ class RunStore:
 
 
 Validator = Callable[[str, Weights], "float | None"]
-# (task, its weights at the round's start, the round's hyper-parameters, seed) -> the server's own
-# update of the task on its validation split, or None (FLTrust's reference; torch, so a callback)
-Referee = Callable[[str, Weights, LocalConfig, int], "Weights | None"]
+# (task, its weights at the round's start, the round's hyper-parameters, seed, the optimizer steps of
+# the round's median client) -> the server's own update of the task on its validation split, as
+# many steps long, or None (FLTrust's reference; torch, so a callback)
+Referee = Callable[[str, Weights, LocalConfig, int, int], "Weights | None"]
 DIVERGED = "diverged: non-finite loss or weights"
 MALFORMED_METRICS = "malformed metrics: train_loss is not a number"
 
@@ -460,7 +461,9 @@ class RoundDriver:
         if not self.strategy.trust_reference or self.reference is None:
             return None
         config = plan.configs[res[0][0]]   # the round's hyper-parameters for the task (a client's)
-        reference = self.reference(key, self.weights[key], config, stable_seed(self.strategy.seed, plan.rnd, "reference", key))
+        steps = sorted(plan.configs[c].epochs * -(-n // plan.configs[c].batch_size) for c, _, n in res)
+        seed = stable_seed(self.strategy.seed, plan.rnd, "reference", key)
+        reference = self.reference(key, self.weights[key], config, seed, steps[(len(steps) - 1) // 2])
         return None if reference is None else trust_results([(w, n) for _, w, n in res], self.weights[key], reference)
 
     def _record_validation(self, key: str) -> None:

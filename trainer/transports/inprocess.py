@@ -88,15 +88,15 @@ class Federation:
         if not len(idx):
             return None
         return validation_error(self.tree, self.tasks[key], weights, d.train_x[idx], d.train_y[idx],
-                                self.prep.normalize, self.cfg.device, trunk=self.trunk(key))
+                                self.prep.normalize, self.cfg.device, trunk=self.trunk(key), steps=steps)
 
-    def _reference(self, key: str, weights: Weights, config, seed: int) -> Weights | None:
+    def _reference(self, key: str, weights: Weights, config, seed: int, steps: int = 0) -> Weights | None:
         """FLTrust's reference update of ``key``: trained here on the validation split."""
         d, idx = self.prep.data, self.prep.val_idx
         if not len(idx):
             return None
         return reference_update(self.tasks[key], self.tree, weights, config, seed, d.train_x[idx], d.train_y[idx],
-                                self.prep.normalize, self.cfg.device, trunk=self.trunk(key))
+                                self.prep.normalize, self.cfg.device, trunk=self.trunk(key), steps=steps)
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, decoder: str | None = None) -> dict[str, float]:
         """Scores on ``x``: HMoE decoded with ``decoder`` (greedy | beam:K | threshold:T | soft:K, the

@@ -781,7 +781,7 @@ class Coordinator:
             self._validation = prepare(self.cfg)
         return self._validation
 
-    def _reference(self, key: str, weights: Weights, config, seed: int) -> Weights | None:
+    def _reference(self, key: str, weights: Weights, config, seed: int, steps: int = 0) -> Weights | None:
         """FLTrust's reference update of ``key`` (``--trust-reference``), as the simulation's."""
         from trainer.reference import reference_update
         prep = self._validation_data()
@@ -789,7 +789,8 @@ class Coordinator:
             return None
         x, y = prep.data.train_x[prep.val_idx], prep.data.train_y[prep.val_idx]
         trunk = self.driver.weights[self.trunk_owner] if self.tasks[key].net.trunk_blocks else None
-        return reference_update(self.tasks[key], self.tree, weights, config, seed, x, y, prep.normalize, trunk=trunk)
+        return reference_update(self.tasks[key], self.tree, weights, config, seed, x, y, prep.normalize, trunk=trunk,
+                                steps=steps)
 
     def _validation_error(self, key: str, weights: Weights) -> float | None:
         """Only for a schedule that reads validation errors: the run's validation split, as the
