@@ -106,9 +106,10 @@ def local_update(net_cfg: NetConfig, weights: Weights | None, x: np.ndarray, y: 
     while peak memory follows the micro-batch.
 
     An expert on a shared trunk (``net_cfg.trunk_blocks``) needs ``trunk``: the trunk's tensors
-    (the root expert's weights, or just their trunk part). The trunk runs forward on each batch,
-    without gradients, and only the expert trains on its features: the round holds the trunk's
-    weights and one batch of its features, never the features of every sample.
+    (the root expert's weights, or just their trunk part). The trunk runs forward without
+    gradients, ``TRUNK_CHUNK`` images at a time, and only the expert trains on its features:
+    once for the round's samples when their features fit ``config.TRUNK_CACHE_BYTES``, else on
+    every batch of every epoch (then the round holds one batch of features at a time).
     """
     if len(x) == 0:
         raise UsageError("local_update needs at least one sample")
@@ -120,14 +121,23 @@ def local_update(net_cfg: NetConfig, weights: Weights | None, x: np.ndarray, y: 
     try:
         if net_cfg.trunk_blocks:
             normalize = OnTrunkInput(net_cfg, trunk, normalize, device)
+            if net_cfg.trunk_passes(len(x), cfg.epochs) == 1:   # once a round, not once an epoch
+                x, normalize = normalize.features(x), identity
         return _update(net_cfg, weights, x, y, cfg, normalize, seed, device, micro_batch)
     finally:
         torch.set_num_threads(previous)
 
 
+TRUNK_CHUNK = 8                  # images the frozen trunk runs at once: its activations, not a batch's, peak
+
+
+def identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class OnTrunkInput:
-    """A batch of uint8 images -> the frozen trunk's features of it (no gradients): what an
-    expert on the shared trunk trains on, one batch at a time."""
+    """uint8 images -> the frozen trunk's features of them (no gradients, ``TRUNK_CHUNK`` at a
+    time): what an expert on the shared trunk trains on."""
 
     def __init__(self, net_cfg: NetConfig, trunk: Weights, normalize: Normalizer, device: str) -> None:
         from trainer.device.nets import build_trunk
@@ -135,7 +145,12 @@ class OnTrunkInput:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.trunk(self.normalize(x).to(self.device))
+        return torch.cat([self.trunk(self.normalize(x[lo:lo + TRUNK_CHUNK]).to(self.device))
+                          for lo in range(0, len(x), TRUNK_CHUNK)])
+
+    def features(self, x: np.ndarray) -> np.ndarray:
+        """Every image's features (a round's samples, once)."""
+        return self(torch.from_numpy(np.ascontiguousarray(x))).cpu().numpy()
 
 
 def _update(net_cfg: NetConfig, weights: Weights | None, x: np.ndarray, y: np.ndarray, cfg: LocalConfig,

@@ -11,6 +11,7 @@ import numpy as np
 from hierarchy.errors import UsageError
 
 Weights = dict[str, np.ndarray]   # a network's named arrays, as they travel and aggregate
+TRUNK_CACHE_BYTES = 8 << 20       # a round's trunk features up to this size are computed once, not every epoch
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,14 @@ class NetConfig:
                 macs += out * c * 9 * h * w
             c, h, w = out, h // 2, w // 2
         return macs + c * h * w * cfg.hidden + cfg.hidden * cfg.num_outputs
+
+    def trunk_passes(self, samples: int, epochs: int) -> int:
+        """How often a round of ``samples`` samples and ``epochs`` epochs runs the trunk over each
+        sample: once when their features fit ``TRUNK_CACHE_BYTES`` (kept for the round), else
+        every epoch; 0 without a trunk (trainer.device.client.local_update)."""
+        if not self.trunk_blocks:
+            return 0
+        return 1 if samples * 4 * int(np.prod(self.feature_shape())) <= TRUNK_CACHE_BYTES else epochs
 
     def trunk_macs(self) -> int:
         """Multiply-accumulates of one sample's pass through the trunk this network runs on (0

@@ -432,8 +432,9 @@ class RoundDriver:
                  "samples": sum(n for res in by_task.values() for _, _, n in res),
                  "skipped": plan.skipped, "dropped": plan.dropped, "diverged": diverged,
                  "client_seconds": float(sum(reported_seconds(m) for _, m in results.values())),
-                 "client_gmacs": float(sum(n * plan.configs[c].epochs * (3 * self.tasks[k].net.forward_macs()
-                                                                         + self.tasks[k].net.trunk_macs())
+                 "client_gmacs": float(sum(n * (plan.configs[c].epochs * 3 * self.tasks[k].net.forward_macs()
+                                                + self.tasks[k].net.trunk_passes(n, plan.configs[c].epochs)
+                                                * self.tasks[k].net.trunk_macs())
                                            for k, res in by_task.items() for c, _, n in res) / 1e9),
                  "lr": s.lr(rnd), "client_config": {str(c): local.to_dict() for c, local in plan.configs.items()},
                  "train_loss": float(np.mean(losses)) if losses else None}
