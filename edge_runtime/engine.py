@@ -569,10 +569,6 @@ class Engine:
             if key != "flat" or flat:
                 self.session(key)
 
-    def session_and_input(self, key: str):
-        """The session of ``key`` and its input's name."""
-        return self._open(key)
-
     def run(self, key: str, x: np.ndarray) -> np.ndarray:
         return self._logits(key, x)
 

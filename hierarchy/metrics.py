@@ -30,12 +30,6 @@ def _check(tree: Hierarchy, gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarra
     return gt.astype(np.int64), pred.astype(np.int64)
 
 
-def truncate(tree: Hierarchy, gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """Replace a prediction that lies below the ground truth by the ground truth."""
-    gt, pred = _check(tree, gt, pred)
-    return np.where(tree.is_ancestor(gt, pred), gt, pred)
-
-
 def _values(tree: Hierarchy, gt: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, ...]:
     gt, pred = _check(tree, gt, pred)
     pred = np.where(tree.is_ancestor(gt, pred), gt, pred)

@@ -233,13 +233,6 @@ class Hierarchy:
         return len(self.leaf_order)
 
     @cached_property
-    def leaf_label(self) -> np.ndarray:
-        """Node index -> label (position in ``leaf_order``), -1 for internal nodes."""
-        out = np.full(len(self), -1, dtype=np.int64)
-        out[self.leaf_order] = np.arange(self.num_leaves)
-        return out
-
-    @cached_property
     def experts(self) -> np.ndarray:
         """Internal nodes with two or more children, in topological order."""
         return np.flatnonzero(self.num_children >= 2)

@@ -359,10 +359,6 @@ class Strategy:
         (``usable_samples``: none when they fall under fewer than ``min_children`` children)."""
         return usable_samples(self.tree, self.tasks[key], self.check_counts(leaf_counts), self.min_children)
 
-    def why_no_samples(self, key: str, leaf_counts: np.ndarray) -> str | None:
-        """Why a client with ``leaf_counts`` sits out a round of ``key`` (``why_unusable``)."""
-        return why_unusable(self.tree, self.tasks[key], self.check_counts(leaf_counts), self.min_children)
-
     def check_counts(self, leaf_counts: np.ndarray) -> np.ndarray:
         """A client's samples per label as integers, or a UsageError saying what was expected."""
         leaf_counts = np.asarray(leaf_counts, dtype=np.int64)
