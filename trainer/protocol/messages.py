@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import Enum
 
 from hierarchy.errors import UsageError
 
@@ -86,3 +87,12 @@ def reported_seconds(metrics: dict) -> float:
     """A result's ``train_seconds`` as a finite, non-negative float (0 when it is not one)."""
     value = reported_loss({"train_loss": metrics.get("train_seconds", 0.0)})
     return value if value is not None and math.isfinite(value) and value >= 0 else 0.0
+
+
+class Answer(Enum):
+    """How a device answered the open round; its sentence is made only where it is shown."""
+    UPDATE = "already sent an update for"
+    EXCUSED = "was excused from"
+
+    def sentence(self, device: str, rnd: int) -> str:
+        return f"device {device} {self.value} round {rnd}"

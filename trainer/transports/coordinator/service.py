@@ -44,7 +44,7 @@ from trainer.protocol.checkpoint import CheckpointError, load_checkpoint, save_c
 from trainer.device.config import Weights
 from trainer.protocol.driver import ClientSampler, RoundDriver, RoundPlan, RunStore, config_dict
 from trainer.protocol.fleet import run_fleet
-from trainer.protocol.messages import ClientMetrics, InvalidMetrics
+from trainer.protocol.messages import Answer, ClientMetrics, InvalidMetrics
 from trainer.protocol.run import load_strategy_state, run_files
 from trainer.protocol.strategy import StrategyError, trunk_owner
 
@@ -356,9 +356,9 @@ class Coordinator:
                         "deadline": r[3] if planned is not None else None, "planned": planned is not None}, plan)
         self._keys = {d: (k, e) for d, k, e in
                       self.db.execute("SELECT device, idem_key, expert FROM updates WHERE round = ?", (r[0],))}
-        self._answered_by = {d: "already sent an update for" for d in self._keys}
+        self._answered_by = {d: Answer.UPDATE for d in self._keys}
         self._excused_why = dict(self.db.execute("SELECT device, reason FROM excused WHERE round = ?", (r[0],)))
-        self._answered_by.update({d: "was excused from" for d in self._excused_why})
+        self._answered_by.update({d: Answer.EXCUSED for d in self._excused_why})
 
     @property
     def _current(self) -> dict:
@@ -652,11 +652,11 @@ class Coordinator:
         if rnd != self._current["round"]:
             raise StaleUpdate(f"round {rnd} is closed; the current round is {self._current['round']}")
         if device in self._answered_by:
-            if self._answered_by[device] == "was excused from":
+            if self._answered_by[device] is Answer.EXCUSED:
                 return
-            raise StaleUpdate(f"device {device} {self._answered_by[device]} round {rnd}")
+            raise StaleUpdate(self._answered_by[device].sentence(device, rnd))
         self.db.execute("INSERT INTO excused VALUES (?, ?, ?)", (rnd, device, reason))
-        self._answered_by[device] = "was excused from"
+        self._answered_by[device] = Answer.EXCUSED
         self._excused_why[device] = reason
 
     # ------------------------------------------------------------- updates
@@ -731,7 +731,7 @@ class Coordinator:
             return {"accepted": True, "duplicate": True, "round": dup[0], "expert": dup[1]}
         self._check_current(device, rnd, expert, base_version)
         if device in self._answered_by:
-            raise StaleUpdate(f"device {device} {self._answered_by[device]} round {rnd}")
+            raise StaleUpdate(self._answered_by[device].sentence(device, rnd))
         log = self._update_log(rnd)
         offset = log.seek(0, os.SEEK_END)
         log.write(body)
@@ -739,7 +739,7 @@ class Coordinator:
                         "offset, length, received) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (rnd, device, expert, idem_key, samples, hyperparameters, metrics, offset, len(body),
                          time.time()))
-        self._answered_by[device] = "already sent an update for"
+        self._answered_by[device] = Answer.UPDATE
         self._keys[device] = (idem_key, expert)
         return {"accepted": True, "duplicate": False, "round": rnd, "expert": expert}
 
