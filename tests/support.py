@@ -119,11 +119,12 @@ def make_run(path: Path, cfg) -> Path:
 
 
 class Server:
-    def __init__(self, run: Path, db: Path, min_devices: int | None = None, round_seconds: float = 600) -> None:
+    def __init__(self, run: Path, db: Path, min_devices: int | None = None, round_seconds: float = 600,
+                 *flags: str) -> None:
         self.db = Path(db)
         self.args = [str(BIN / "hmoe"), "coordinator", "--run", str(run), "--db", str(db), "--secret", SECRET,
-                     "--round-seconds", str(round_seconds)] + ([] if min_devices is None else
-                                                               ["--min-devices", str(min_devices)])
+                     "--round-seconds", str(round_seconds), *flags] + ([] if min_devices is None else
+                                                                        ["--min-devices", str(min_devices)])
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.start()

@@ -182,7 +182,7 @@ def test_four_devices_over_http_match_the_simulation(tmp_path):
         f = tmp_path / f"device{i}.npz"
         np.savez(f, images=data.train_x[pool[p]][:, 0], labels=data.train_y[pool[p]])
         files.append(f)
-    server = Server(run, tmp_path / "state.sqlite", round_seconds=120)
+    server = Server(run, tmp_path / "state.sqlite", None, 120, "--keep-update-rounds", "-1")   # the test reads them
     try:
         devices = [subprocess.Popen([str(BIN / "hmoe-edge"), "sync", "--server", server.url, "--token", SECRET,
                                      "--data", str(f), "--memory-cap-mb", "128", "--rounds", "3", "--poll", "0.2"],

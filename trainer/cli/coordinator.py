@@ -36,7 +36,8 @@ def _serve(args: argparse.Namespace) -> int:
     limits = Limits(max_devices=args.max_devices, enrol_per_second=args.enrol_rate, enrol_burst=args.enrol_burst,
                     max_samples=args.max_samples)
     coord = Coordinator(args.run_dir, args.db, secrets_, min_devices=args.min_devices,
-                        round_seconds=args.round_seconds, schedule=args.schedule, limits=limits)
+                        round_seconds=args.round_seconds, schedule=args.schedule, limits=limits,
+                        keep_update_rounds=None if args.keep_update_rounds < 0 else args.keep_update_rounds)
     token, token_file = operator_token(args.db, args.operator_token or os.environ.get("HMOE_OPERATOR_TOKEN"))
 
     def ticker() -> None:  # rounds whose deadline passed close even when nobody asks
@@ -105,6 +106,9 @@ def _add_coordinator(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", choices=sorted(SCHEDULES), default=None,
                    help="which expert a round trains (default: the run's; fixed once the database exists)")
     p.add_argument("--round-seconds", type=float, default=600.0, help="round deadline: aggregate what arrived by then")
+    p.add_argument("--keep-update-rounds", type=int, default=2,
+                   help="update bodies are deleted once their round is this many rounds behind the last committed "
+                        "one (0: at once; -1: never)")
     p.add_argument("--max-update-bytes", type=int, default=None,
                    help="largest update body (default: each expert's own size, its float32 tensors and a header)")
     p.add_argument("--operator-token", help="the token /status and the API docs need (default: "

@@ -49,6 +49,7 @@ from trainer.protocol.run import load_strategy_state, run_files
 from trainer.protocol.strategy import StrategyError, trunk_owner
 
 logger = logging.getLogger("hmoe.coordinator")
+KEEP_UPDATE_ROUNDS = 2   # committed rounds whose update bodies stay on disk (about 0.4 MB per device and round)
 
 UPDATE_SLACK = 4096      # bytes an update may carry beyond its tensors (the safetensors header)
 MAX_BATCH = 512          # writes committed together by the writer thread
@@ -246,7 +247,7 @@ class Coordinator:
 
     def __init__(self, run_dir: str | os.PathLike, db: str | os.PathLike, secret: str | Secrets,
                  min_devices: int | None = None, round_seconds: float = 600.0, schedule: str | None = None,
-                 limits: Limits = Limits()) -> None:
+                 limits: Limits = Limits(), keep_update_rounds: int | None = KEEP_UPDATE_ROUNDS) -> None:
         self.run_dir = Path(run_dir)
         self.cfg, self.tree, self.spec = run_files(self.run_dir)
         self.min_devices = self.cfg.clients if min_devices is None else min_devices
@@ -256,6 +257,7 @@ class Coordinator:
         self.secrets = secret if isinstance(secret, Secrets) else Secrets(secret)
         self.limits, self._enrol_bucket = limits, TokenBucket(limits.enrol_per_second, limits.enrol_burst)
         self.round_seconds = round_seconds
+        self.keep_update_rounds = keep_update_rounds   # committed rounds whose update bodies stay on disk
         self.tasks = self.cfg.tasks("hmoe", self.tree, self.spec.shape)
         self.trunk_owner = trunk_owner(self.tasks)
         strategy = self.cfg.strategy("hmoe", self.tree, self.tasks, schedule=schedule)
@@ -743,6 +745,16 @@ class Coordinator:
         self._keys[device] = (idem_key, expert)
         return {"accepted": True, "duplicate": False, "round": rnd, "expert": expert}
 
+    def _drop_update_logs(self, committed: int) -> None:
+        """Delete the update bodies of rounds more than ``keep_update_rounds`` before ``committed``
+        (their aggregates are committed; the rows that name them stay). None keeps every body."""
+        if self.keep_update_rounds is None:
+            return
+        for path in (self.store / "updates").glob("r*.log"):
+            stem = path.stem[1:]
+            if stem.isdigit() and int(stem) <= committed - self.keep_update_rounds:
+                path.unlink(missing_ok=True)
+
     def _log_path(self, rnd: int) -> Path:
         return self.store / "updates" / f"r{rnd:05d}.log"
 
@@ -945,6 +957,7 @@ class Coordinator:
         if rnd in self._logs:
             self._logs.pop(rnd).close()
         self._after_commit.append(lambda: self.driver.commit(rnd, updated, entry))
+        self._after_commit.append(lambda: self._drop_update_logs(rnd))
         self._versions = {k: self._version(self.db, k) for k in self.tasks}
         self._open_round(rnd + 1)
         self._load_current()
