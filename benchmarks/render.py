@@ -552,23 +552,27 @@ def render(results: Path, fleet: Path, out: Path) -> str:
     hz = load(fleet / "hanzi" / "hanzi.json")
     if hz:
         lines += hanzi_section(hz, out, fleet / "hanzi")
-    lines += trunk_section(fleet / "trunk", out)
+    lines += trunk_section(sorted(p for p in fleet.glob("trunk*") if (p / "results.json").exists()), out)
     return "\n".join(lines).rstrip() + "\n"
 
 
-def trunk_section(folder: Path, out: Path) -> list[str]:
-    """benchmarks/trunk.py's results: experts on a shared trunk, independent ones and flat, equal rounds."""
+def trunk_section(folders: list[Path], out: Path) -> list[str]:
+    """benchmarks/trunk.py's results (one folder a seed): experts on a shared trunk, independent
+    ones and flat, equal rounds."""
     import trunk
-    r = load(folder / "results.json")
     lines = ["### Experts on a shared trunk (equal rounds)", ""]
-    if r is None:
+    if not folders:
         return lines + ["Not measured: `python benchmarks/trunk.py --out docs/results/trunk`.", ""]
-    return lines + [f"Not re-run by `make bench` (about {r['wall_seconds'] / 60:.0f} min to score, after training); "
-                    f"from `{rel(folder / 'results.json', out)}`, commit `{r['commit']}`, `{r['command']}`; "
-                    f"{r['dataset']}, {r['rounds']} rounds each, seed {r['seed']}, one run per model; "
-                    f"{machine_line(r.get('machine'))}. Scored on the held-out font families; live MB is the peak "
-                    "of live torch tensors in one step of that round (fixed by the torch build).", "",
-                    *trunk.results_lines(r), ""]
+    lines += ["Not re-run by `make bench`. Scored on the held-out font families; live MB is the peak of live torch "
+              "tensors in one step of that round (fixed by the torch build), for HMoE the root's and the largest "
+              "other expert's; one run per model and seed.", ""]
+    for folder in folders:
+        r = load(folder / "results.json")
+        lines += [f"**{r['dataset']}, {r['rounds']} rounds each, seed {r['seed']}**: from "
+                  f"`{rel(folder / 'results.json', out)}`, commit `{r['commit']}`, `{r['command']}` (about "
+                  f"{r['wall_seconds'] / 60:.0f} min, training included where it trained); "
+                  f"{machine_line(r.get('machine'))}.", "", *trunk.results_lines(r), ""]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
