@@ -119,11 +119,16 @@ def local_update(net_cfg: NetConfig, weights: Weights | None, x: np.ndarray, y: 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
+        trunk_seconds = 0.0
         if net_cfg.trunk_blocks:
             normalize = OnTrunkInput(net_cfg, trunk, normalize, device)
             if net_cfg.trunk_passes(len(x), cfg.epochs) == 1:   # once a round, not once an epoch
+                start = time.perf_counter()
                 x, normalize = normalize.features(x), identity
-        return _update(net_cfg, weights, x, y, cfg, normalize, seed, device, micro_batch)
+                trunk_seconds = time.perf_counter() - start
+        new, metrics = _update(net_cfg, weights, x, y, cfg, normalize, seed, device, micro_batch)
+        metrics["train_seconds"] += trunk_seconds   # the trunk's pass is part of the round
+        return new, metrics
     finally:
         torch.set_num_threads(previous)
 
