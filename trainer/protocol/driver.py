@@ -405,29 +405,23 @@ class RoundDriver:
             by_task.setdefault(plan.assigned[client], []).append((client, new, int(metrics["num_samples"])))
             losses.append(loss)
         updated = {}
-        for key in list(by_task):   # each result's influence bounded against the task's own history
+        for key in list(by_task):   # each result's influence bounded: by the server's reference, or by history
             res = by_task[key]
             trusted = self._trusted(plan, key, res)
-            if trusted is not None:   # FLTrust: weighted by direction, scaled to the server's own change
-                kept, rejected, _ = trusted
-                for i, why in rejected.items():
-                    left_out[str(res[i][0])] = why
-                by_task[key] = [(res[i][0], w, res[i][2]) for i, (w, _) in kept.items()]
-                if not kept:
-                    del by_task[key]
-                    continue
-                updated[key] = s.combine(list(kept.values()), self.weights[key], key, 0)
-                continue
-            kept, rejected, norms = s.bound([(w, n) for _, w, n in res], self.weights[key], key)
+            if trusted is not None:   # FLTrust: weighted by direction, no longer than the server's own change
+                (kept, rejected, _), norms, cap = trusted, None, 0
+            else:
+                kept, rejected, norms = s.bound([(w, n) for _, w, n in res], self.weights[key], key)
+                cap = s.sample_cap([n[key] for n in self.task_n.values()])
             for i, why in rejected.items():
                 left_out[str(res[i][0])] = why
             by_task[key] = [res[i] for i in kept]
             if not kept:
                 del by_task[key]
                 continue
-            cap = s.sample_cap([n[key] for n in self.task_n.values()])
             updated[key] = s.combine(list(kept.values()), self.weights[key], key, cap)
-            s.remember(key, norms)
+            if norms is not None:
+                s.remember(key, norms)
         entry = {"round": rnd, "task": plan.first, "clients": sum(map(len, by_task.values())),
                  "samples": sum(n for res in by_task.values() for _, _, n in res),
                  "skipped": plan.skipped, "dropped": plan.dropped, "diverged": diverged,
