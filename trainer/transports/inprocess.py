@@ -88,7 +88,7 @@ class Federation:
         if not len(idx):
             return None
         return validation_error(self.tree, self.tasks[key], weights, d.train_x[idx], d.train_y[idx],
-                                self.prep.normalize, self.cfg.device, trunk=self.trunk(key), steps=steps)
+                                self.prep.normalize, self.cfg.device, trunk=self.trunk(key))
 
     def _reference(self, key: str, weights: Weights, config, seed: int, steps: int = 0) -> Weights | None:
         """FLTrust's reference update of ``key``: trained here on the validation split."""
