@@ -123,13 +123,13 @@ def connection_limit(spare: int = SPARE_FILES) -> int:
     failing to accept (which stops every request, /health included, while the table is full)."""
     import resource
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = max(soft, 65536) if soft != resource.RLIM_INFINITY else 65536
-    if soft == resource.RLIM_INFINITY or soft < hard:
+    if soft == resource.RLIM_INFINITY:   # no limit to raise; count as if 65,536
+        return 65536 - spare
+    want = 65536 if hard == resource.RLIM_INFINITY else hard
+    if soft < want:
         try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))   # the hard limit stays as it was
+            soft = want
         except (ValueError, OSError):
             pass
-    soft = hard if soft == resource.RLIM_INFINITY else soft
     return max(16, int(soft) - spare)
