@@ -184,24 +184,33 @@ def bundle_from_manifest(manifest: dict, server: str = "the coordinator") -> Bun
         raise SyncError(f"{server}: GET /manifest: {exc}") from None
 
 
-def fetch_trunk(client: Client, bundle: Bundle, expert: str, a: dict, what: str, bounds: DeviceBounds,
+def fetch_weights(client: Client, bundle: Bundle, expert: str, version: int, bounds: DeviceBounds,
+                  own: int) -> dict[str, np.ndarray]:
+    """``expert``'s weights of ``version``, checked (``check_weights``); refused before a byte is
+    fetched when the manifest declares more than ``own`` bytes, the device's own limit (the
+    manifest is the coordinator's word)."""
+    what = f"GET /weights/{expert}"
+    shapes = expected_shapes(bundle, expert)
+    limit = 8 + 1024 + 256 * len(shapes) + sum(4 * int(np.prod(s)) for s in shapes.values()) + 4096
+    if limit > own:
+        raise client.fail(what, f"the manifest declares {limit} bytes of weights for {expert}; this device takes at "
+                          f"most {own} (its own limit: --max-weights-mb, a quarter of --memory-cap-mb)")
+    r = client.request("GET", f"/weights/{quote(expert, safe='')}", limit=limit, what=what)
+    if r.status_code != 200:
+        raise client.fail(what, f"refused ({r.status_code}): {r.text}")
+    return check_weights(client, r, expert, version, shapes, bounds)
+
+
+def fetch_trunk(client: Client, bundle: Bundle, a: dict, what: str, bounds: DeviceBounds,
                 own: int) -> dict[str, np.ndarray]:
     """The shared trunk's weights an expert on it trains above: the assignment names the expert
-    whose weights hold it and their version; checked like the expert's own."""
+    whose weights hold it and their version; fetched and checked like the expert's own."""
     t = field(client, a, "trunk", dict, what)
     owner = field(client, t, "expert", str, what)
     if owner not in bundle.experts or bundle.experts[owner].net.get("trunk_blocks"):
         raise client.fail(what, f"field 'trunk' names {owner[:100]!r}, not the manifest's expert that holds the trunk")
-    version = field(client, t, "version", int, what, least=0, most=MAX_INT)
-    shapes = expected_shapes(bundle, owner)
-    limit = 8 + 1024 + 256 * len(shapes) + sum(4 * int(np.prod(s)) for s in shapes.values()) + 4096
-    if limit > own:
-        raise client.fail(f"GET /weights/{owner}", f"the manifest declares {limit} bytes of weights for {owner}; "
-                          f"this device takes at most {own}")
-    r = client.request("GET", f"/weights/{quote(owner, safe='')}", limit=limit, what=f"GET /weights/{owner}")
-    if r.status_code != 200:
-        raise client.fail(f"GET /weights/{owner}", f"refused ({r.status_code}): {r.text}")
-    return check_weights(client, r, owner, version, shapes, bounds)
+    return fetch_weights(client, bundle, owner, field(client, t, "version", int, what, least=0, most=MAX_INT),
+                         bounds, own)
 
 
 def expected_shapes(bundle: Bundle, expert: str) -> dict[str, tuple[int, ...]]:
@@ -324,20 +333,10 @@ def sync(server: str, secret: str, data: str | os.PathLike, memory_cap_mb: float
                                    ("epochs x samples", local.epochs * samples, bounds.max_sample_passes)):
             if value > most:
                 raise client.fail(what, f"hyperparameters {name_} {value:g} is over this device's bound {most:g}")
-        shapes = expected_shapes(bundle, expert)
-        limit = 8 + 1024 + 256 * len(shapes) + sum(4 * int(np.prod(s)) for s in shapes.values()) + 4096
-        # the manifest is the coordinator's word: the device's own limits bound the download too
         own = bounds.max_weights_bytes if memory_cap_mb is None else min(bounds.max_weights_bytes,
                                                                            int(memory_cap_mb * (1 << 20)) // 4)
-        if limit > own:
-            raise client.fail(f"GET /weights/{expert}", f"the manifest declares {limit} bytes of weights for "
-                              f"{expert}; this device takes at most {own} (its own limit: --max-weights-mb, a "
-                              "quarter of --memory-cap-mb)")
-        r = client.request("GET", f"/weights/{quote(expert, safe='')}", limit=limit, what=f"GET /weights/{expert}")
-        if r.status_code != 200:
-            raise client.fail(f"GET /weights/{expert}", f"refused ({r.status_code}): {r.text}")
-        weights = check_weights(client, r, expert, version, shapes, bounds)
-        trunk = fetch_trunk(client, bundle, expert, a, what, bounds, own) \
+        weights = fetch_weights(client, bundle, expert, version, bounds, own)
+        trunk = fetch_trunk(client, bundle, a, what, bounds, own) \
             if bundle.experts[expert].net.get("trunk_blocks") else None
         try:
             new, report = train_expert(bundle, expert, x, labels, memory_cap_mb, local, seed, weights=weights,
